@@ -1,0 +1,329 @@
+"""Run configuration: frozen dataclasses per section, loaded as defaults < YAML file(s) < CLI overrides.
+
+A config is read once at start-up and never changed afterwards::
+
+    config = load_config(["configs/quickstart.yaml"], ["train.max_steps=200", "model.base_width=16"])
+
+Every mistake is a ``ConfigError`` that names the key, where the value came from (file or
+command line) and what was expected, so a typo never starts a run that silently ignores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot run."""
+
+
+def _choice(*allowed: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": allowed})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: str = _choice("webdataset", default="webdataset")
+    root: str = ""  # folder written by `python -m unetdist.prepare` (holds dataset.json)
+    train_shards: str = ""  # brace pattern / URL list; overrides root's train shards
+    val_shards: str = ""
+    tile_size: int = 96  # model input tile; shard tiles are cropped to it
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    augment: bool = True
+    pin_memory: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = _choice("paper", "article", "padded", default="padded")
+    in_channels: int = 1
+    num_classes: int = 2
+    base_width: int = 0  # 0: the preset's own (paper/article 64, padded 32)
+    depth: int = 0  # 0: the preset's own (paper 4, article 3, padded 4)
+    norm: str = _choice("batch", "instance", "group", "none", default="batch")
+    sync_batchnorm: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: str = _choice("ce", "dice_ce", default="ce")
+    use_weight_map: bool = True  # the paper's border weight map, precomputed by prepare
+    dice_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _choice("sgd", "adamw", default="adamw")
+    lr: float = 1e-3
+    momentum: float = -1.0  # SGD only; -1: 0.99 for paper/article (the paper's), else 0.9
+    weight_decay: float = 0.0
+    schedule: str = _choice("constant", "cosine", default="cosine")
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    grad_clip_norm: float = 0.0  # 0: no clipping
+    fused: bool = False  # fused optimizer kernels (CUDA)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 200  # optimizer steps
+    global_batch_size: int = 8  # the truth; per-rank batch and accumulation are derived
+    micro_batch_size: int = 0  # per-rank forward batch; 0: the whole per-rank batch
+    precision: str = _choice("fp32", "bf16", "fp16", default="fp32")
+    device: str = _choice("auto", "cpu", "cuda", default="auto")
+    backend: str = _choice("auto", "gloo", "nccl", default="auto")
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 50  # 0: validate only at the end
+    val_max_batches: int = 0  # 0: the whole validation split
+    channels_last: bool = False  # GPU fast path
+    compile: bool = False  # torch.compile the model (GPU fast path)
+    progress: bool = True  # progress bar on rank 0
+    timeout_s: int = 600  # process-group collective timeout
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+    experiment: str = "unetdist"
+    run_name: str = ""
+    log_model: bool = True
+    log_checkpoints: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # 0: only at the end
+    keep: int = 3
+    resume: str = "never"  # never | auto | a checkpoint path
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Short hash of the resolved config, for tags and checkpoint checks."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults < each YAML file in order < dotted ``key=value`` overrides; then validate."""
+    raw: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}  # "section.key" -> where the value came from
+    for path in files:
+        _merge(raw, origin, _read_yaml(Path(path)), str(path))
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _merge(raw, origin, {section: {key: value}}, "the command line")
+    config = _build(raw, origin)
+    validate(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...), got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    dotted, sep, text = item.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"command-line override {item!r}: expected section.key=value, e.g. train.max_steps=200")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return parts[0], parts[1], value
+
+
+def _merge(raw: dict, origin: dict, incoming: dict, source: str) -> None:
+    for section, values in incoming.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {section!r}; expected one of {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in known:
+                hint = _closest(key, known)
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{key}" + (f" (did you mean {section}.{hint}?)" if hint else "")
+                )
+            raw.setdefault(section, {})[key] = value
+            origin[f"{section}.{key}"] = source
+
+
+def _closest(name: str, candidates: set[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(name, sorted(candidates), n=1)
+    return found[0] if found else None
+
+
+def _build(raw: dict, origin: dict) -> Config:
+    sections = {}
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw.get(name, {}):
+                continue
+            dotted = f"{name}.{f.name}"
+            value = _coerce(raw[name][f.name], hints[f.name], dotted, origin[dotted])
+            allowed = f.metadata.get("choices")
+            if allowed and value not in allowed:
+                raise ConfigError(f"{origin[dotted]}: {dotted}={value!r} is not one of {', '.join(allowed)}")
+            values[f.name] = value
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def _coerce(value: Any, expected: Any, dotted: str, source: str) -> Any:
+    if isinstance(expected, types.UnionType):
+        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(
+            f"{source}: {dotted} expects {expected.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(config: Config) -> None:
+    """Reject values that cannot run, naming the key and what is expected."""
+    positive = {
+        "train.max_steps": config.train.max_steps,
+        "train.global_batch_size": config.train.global_batch_size,
+        "train.log_every": config.train.log_every,
+        "train.timeout_s": config.train.timeout_s,
+        "data.tile_size": config.data.tile_size,
+        "model.in_channels": config.model.in_channels,
+        "checkpoint.keep": config.checkpoint.keep,
+        "data.shuffle_buffer": config.data.shuffle_buffer,
+    }
+    non_negative = {
+        "train.micro_batch_size": config.train.micro_batch_size,
+        "train.val_every": config.train.val_every,
+        "train.val_max_batches": config.train.val_max_batches,
+        "data.num_workers": config.data.num_workers,
+        "model.base_width": config.model.base_width,
+        "model.depth": config.model.depth,
+        "checkpoint.every": config.checkpoint.every,
+        "optim.weight_decay": config.optim.weight_decay,
+        "optim.warmup_steps": config.optim.warmup_steps,
+        "optim.grad_clip_norm": config.optim.grad_clip_norm,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value}: expected a positive number")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value}: expected zero or a positive number")
+    if config.model.num_classes < 2:
+        raise ConfigError(f"model.num_classes={config.model.num_classes}: expected at least 2 (background + one class)")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={config.optim.lr}: expected a positive learning rate")
+    if not (config.optim.momentum == -1.0 or 0.0 <= config.optim.momentum < 1.0):
+        raise ConfigError(f"optim.momentum={config.optim.momentum}: expected 0 <= momentum < 1 (or -1 for the preset's)")
+    if not 0.0 <= config.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={config.optim.min_lr_ratio}: expected a value in [0, 1]")
+    if not config.data.root and not config.data.train_shards:
+        raise ConfigError("data.root or data.train_shards must be set: the folder `python -m unetdist.prepare` wrote")
+    if config.checkpoint.resume not in ("never", "auto") and not Path(config.checkpoint.resume).exists():
+        raise ConfigError(f"checkpoint.resume={config.checkpoint.resume!r}: expected never, auto or an existing checkpoint")
+    _validate_tile_size(config.model, config.data.tile_size)
+
+
+def _validate_tile_size(model: ModelConfig, tile_size: int) -> None:
+    from unetdist.model import check_input_size, default_depth
+
+    depth = model.depth or default_depth(model.preset)
+    try:
+        check_input_size(model.preset, depth, tile_size)
+    except ValueError as err:
+        raise ConfigError(f"data.tile_size={tile_size}: {err}") from None
+
+
+# ---------------------------------------------------------------- derived quantities
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch is split over ranks and accumulation micro-steps."""
+
+    global_batch_size: int
+    world_size: int
+    per_rank_batch_size: int
+    micro_batch_size: int
+    accumulation_steps: int
+
+
+def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
+    """Derive per-rank batch and accumulation from the global batch; error when it does not divide."""
+    global_batch = train.global_batch_size
+    if global_batch % world_size:
+        lower = global_batch - global_batch % world_size
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} does not divide over {world_size} ranks; "
+            f"use a multiple of {world_size} (e.g. {lower or world_size} or {lower + world_size}) or change --nproc_per_node"
+        )
+    per_rank = global_batch // world_size
+    micro = train.micro_batch_size or per_rank
+    if micro > per_rank or per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size={micro} must divide the per-rank batch {per_rank} "
+            f"(= train.global_batch_size {global_batch} / {world_size} ranks); use a divisor of {per_rank} or 0"
+        )
+    return BatchLayout(global_batch, world_size, per_rank, micro, per_rank // micro)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

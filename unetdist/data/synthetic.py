@@ -1,0 +1,159 @@
+"""A toy fluorescence-microscopy data set: touching blob-shaped cells with instance labels.
+
+Used for smoke tests, demos and benchmarks when no real data is at hand. The images are
+made to look like the hard part of the U-Net paper's task: cells that touch or nearly
+touch, so a network must learn the dim seams between them, and a background whose
+illumination varies enough that a single global threshold does not separate the cells.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+# Cell semi-axes in pixels; fixed in pixels (not relative to the image) like a microscope's
+# magnification, so larger images hold more cells rather than larger ones.
+MIN_SEMI_AXIS = 6.0
+MAX_SEMI_AXIS = 15.0
+# Fraction of the image area the cells aim to cover; dense enough that most cells touch.
+TARGET_COVERAGE = 0.55
+# Centres closer than this fraction of the sum of two cells' radii are rejected; below 1 the
+# ellipses overlap and are then cut along a seam, which makes them touch.
+MIN_CENTRE_SEPARATION = 0.72
+# Number of boundary harmonics (k = 2..) that make the outlines irregular.
+BOUNDARY_HARMONICS = 5
+# Smallest cell area kept after the seams are cut, in pixels.
+MIN_CELL_AREA = 12
+
+
+def synthetic_cells(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One ``size`` x ``size`` toy image and its instance labels.
+
+    Returns ``(image, instances)``: ``image`` uint8 HxW, ``instances`` uint16 HxW with 0 for
+    background and 1..K for the cells (consecutive). Pure: the output depends only on
+    ``size`` and the state of ``rng``.
+    """
+    if size < 16:
+        raise ValueError(f"synthetic_cells: size={size} is too small; use at least 16 pixels")
+    cells = _place_cells(size, rng)
+    instances, edge_depth = _rasterize(cells, size)
+    instances = _drop_small_and_relabel(instances)
+    edge_depth[instances == 0] = 1.0
+    image = _render(instances, edge_depth, rng)
+    return image, instances
+
+
+def _place_cells(size: int, rng: np.random.Generator) -> list[dict]:
+    """Random ellipse-like cells by rejection sampling until the target coverage is reached."""
+    cells: list[dict] = []
+    centres = np.empty((0, 2))
+    radii = np.empty(0)
+    covered = 0.0
+    target = TARGET_COVERAGE * size * size
+    max_attempts = 40 * int(target / (math.pi * MIN_SEMI_AXIS * MAX_SEMI_AXIS) + 1)
+    for _ in range(max_attempts):
+        if covered >= target:
+            break
+        semi_a = rng.uniform(MIN_SEMI_AXIS, MAX_SEMI_AXIS)
+        semi_b = semi_a * rng.uniform(0.55, 1.0)
+        centre = rng.uniform(-0.3 * semi_a, size + 0.3 * semi_a, size=2)
+        radius = 0.5 * (semi_a + semi_b)
+        distances = np.hypot(*(centres - centre).T)
+        if np.any(distances < MIN_CENTRE_SEPARATION * (radii + radius)):
+            continue
+        harmonic_damping = np.arange(1, BOUNDARY_HARMONICS + 1)[:, None]
+        cells.append(
+            {
+                "centre": centre,
+                "semi_a": semi_a,
+                "semi_b": semi_b,
+                "angle": rng.uniform(0.0, math.pi),
+                "amplitudes": rng.normal(0.0, 0.06, size=(BOUNDARY_HARMONICS, 2)) / harmonic_damping,
+            }
+        )
+        centres = np.vstack([centres, centre])
+        radii = np.append(radii, radius)
+        covered += math.pi * semi_a * semi_b
+    return cells
+
+
+def _rasterize(cells: list[dict], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Label each pixel with the cell whose (irregular) outline it lies deepest inside.
+
+    A pixel's normalised depth ``d`` is 0 at a cell's centre and 1 on its outline. Where
+    ellipses overlap the pixel goes to the cell with the smaller ``d``, which cuts a seam
+    between them. Returns the labels and ``d`` per pixel (used to dim the cell edges).
+    """
+    instances = np.zeros((size, size), dtype=np.uint16)
+    depth = np.full((size, size), np.inf)
+    harmonics = np.arange(2, BOUNDARY_HARMONICS + 2)
+    for label, cell in enumerate(cells, start=1):
+        reach = 1.4 * cell["semi_a"]
+        cy, cx = cell["centre"]
+        top, bottom = max(0, int(cy - reach)), min(size, int(cy + reach) + 2)
+        left, right = max(0, int(cx - reach)), min(size, int(cx + reach) + 2)
+        if top >= bottom or left >= right:
+            continue
+        yy, xx = np.mgrid[top:bottom, left:right].astype(np.float64)
+        dy, dx = yy - cy, xx - cx
+        cos_t, sin_t = math.cos(cell["angle"]), math.sin(cell["angle"])
+        along = dx * cos_t + dy * sin_t
+        across = -dx * sin_t + dy * cos_t
+        polar = np.arctan2(across, along)
+        # Irregular outline: the ellipse radius scaled by a low-order Fourier series.
+        angles = harmonics[:, None, None] * polar
+        wobble = (
+            1.0
+            + np.tensordot(cell["amplitudes"][:, 0], np.cos(angles), axes=1)
+            + np.tensordot(cell["amplitudes"][:, 1], np.sin(angles), axes=1)
+        )
+        cell_depth = np.sqrt((along / cell["semi_a"]) ** 2 + (across / cell["semi_b"]) ** 2) / wobble
+        window = (slice(top, bottom), slice(left, right))
+        wins = (cell_depth < 1.0) & (cell_depth < depth[window])
+        instances[window][wins] = label
+        depth[window][wins] = cell_depth[wins]
+    depth[~np.isfinite(depth)] = 1.0
+    return instances, depth
+
+
+def _drop_small_and_relabel(instances: np.ndarray) -> np.ndarray:
+    """Remove slivers left by seams and image borders; number the cells 1..K."""
+    areas = np.bincount(instances.ravel())
+    keep = areas >= MIN_CELL_AREA
+    keep[0] = False
+    new_ids = np.zeros(areas.shape[0], dtype=np.uint16)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint16)
+    return new_ids[instances]
+
+
+def _smooth_field(size: int, rng: np.random.Generator, grid: int) -> np.ndarray:
+    """A smooth random field in roughly [-1, 1]: a coarse random grid upsampled cubically."""
+    coarse = rng.normal(0.0, 1.0, size=(grid, grid))
+    field = ndimage.zoom(coarse, size / grid, order=3, mode="nearest")[:size, :size]
+    return field / (np.abs(field).max() + 1e-9)
+
+
+def _render(instances: np.ndarray, edge_depth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Intensities: uneven background, per-cell brightness, dim edges, blur, shot + read noise."""
+    size = instances.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    gradient_angle = rng.uniform(0.0, 2 * math.pi)
+    ramp = math.cos(gradient_angle) * (xx - 0.5) + math.sin(gradient_angle) * (yy - 0.5)
+    # The background's bright side reaches the dimmest cells' level, so no global threshold works.
+    background = 45.0 + 50.0 * ramp + 15.0 * _smooth_field(size, rng, 4)
+
+    num_cells = int(instances.max())
+    brightness = np.concatenate([[0.0], rng.uniform(55.0, 150.0, size=num_cells)])
+    cell_signal = brightness[instances]
+    # Dimmer towards the outline, so touching cells are separated by a faint darker seam.
+    cell_signal *= 1.0 - 0.45 * np.clip(edge_depth, 0.0, 1.0) ** 4
+    texture = 1.0 + 0.12 * _smooth_field(size, rng, max(4, size // 12))
+    signal = np.clip(background + cell_signal * texture, 1.0, None)
+    signal = ndimage.gaussian_filter(signal, sigma=1.0)
+
+    photons_per_level = 0.5
+    noisy = rng.poisson(signal * photons_per_level) / photons_per_level
+    noisy = noisy + rng.normal(0.0, 5.0, size=signal.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)

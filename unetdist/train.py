@@ -1,0 +1,165 @@
+"""Train a U-Net: one process, or one process per device under torchrun.
+
+    python -m unetdist.train --config configs/quickstart.yaml train.max_steps=50
+    torchrun --nproc_per_node=2 -m unetdist.train --config configs/quickstart.yaml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 \\
+        --rdzv_id=JOB -m unetdist.train --config configs/x.yaml --resume auto
+
+Trailing ``section.key=value`` arguments override the YAML files. Exit codes: 0 done,
+2 bad config or input (the message names the key or file), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unetdist import checkpoint as ckpt
+from unetdist import distributed
+from unetdist.config import BatchLayout, Config, ConfigError, batch_layout, load_config
+from unetdist.data import build_train_loader, build_val_loader, list_shards
+from unetdist.distributed import DistributedContext
+from unetdist.model import build_unet
+from unetdist.optim import build_optimizer
+from unetdist.rank_zero import RunOutputs, setup_logging
+from unetdist.trainer import Trainer, wrap_model
+
+log = logging.getLogger("unetdist.train")
+
+
+def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m unetdist.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action="append", default=[], metavar="YAML", help="config file(s), later wins")
+    parser.add_argument("--resume", help="never | auto | PATH (same as checkpoint.resume=...)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    return args.config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    files, overrides = parse_args(argv)
+    try:
+        config = load_config(files, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    ctx = distributed.init_distributed(config.train.device, config.train.backend, config.train.timeout_s)
+    setup_logging(ctx.is_main)
+    outputs: RunOutputs | None = None
+    try:
+        layout = batch_layout(config.train, ctx.world_size)
+        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+        np.random.seed(config.train.seed + ctx.rank)
+        resume_state = find_resume_state(config)
+        start_step = int(resume_state["step"]) if resume_state else 0
+
+        model = build_unet(
+            config.model.preset,
+            config.model.in_channels,
+            config.model.num_classes,
+            base_width=config.model.base_width or None,
+            depth=config.model.depth or None,
+            norm=config.model.norm,
+        )
+        raw_model, wrapped_model = wrap_model(model, config, ctx)
+        optimizer = build_optimizer(raw_model.parameters(), config.optim, config.model.preset, ctx.device.type)
+        run_id = resume_state.get("mlflow_run_id") if resume_state else None
+        outputs = RunOutputs.open(config, ctx, start_step, run_id)
+        trainer = Trainer(config, ctx, layout, raw_model, wrapped_model, optimizer, outputs)
+        if resume_state:
+            trainer.load_state_dict(resume_state)
+            log.info("resumed at step %d", trainer.step)
+
+        train_loader, val_loader = build_loaders(config, ctx, layout, start_step)
+        trainer.fit(train_loader, val_loader)
+        if config.tracking.log_model:
+            example = np.zeros((1, config.model.in_channels, config.data.tile_size, config.data.tile_size), np.float32)
+            outputs.tracker.log_model(raw_model, example)
+        outputs.close("FINISHED")
+        return 0
+    except (ConfigError, ValueError, ckpt.CheckpointError) as err:
+        # bad input: the message names the key, file or sample; a traceback would only hide it
+        log.error("%s", err)
+        if outputs:
+            outputs.close("FAILED")
+        return 2
+    except BaseException:
+        if outputs:
+            outputs.close("FAILED")
+        raise
+    finally:
+        distributed.cleanup()
+
+
+def find_resume_state(config: Config) -> dict[str, Any] | None:
+    """The checkpoint to continue from: ``auto`` = newest good one in the run's folder."""
+    resume = config.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        path = ckpt.latest_good_checkpoint(Path(config.train.output_dir) / "checkpoints")
+        if path is None:
+            log.info("resume auto: no checkpoint in %s; starting fresh", config.train.output_dir)
+            return None
+    else:
+        path = Path(resume)
+    state = ckpt.load_checkpoint(path)
+    if state.get("config_hash") != config.digest():
+        _refuse_math_changes(state["config"], config)
+    log.info("resuming from %s (step %d)", path, state["step"])
+    return state
+
+
+# Keys that may change between a run and its resumption without changing the math.
+_HARMLESS = {"train.max_steps", "train.log_every", "train.val_every", "train.val_max_batches", "train.progress",
+             "train.output_dir", "train.timeout_s", "checkpoint.every", "checkpoint.keep", "checkpoint.resume",
+             "data.num_workers", "data.pin_memory", "tracking.log_model", "tracking.log_checkpoints",
+             "train.micro_batch_size", "train.device", "train.backend"}
+
+
+def _refuse_math_changes(saved: dict[str, dict[str, Any]], config: Config) -> None:
+    current = config.to_dict()
+    changed = [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if f"{section}.{key}" not in _HARMLESS and saved.get(section, {}).get(key) != value
+    ]
+    if changed:
+        raise ConfigError("cannot resume: the checkpoint was trained with a different config in\n  " + "\n  ".join(changed))
+
+
+def build_loaders(config: Config, ctx: DistributedContext, layout: BatchLayout, start_step: int):
+    data = config.data
+    common = dict(
+        tile_size=data.tile_size,
+        micro_batch_size=layout.micro_batch_size,
+        num_workers=data.num_workers,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        in_channels=config.model.in_channels,
+        num_classes=config.model.num_classes,
+        use_weight_map=config.loss.use_weight_map,
+    )
+    train_loader = build_train_loader(
+        list_shards(data.root or None, "train", data.train_shards or None),
+        # until the loader can restore its exact position, a resumed run draws a fresh order
+        seed=config.train.seed + start_step,
+        augment=data.augment,
+        shuffle_buffer=data.shuffle_buffer,
+        pin_memory=data.pin_memory and ctx.device.type == "cuda",
+        **common,
+    )
+    val_loader = build_val_loader(list_shards(data.root or None, "val", data.val_shards or None), **common)
+    return train_loader, val_loader
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The step loop: forward, loss, backward, gradient sync, optimizer step, validate, checkpoint, log.
+
+``Trainer`` owns one model replica per rank. A training step consumes
+``accumulation_steps`` micro-batches; gradients are synchronised by DDP only on the last
+one (``no_sync`` on the others), so N ranks x A micro-batches give the gradient of the
+whole global batch. One code path serves fp32, bf16 and fp16 (autocast + a GradScaler
+that is enabled only for fp16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from unetdist import distributed
+from unetdist.config import BatchLayout, Config
+from unetdist.distributed import DistributedContext
+from unetdist.losses import SegmentationLoss
+from unetdist.metrics import confusion_from_logits, metric_dict
+from unetdist.optim import lr_at, set_lr
+from unetdist.rank_zero import RunOutputs
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def wrap_model(model: nn.Module, config: Config, ctx: DistributedContext) -> tuple[nn.Module, nn.Module]:
+    """Move ``model`` to the device and wrap it for DDP / compile; returns (raw_model, wrapped)."""
+    if config.model.sync_batchnorm and ctx.is_distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped: nn.Module = model
+    if ctx.is_distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    if config.train.compile:
+        try:
+            wrapped = torch.compile(wrapped)
+        except Exception as err:  # an eager model still trains; say why it is slower
+            log.warning("torch.compile failed (%s); training eagerly", err)
+    return model, wrapped
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        ctx: DistributedContext,
+        layout: BatchLayout,
+        raw_model: nn.Module,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        outputs: RunOutputs,
+    ) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.layout = layout
+        self.raw_model = raw_model  # for state_dict and logging; `model` may be DDP/compiled
+        self.model = model
+        self.optimizer = optimizer
+        self.outputs = outputs
+        self.loss_fn = SegmentationLoss(config.loss.kind, config.model.num_classes, config.loss.dice_weight)
+        self.autocast_dtype = AUTOCAST_DTYPES[config.train.precision]
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.train.precision == "fp16")
+        self.step = 0  # optimizer steps taken
+
+    # ------------------------------------------------------------ one step
+
+    def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        non_blocking = self.ctx.device.type == "cuda"
+        image = batch["image"].to(self.ctx.device, non_blocking=non_blocking)
+        if self.config.train.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        mask = batch["mask"].to(self.ctx.device, non_blocking=non_blocking)
+        weight = batch.get("weight")
+        if weight is not None and self.config.loss.use_weight_map:
+            weight = weight.to(self.ctx.device, non_blocking=non_blocking)
+        else:
+            weight = None
+        return image, mask, weight
+
+    def _forward(self, image: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.model(image)
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns the mean loss (detached, no host sync)."""
+        self.model.train()
+        set_lr(self.optimizer, lr_at(self.step, self.config.optim, self.config.train.max_steps))
+        total_loss = torch.zeros((), device=self.ctx.device)
+        for index, batch in enumerate(micro_batches):
+            is_last = index == len(micro_batches) - 1
+            image, mask, weight = self._to_device(batch)
+            sync = contextlib.nullcontext() if is_last or not self.ctx.is_distributed else self.model.no_sync()
+            with sync:
+                logits = self._forward(image)
+                loss = self.loss_fn(logits, mask, weight) / len(micro_batches)
+                self.scaler.scale(loss).backward()
+            total_loss += loss.detach()
+        if self.config.optim.grad_clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.optim.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total_loss
+
+    # ------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self, val_loader: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Loss and per-class Dice/IoU over the whole validation split, summed across all ranks."""
+        self.model.eval()
+        num_classes = self.config.model.num_classes
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=self.ctx.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        tiles = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for index, batch in enumerate(val_loader):
+            if self.config.train.val_max_batches and index >= self.config.train.val_max_batches:
+                break
+            image, mask, weight = self._to_device(batch)
+            logits = self._forward(image).float()
+            loss_sum += self.loss_fn(logits, mask, weight).double() * image.shape[0]
+            tiles += image.shape[0]
+            confusion += confusion_from_logits(logits, mask, num_classes)
+        totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), tiles.view(1)]))
+        distributed.all_reduce_sum(confusion)
+        metrics = metric_dict(confusion.cpu())
+        metrics["val/loss"] = float(totals[0] / totals[1].clamp(min=1))
+        metrics["val/tiles"] = float(totals[1])
+        return metrics
+
+    # ------------------------------------------------------------ the run
+
+    def fit(self, train_loader: Iterable[dict[str, Any]], val_loader: Iterable[dict[str, Any]]) -> dict[str, float]:
+        config = self.config.train
+        batches = iter(train_loader)
+        loss_since_log = torch.zeros((), device=self.ctx.device)
+        steps_since_log, data_wait_s, window_start = 0, 0.0, time.perf_counter()
+        val_metrics: dict[str, float] = {}
+        log.info(
+            "training %d steps: global batch %d = %d ranks x %d micro-batches x %d tiles",
+            config.max_steps - self.step,
+            self.layout.global_batch_size,
+            self.layout.world_size,
+            self.layout.accumulation_steps,
+            self.layout.micro_batch_size,
+        )
+        while self.step < config.max_steps:
+            wait_start = time.perf_counter()
+            micro_batches = _take(batches, self.layout.accumulation_steps)
+            data_wait_s += time.perf_counter() - wait_start
+            loss_since_log += self.train_step(micro_batches)
+            steps_since_log += 1
+            is_last = self.step == config.max_steps
+
+            if self.step % config.log_every == 0 or is_last:
+                elapsed = time.perf_counter() - window_start
+                mean_loss = distributed.all_reduce_sum(loss_since_log.clone()).item() / (
+                    steps_since_log * self.ctx.world_size
+                )
+                train_metrics = {
+                    "train/loss": mean_loss,
+                    "train/lr": self.optimizer.param_groups[0]["lr"],
+                    "train/samples_per_s": steps_since_log * self.layout.global_batch_size / elapsed,
+                    "train/step_time_s": elapsed / steps_since_log,
+                    "train/data_wait_pct": 100.0 * data_wait_s / elapsed,
+                }
+                self.outputs.tracker.log_metrics(train_metrics, step=self.step)
+                self.outputs.progress.update(
+                    self.step, loss=mean_loss, samples_per_s=train_metrics["train/samples_per_s"]
+                )
+                log.info("step %d loss %.4f %.1f samples/s", self.step, mean_loss, train_metrics["train/samples_per_s"])
+                loss_since_log.zero_()
+                steps_since_log, data_wait_s, window_start = 0, 0.0, time.perf_counter()
+
+            if (config.val_every and self.step % config.val_every == 0) or is_last:
+                val_metrics = self.validate(val_loader)
+                self.outputs.tracker.log_metrics(val_metrics, step=self.step)
+                log.info(
+                    "step %d val loss %.4f fg dice %.4f", self.step, val_metrics["val/loss"], val_metrics["val/fg_dice"]
+                )
+                window_start = time.perf_counter()  # validation time is not training throughput
+
+            every = self.config.checkpoint.every
+            if (every and self.step % every == 0) or is_last:
+                self.save_checkpoint()
+        return val_metrics
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.config.to_dict(),
+            "config_hash": self.config.digest(),
+            "mlflow_run_id": self.outputs.tracker.run_id,
+            "torch_version": torch.__version__,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> None:
+        self.outputs.save_checkpoint(self.step, self.state_dict(), self.config.checkpoint.keep)
+        distributed.barrier()  # no rank runs ahead while rank 0 writes
+
+
+def _take(batches: Iterator[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    try:
+        return [next(batches) for _ in range(count)]
+    except StopIteration:
+        raise RuntimeError("the training stream ended; it is expected to repeat forever") from None
