@@ -37,3 +37,57 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """
     with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as uri:
         yield uri
+
+
+# --- GPU ------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA; without it they are skipped, not failed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# --- data -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cell_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real data set of synthetic cells as WebDataset shards (prepare's own CLI path)."""
+    from unetdist.data.prepare import main as prepare_main
+
+    out = tmp_path_factory.mktemp("cells")
+    code = prepare_main(
+        ["--synthetic", "16", "--image-size", "128", "--tile", "64", "--shard-size", "16", "--out", str(out)]
+    )
+    assert code == 0
+    return out
+
+
+# --- running the real entry point -----------------------------------------------
+
+
+def tiny_run_overrides(shards: Path, output_dir: Path, tracking_uri: str) -> list[str]:
+    """Overrides for a tiny real CPU training run of the padded preset."""
+    return [
+        f"data.root={shards}",
+        "data.tile_size=64",
+        "data.num_workers=1",
+        "model.preset=padded",
+        "model.base_width=8",
+        "model.depth=3",
+        "optim.lr=0.003",
+        "optim.warmup_steps=10",
+        "train.global_batch_size=8",
+        "train.log_every=10",
+        "train.progress=false",
+        f"train.output_dir={output_dir}",
+        f"tracking.tracking_uri={tracking_uri}",
+        "tracking.experiment=tests",
+    ]

@@ -86,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     val_every: int = 50  # 0: validate only at the end
+    val_at_start: bool = False  # a step-0 baseline for the validation curves
     val_max_batches: int = 0  # 0: the whole validation split
     channels_last: bool = False  # GPU fast path
     compile: bool = False  # torch.compile the model (GPU fast path)
@@ -224,6 +225,12 @@ def _coerce(value: Any, expected: Any, dotted: str, source: str) -> Any:
         expected = next(t for t in typing.get_args(expected) if t is not type(None))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; users mean a number
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):

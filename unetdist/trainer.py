@@ -157,6 +157,8 @@ class Trainer:
             self.layout.accumulation_steps,
             self.layout.micro_batch_size,
         )
+        if config.val_at_start and self.step == 0:
+            self.outputs.tracker.log_metrics(self.validate(val_loader), step=0)
         while self.step < config.max_steps:
             wait_start = time.perf_counter()
             micro_batches = _take(batches, self.layout.accumulation_steps)
@@ -209,7 +211,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "config_hash": self.config.digest(),
             "mlflow_run_id": self.outputs.tracker.run_id,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,0 +1,116 @@
+"""The real entry point, end to end: torchrun, gloo, shards, MLflow store, checkpoints, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_run_overrides
+
+from unetdist import checkpoint as ckpt
+
+
+def run_train(args: list[str], nproc: int = 1, timeout_s: int = 300) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        launcher = [sys.executable, "-m", "unetdist.train"]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "unetdist.train"]
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT)
+
+
+def metric_values(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_two_rank_run_learns_and_lands_in_mlflow(cell_shards, tmp_path, local_mlflow_store):
+    output_dir = tmp_path / "run"
+    overrides = tiny_run_overrides(cell_shards, output_dir, local_mlflow_store) + [
+        "train.max_steps=200", "train.val_every=100", "train.val_at_start=true", "checkpoint.every=100",
+    ]
+    result = run_train(["--config", "configs/quickstart.yaml", *overrides], nproc=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    client = mlflow.MlflowClient(local_mlflow_store)
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "one MLflow run per training job, not one per rank"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.preset"] == "padded"
+    assert run.data.tags["unetdist.world_size"] == "2"
+
+    val_loss = metric_values(client, run.info.run_id, "val/loss")
+    val_dice = metric_values(client, run.info.run_id, "val/fg_dice")
+    assert [step for step, _ in val_loss] == [0, 100, 200]
+    assert val_loss[-1][1] < 0.7 * val_loss[0][1], val_loss
+    assert val_dice[-1][1] > val_dice[0][1] + 0.2 and val_dice[-1][1] > 0.75, val_dice
+    train_loss = metric_values(client, run.info.run_id, "train/loss")
+    assert train_loss[-1][1] < train_loss[0][1]
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+    checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert "checkpoints/step-00000200.pt" in checkpoints
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+
+    # the logged model segments like the trained network
+    state = ckpt.load_checkpoint(output_dir / "checkpoints" / "step-00000200.pt")
+    mlflow.set_tracking_uri(local_mlflow_store)
+    model = mlflow.pytorch.load_model(models[0].model_uri)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
+    assert (output_dir / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_single_process_resume_continues_the_same_run(cell_shards, tmp_path, local_mlflow_store):
+    output_dir = tmp_path / "run"
+    overrides = tiny_run_overrides(cell_shards, output_dir, local_mlflow_store) + [
+        "train.val_every=0", "checkpoint.every=5", "train.global_batch_size=4", "tracking.log_model=false",
+    ]
+    first = run_train([*overrides, "train.max_steps=10"])
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = run_train([*overrides, "train.max_steps=20", "--resume", "auto"])
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resuming from" in second.stderr and "step-00000010.pt" in second.stderr
+
+    client = mlflow.MlflowClient(local_mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert len(runs) == 1, "a resumed run continues the same MLflow run"
+    steps = [step for step, _ in metric_values(client, runs[0].info.run_id, "train/loss")]
+    assert steps == [10, 20]
+    assert ckpt.load_checkpoint(ckpt.latest_good_checkpoint(output_dir / "checkpoints"))["step"] == 20
+
+    # a resume that changes the math is refused, naming the key
+    refused = run_train([*overrides, "train.max_steps=30", "model.base_width=16", "--resume", "auto"])
+    assert refused.returncode == 2
+    assert "model.base_width: 8 -> 16" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.max_stepz=3"], "unknown key train.max_stepz (did you mean train.max_steps?)"),
+        (["train.max_steps=many"], "train.max_steps expects int, got 'many'"),
+        (["train.precision=fp8"], "train.precision='fp8' is not one of fp32, bf16, fp16"),
+        (["model.preset=paper", "data.tile_size=570"], "nearest valid sizes: 556, 572"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, overrides, message):
+    result = run_train(["data.root=somewhere", *overrides], timeout_s=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_shards_name_the_folder(tmp_path):
+    result = run_train([f"data.root={tmp_path / 'nowhere'}", "tracking.enabled=false",
+                        f"train.output_dir={tmp_path / 'run'}", "data.tile_size=64"], timeout_s=60)
+    assert result.returncode == 2
+    assert str(tmp_path / "nowhere") in result.stderr
+    assert "Traceback" not in result.stderr
