@@ -9,8 +9,7 @@ from unetdist import distributed
 from unetdist.config import batch_layout, load_config
 from unetdist.model import build_unet
 from unetdist.optim import build_optimizer
-from unetdist.rank_zero import NullProgress, RunOutputs
-from unetdist.tracking import NullTracker
+from unetdist.rank_zero import RunOutputs
 from unetdist.trainer import Trainer, wrap_model
 
 pytestmark = pytest.mark.gpu
@@ -32,7 +31,7 @@ def test_cuda_step_learns(tmp_path, overrides):
     torch.manual_seed(0)
     raw, model = wrap_model(build_unet("padded", 1, 2, base_width=16), config, ctx)
     optimizer = build_optimizer(raw.parameters(), config.optim, "padded", "cuda")
-    outputs = RunOutputs(NullTracker(), NullProgress(), tmp_path, writes_files=False, log_checkpoints=False)
+    outputs = RunOutputs.null(tmp_path)
     trainer = Trainer(config, ctx, batch_layout(config.train, 1), raw, model, optimizer, outputs)
     image = torch.randn(8, 1, 128, 128)
     batch = {"image": image, "mask": (image[:, 0] > 0.3).long(), "weight": torch.ones(8, 128, 128)}

@@ -11,8 +11,7 @@ from unetdist import distributed
 from unetdist.config import batch_layout, load_config
 from unetdist.model import build_unet
 from unetdist.optim import build_optimizer
-from unetdist.rank_zero import NullProgress, RunOutputs
-from unetdist.tracking import NullTracker
+from unetdist.rank_zero import RunOutputs
 from unetdist.trainer import Trainer, wrap_model
 
 
@@ -24,7 +23,7 @@ def make_trainer(tmp_path: Path, *overrides: str) -> Trainer:
     model = build_unet("padded", 1, 2, base_width=4, depth=2, norm="group")
     raw, wrapped = wrap_model(model, config, ctx)
     optimizer = build_optimizer(raw.parameters(), config.optim, "padded", "cpu")
-    outputs = RunOutputs(NullTracker(), NullProgress(), tmp_path, writes_files=False, log_checkpoints=False)
+    outputs = RunOutputs.null(tmp_path)
     return Trainer(config, ctx, batch_layout(config.train, 1), raw, wrapped, optimizer, outputs)
 
 

@@ -92,6 +92,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU fast path)
     progress: bool = True  # progress bar on rank 0
     timeout_s: int = 600  # process-group collective timeout
+    compile_mode: str = _choice("default", "reduce-overhead", "max-autotune", default="default")
+    cudnn_benchmark: bool = True  # autotune conv kernels for the fixed tile size (CUDA)
+    static_graph: bool = False  # DDP static graph: the same parameters are used every step
+    activation_checkpointing: bool = False  # recompute activations in backward: larger tiles, more compute
+    watchdog_s: int = 0  # dump all stacks and exit when no step finishes for this long; 0: off
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ class CheckpointConfig:
     every: int = 100  # 0: only at the end
     keep: int = 3
     resume: str = "never"  # never | auto | a checkpoint path
+    keep_every: int = 0  # also keep every K-th step's checkpoint for good; 0: none
+    async_save: bool = False  # write on a background thread after copying the state to CPU
 
 
 @dataclass(frozen=True)

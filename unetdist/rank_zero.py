@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from unetdist import checkpoint as ckpt
 from unetdist.config import Config, save_config
 from unetdist.distributed import DistributedContext
 from unetdist.tracking import MLflowTracker, NullTracker, make_tracker
@@ -76,14 +75,18 @@ class RunOutputs:
     tracker: MLflowTracker | NullTracker
     progress: RichProgress | NullProgress
     run_dir: Path
-    writes_files: bool
     log_checkpoints: bool
+
+    @classmethod
+    def null(cls, run_dir: Path) -> RunOutputs:
+        """What every rank but 0 gets (and tests that need no record)."""
+        return cls(NullTracker(), NullProgress(), run_dir, log_checkpoints=False)
 
     @classmethod
     def open(cls, config: Config, ctx: DistributedContext, start_step: int, run_id: str | None) -> RunOutputs:
         run_dir = Path(config.train.output_dir)
         if not ctx.is_main:
-            return cls(NullTracker(), NullProgress(), run_dir, writes_files=False, log_checkpoints=False)
+            return cls.null(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         tracking = config.tracking
@@ -100,20 +103,12 @@ class RunOutputs:
         tracker.log_config(config.to_dict())
         use_bar = config.train.progress and sys.stderr.isatty()
         progress = RichProgress(config.train.max_steps, start_step) if use_bar else NullProgress()
-        return cls(tracker, progress, run_dir, writes_files=True, log_checkpoints=tracking.log_checkpoints)
+        return cls(tracker, progress, run_dir, log_checkpoints=tracking.log_checkpoints)
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> Path | None:
-        if not self.writes_files:
-            return None
-        path = ckpt.save_checkpoint(self.checkpoint_dir, step, state, keep)
-        log.info("saved checkpoint %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    def on_checkpoint_saved(self, path: Path) -> None:
+        """Record a finished checkpoint in the run (every rank calls this; only rank 0 acts)."""
         if self.log_checkpoints:
             self.tracker.log_artifact(str(path), "checkpoints")
-        return path
 
     def close(self, status: str) -> None:
         self.progress.close()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from unetdist import checkpoint as ckpt
 from unetdist import distributed
 from unetdist.config import BatchLayout, Config
 from unetdist.distributed import DistributedContext
@@ -221,7 +222,13 @@ class Trainer:
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> None:
-        self.outputs.save_checkpoint(self.step, self.state_dict(), self.config.checkpoint.keep)
+        path = None
+        if self.ctx.is_main:  # model and optimizer are replicated: one writer
+            path = ckpt.save_checkpoint(
+                self.outputs.run_dir / "checkpoints", self.step, self.state_dict(), self.config.checkpoint.keep
+            )
+            log.info("saved checkpoint %s (%.1f MB)", path, path.stat().st_size / 1e6)
+            self.outputs.on_checkpoint_saved(path)
         distributed.barrier()  # no rank runs ahead while rank 0 writes
 
 

@@ -14,8 +14,7 @@ from unetdist import distributed
 from unetdist.config import batch_layout, load_config
 from unetdist.model import build_unet
 from unetdist.optim import build_optimizer
-from unetdist.rank_zero import NullProgress, RunOutputs
-from unetdist.tracking import NullTracker
+from unetdist.rank_zero import RunOutputs
 from unetdist.trainer import Trainer, wrap_model
 
 GLOBAL_BATCH, TILE = 4, 60
@@ -44,7 +43,7 @@ def main(out: str, micro_batch_size: int) -> None:
     model = build_unet("paper", 1, 2, base_width=4, depth=2)
     raw_model, wrapped = wrap_model(model, config, ctx)
     optimizer = build_optimizer(raw_model.parameters(), config.optim, "paper", "cpu")
-    outputs = RunOutputs(NullTracker(), NullProgress(), Path(out).parent, writes_files=False, log_checkpoints=False)
+    outputs = RunOutputs.null(Path(out).parent)
     trainer = Trainer(config, ctx, layout, raw_model, wrapped, optimizer, outputs)
 
     data = torch.Generator().manual_seed(123)
