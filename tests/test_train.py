@@ -55,12 +55,12 @@ def test_two_rank_run_learns_and_lands_in_mlflow(cell_shards, tmp_path, local_ml
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert "checkpoints/step-00000200.pt" in checkpoints
+    assert "checkpoints/step-00000200" in checkpoints
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     assert [m.source_run_id for m in models] == [run.info.run_id]
 
     # the logged model segments like the trained network
-    state = ckpt.load_checkpoint(output_dir / "checkpoints" / "step-00000200.pt")
+    state = ckpt.load_checkpoint(output_dir / "checkpoints" / "step-00000200")
     mlflow.set_tracking_uri(local_mlflow_store)
     model = mlflow.pytorch.load_model(models[0].model_uri)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
@@ -77,7 +77,7 @@ def test_single_process_resume_continues_the_same_run(cell_shards, tmp_path, loc
     assert first.returncode == 0, first.stderr[-4000:]
     second = run_train([*overrides, "train.max_steps=20", "--resume", "auto"])
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "resuming from" in second.stderr and "step-00000010.pt" in second.stderr
+    assert "resuming from" in second.stderr and "step-00000010" in second.stderr
 
     client = mlflow.MlflowClient(local_mlflow_store)
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])

@@ -1,30 +1,60 @@
-"""Durable checkpoints: atomic writes, checksums, a ``latest`` pointer, safe loads.
+"""Durable checkpoints of the whole training state, written by every rank, loaded safely.
 
-A save writes ``step-00000100.pt`` under a temporary name in the same directory, fsyncs it,
-records its SHA-256 beside it, renames it into place and fsyncs the directory; only then
-does ``latest`` move. A crash at any point leaves the previous good checkpoint in charge.
-Loads use ``torch.load(weights_only=True)``: a checkpoint cannot execute code.
+A checkpoint is a directory ``checkpoints/step-00000100/`` holding
+``trainer.pt`` (rank 0: model, optimizer, grad scaler, step, config, MLflow run id, versions),
+``rank-00000.pt`` ... (each rank's own RNG states and data position) and ``MANIFEST.json``
+(the SHA-256 of every part). The protocol, so that a crash at any point leaves the previous
+good checkpoint in charge:
+
+1. every rank writes its parts into ``.step-00000100.partial/`` (temporary name, fsync, rename);
+2. rank 0 gathers the checksums, writes ``MANIFEST.json``, renames the directory into place,
+   fsyncs the parent, and only then moves the ``latest`` pointer;
+3. old checkpoints beyond ``keep`` are removed (every ``keep_every``-th is kept for good).
+
+Loading verifies the manifest and every checksum and uses ``torch.load(weights_only=True)``,
+so a checkpoint can never execute code. A corrupt newest checkpoint is reported by name and
+the previous good one is used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from unetdist import distributed
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+MANIFEST = "MANIFEST.json"
+TRAINER_PART = "trainer.pt"
+_NAME = re.compile(r"^step-(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or from another run."""
+
+
+def rank_part(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------- file primitives
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -35,16 +65,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(file)`` to a temporary name, fsync, rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -52,71 +86,196 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` durably as ``directory/step-XXXXXXXX.pt``; keep the newest ``keep``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step-{step:08d}.pt"
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _write_atomic(path.with_name(path.name + ".sha256"), _sha256(tmp).encode())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _write_atomic(directory / LATEST, path.name.encode())
-    _fsync_dir(directory)
-    _prune(directory, keep)
-    return path
+def to_cpu(state: Any) -> Any:
+    """A CPU copy of a nested state, so a background write never sees tensors the step changes."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state
 
 
-def _prune(directory: Path, keep: int) -> None:
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
-        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+# ---------------------------------------------------------------- saving
+
+
+class CheckpointWriter:
+    """Saves checkpoints collectively; with ``async_save`` the parts are written on a thread.
+
+    An asynchronous save becomes visible (manifest, rename, ``latest``) at the next save or
+    at ``finish()``: until then the previous checkpoint stays in charge.
+    """
+
+    def __init__(self, directory: Path, rank: int, world_size: int, keep: int, keep_every: int = 0,
+                 async_save: bool = False) -> None:
+        self.directory = directory
+        self.rank = rank
+        self.world_size = world_size
+        self.keep = keep
+        self.keep_every = keep_every
+        self.async_save = async_save
+        self._pending: tuple[int, threading.Thread, dict[str, str]] | None = None
+        self._error: BaseException | None = None
+
+    def save(self, step: int, trainer_state: dict[str, Any] | None, rank_state: dict[str, Any]) -> Path | None:
+        """Every rank calls this; ``trainer_state`` is rank 0's (None elsewhere). Returns the
+        finished checkpoint's path on rank 0 when the save is complete, else None."""
+        finished = self.finish()
+        start = time.perf_counter()
+        partial = self.directory / f".{step_name(step)}.partial"
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
+            partial.mkdir(parents=True)
+        distributed.barrier()
+        parts = {rank_part(self.rank): rank_state}
+        if trainer_state is not None:
+            parts[TRAINER_PART] = trainer_state
+        checksums: dict[str, str] = {}
+
+        def write_parts() -> None:
+            try:
+                for name, state in parts.items():
+                    _write_atomic(partial / name, lambda f, s=state: torch.save(s, f))
+                    checksums[name] = sha256_file(partial / name)
+            except BaseException as err:  # surfaced on the training thread by finish()
+                self._error = err
+
+        if self.async_save:
+            parts = to_cpu(parts)
+            thread = threading.Thread(target=write_parts, name=f"checkpoint-{step}", daemon=True)
+            thread.start()
+            self._pending = (step, thread, checksums)
+            log.info("checkpoint step %d: state copied in %.2f s, writing in the background",
+                     step, time.perf_counter() - start)
+            return finished
+        write_parts()
+        self._pending = (step, None, checksums)
+        return self.finish() or finished
+
+    def finish(self) -> Path | None:
+        """Complete the pending save (all ranks): gather checksums, manifest, rename, prune."""
+        if self._pending is None:
+            return None
+        step, thread, checksums = self._pending
+        self._pending = None
+        start = time.perf_counter()
+        if thread is not None:
+            thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"writing checkpoint {step_name(step)} failed on rank {self.rank}: {error}") from error
+        all_checksums = distributed.gather_object(checksums)
+        path = None
+        if self.rank == 0:
+            path = self._commit(step, all_checksums)
+            size_mb = sum(p.stat().st_size for p in path.iterdir()) / 1e6
+            log.info("saved checkpoint %s (%.1f MB, finished in %.2f s)", path, size_mb, time.perf_counter() - start)
+        distributed.barrier()  # no rank resumes training before the checkpoint exists
+        return path
+
+    def _commit(self, step: int, all_checksums: list[dict[str, str]]) -> Path:
+        partial = self.directory / f".{step_name(step)}.partial"
+        final = self.directory / step_name(step)
+        files = {name: digest for checksums in all_checksums for name, digest in checksums.items()}
+        manifest = {"step": step, "world_size": self.world_size, "files": files}
+        _write_atomic(partial / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        _fsync_dir(partial)
+        if final.exists():  # the same step saved again (e.g. after a restart): replace it whole
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(self.directory)
+        _write_atomic(self.directory / LATEST, lambda f: f.write(final.name.encode()))
+        _fsync_dir(self.directory)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep`` checkpoints, and every ``keep_every``-th step for good."""
+        for old in list_checkpoints(self.directory)[: -self.keep]:
+            if not (self.keep_every and _step_of(old) % self.keep_every == 0):
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- finding and loading
+
+
+def _step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint files in ``directory``, oldest first."""
+    """Finished checkpoint directories, oldest first."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+    return sorted(p for p in directory.iterdir() if _NAME.match(p.name) and p.is_dir())
 
 
-def verify(path: Path) -> None:
-    """Raise ``CheckpointError`` unless ``path`` matches its recorded checksum."""
-    checksum_file = path.with_name(path.name + ".sha256")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not checksum_file.is_file():
-        raise CheckpointError(f"checkpoint {path} has no checksum file {checksum_file.name} (incomplete save?)")
-    if _sha256(path) != checksum_file.read_text().strip():
-        raise CheckpointError(f"checkpoint {path} does not match its checksum (truncated or corrupt)")
+def verify(path: Path) -> dict[str, Any]:
+    """The manifest of ``path``; ``CheckpointError`` unless every part matches its checksum."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (incomplete save?)")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MANIFEST} ({err})") from None
+    if TRAINER_PART not in files:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists no {TRAINER_PART}")
+    for name, digest in files.items():
+        part = path / name
+        if not part.is_file():
+            raise CheckpointError(f"checkpoint {path}: part {name} is missing")
+        if sha256_file(part) != digest:
+            raise CheckpointError(f"checkpoint {part} does not match its checksum (truncated or corrupt)")
+    return manifest
 
 
 def latest_good_checkpoint(directory: Path) -> Path | None:
-    """The newest checkpoint that verifies, reporting any newer one that does not."""
-    pointer = directory / LATEST
+    """The newest checkpoint that verifies; None only when there is no checkpoint at all.
+
+    A newer one that fails verification is reported by name and skipped; when checkpoints
+    exist but none verifies, that is an error, not a silent fresh start.
+    """
     candidates = list_checkpoints(directory)
+    pointer = directory / LATEST
     if pointer.is_file():
-        named = directory / pointer.read_text().strip()
         # the pointer names the newest complete save; anything newer is a leftover
-        candidates = [p for p in candidates if p.name <= named.name] or candidates
+        named = pointer.read_text().strip()
+        candidates = [p for p in candidates if p.name <= named] or candidates
+    problems = []
     for path in reversed(candidates):
         try:
             verify(path)
             return path
         except CheckpointError as err:
-            log.warning("%s; falling back to the previous checkpoint", err)
+            log.warning("%s; trying the previous checkpoint", err)
+            problems.append(str(err))
+    if problems:
+        raise CheckpointError(f"no good checkpoint in {directory}:\n  " + "\n  ".join(problems))
     return None
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    verify(path)
+def _load_part(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle/zip errors carry no file name
-        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+        raise CheckpointError(f"cannot load checkpoint part {path}: {err}") from err
+
+
+def load_checkpoint(path: Path, rank: int = 0, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The trainer state of checkpoint ``path`` plus this rank's own part under ``"rank_state"``.
+
+    ``rank_state`` is None when the checkpoint was saved by fewer ranks (an elastic resume).
+    ``path`` may also be a single ``.pt`` file holding a trainer state (e.g. a copied model).
+    """
+    path = Path(path)
+    if path.is_file():
+        return {**_load_part(path, map_location), "rank_state": None, "saved_world_size": None}
+    manifest = verify(path)
+    state = _load_part(path / TRAINER_PART, map_location)
+    own = path / rank_part(rank)
+    state["rank_state"] = _load_part(own, map_location) if rank_part(rank) in manifest["files"] else None
+    state["saved_world_size"] = manifest.get("world_size")
+    return state

@@ -96,6 +96,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # autotune conv kernels for the fixed tile size (CUDA)
     static_graph: bool = False  # DDP static graph: the same parameters are used every step
     activation_checkpointing: bool = False  # recompute activations in backward: larger tiles, more compute
+    record_samples: bool = False  # append each step's sample keys to output_dir/samples/rank-R.jsonl
     watchdog_s: int = 0  # dump all stacks and exit when no step finishes for this long; 0: off
 
 
@@ -105,8 +106,23 @@ class TrackingConfig:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     experiment: str = "unetdist"
     run_name: str = ""
-    log_model: bool = True
-    log_checkpoints: bool = True
+    log_model: bool = True  # the final and the best model as MLflow pyfunc models
+    register_as: str = ""  # also register them under this model-registry name ("" = don't)
+    # checkpoint artifacts: every save, only the last (at the end), best + last, or none (a tag names the path)
+    log_checkpoints: str = _choice("all", "last", "best", "none", default="last")
+    image_every: int = 50  # overlay panels of fixed val tiles at validations whose step this divides; 0: off
+    num_images: int = 4  # how many val tiles of rank 0 get a panel
+    system_metrics: bool = False  # MLflow system metrics (CPU/GPU/memory); needs psutil
+    queue_size: int = 10000  # logging calls held in memory while the server is away; more spill to disk
+    request_timeout_s: int = 10  # per HTTP request of the background sender
+    flush_timeout_s: float = 30.0  # at the end, wait at most this long for a dead server, then write the rest to a file
+
+    def __post_init__(self) -> None:
+        for key, smallest in (("image_every", 0), ("num_images", 0), ("queue_size", 1), ("request_timeout_s", 1)):
+            if getattr(self, key) < smallest:
+                raise ConfigError(f"tracking.{key}={getattr(self, key)}: expected at least {smallest}")
+        if self.flush_timeout_s < 0:
+            raise ConfigError(f"tracking.flush_timeout_s={self.flush_timeout_s}: expected zero or more seconds")
 
 
 @dataclass(frozen=True)

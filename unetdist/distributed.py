@@ -3,6 +3,7 @@
 Every function here is safe in a single plain ``python`` process (no torchrun): the
 collectives then return their input, so the trainer has one code path for 1 and N ranks.
 Nothing else in the package reads ``RANK``/``WORLD_SIZE`` or calls ``init_process_group``.
+The only module-level state is the process group and its gloo twin for control messages.
 """
 
 from __future__ import annotations
@@ -73,13 +74,16 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
+        _control_group()  # every rank must create it at the same point
     log.debug("rank %d/%d (local %d) on %s with %s", rank, world_size, local_rank, torch_device, backend)
     return DistributedContext(rank, world_size, local_rank, torch_device, backend)
 
 
 def cleanup() -> None:
+    global _CONTROL_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CONTROL_GROUP = None
 
 
 def barrier() -> None:
@@ -98,6 +102,38 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def gather_object(value: object, dst: int = 0) -> list[object] | None:
+    """Every rank's ``value`` as a list on rank ``dst`` (None elsewhere)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(value, gathered, dst=dst, group=_control_group())
+    return gathered
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (e.g. "a stop signal arrived").
+
+    Runs on a gloo group with a CPU tensor, so on GPUs it does not wait for the CUDA stream.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_control_group())
+    return bool(tensor.item())
+
+
+_CONTROL_GROUP = None
+
+
+def _control_group():
+    """A gloo group for small CPU-side messages (the default group may be NCCL)."""
+    global _CONTROL_GROUP
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
 
 
 def broadcast_object(value: object, src: int = 0) -> object:

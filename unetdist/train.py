@@ -6,7 +6,8 @@
         --rdzv_id=JOB -m unetdist.train --config configs/x.yaml --resume auto
 
 Trailing ``section.key=value`` arguments override the YAML files. Exit codes: 0 done,
-2 bad config or input (the message names the key or file), 1 any other failure.
+2 bad config or input (the message names the key or file), 75 stopped by SIGTERM/SIGUSR1
+after saving a checkpoint (resume with ``--resume auto``), 1 any other failure.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import numpy as np
 import torch
 
 from unetdist import checkpoint as ckpt
-from unetdist import distributed
+from unetdist import distributed, preemption
 from unetdist.config import BatchLayout, Config, ConfigError, batch_layout, load_config
 from unetdist.data import build_train_loader, build_val_loader, list_shards
 from unetdist.distributed import DistributedContext
 from unetdist.model import build_unet
 from unetdist.optim import build_optimizer
+from unetdist.preemption import Preempted, StopSignal
 from unetdist.rank_zero import RunOutputs, setup_logging
+from unetdist.seeding import seed_everything
 from unetdist.trainer import Trainer, wrap_model
 
 log = logging.getLogger("unetdist.train")
@@ -50,15 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    stop_signal = StopSignal()  # before the slow start-up, so an early SIGTERM is not lost
     ctx = distributed.init_distributed(config.train.device, config.train.backend, config.train.timeout_s)
     setup_logging(ctx.is_main)
+    output_dir = Path(config.train.output_dir)
     outputs: RunOutputs | None = None
     try:
         layout = batch_layout(config.train, ctx.world_size)
-        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-        np.random.seed(config.train.seed + ctx.rank)
-        resume_state = find_resume_state(config)
+        seed_everything(config.train.seed, ctx.rank)
+        if torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
+        resume_state = find_resume_state(config, ctx)
         start_step = int(resume_state["step"]) if resume_state else 0
+        if ctx.is_main:
+            preemption.clear_marker(output_dir)
 
         model = build_unet(
             config.model.preset,
@@ -72,21 +80,38 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = build_optimizer(raw_model.parameters(), config.optim, config.model.preset, ctx.device.type)
         run_id = resume_state.get("mlflow_run_id") if resume_state else None
         outputs = RunOutputs.open(config, ctx, start_step, run_id)
-        trainer = Trainer(config, ctx, layout, raw_model, wrapped_model, optimizer, outputs)
+        checkpointer = ckpt.CheckpointWriter(
+            output_dir / "checkpoints",
+            ctx.rank,
+            ctx.world_size,
+            keep=config.checkpoint.keep,
+            keep_every=config.checkpoint.keep_every,
+            async_save=config.checkpoint.async_save,
+        )
+        trainer = Trainer(config, ctx, layout, raw_model, wrapped_model, optimizer, outputs, checkpointer, stop_signal)
         if resume_state:
             trainer.load_state_dict(resume_state)
             log.info("resumed at step %d", trainer.step)
 
         train_loader, val_loader = build_loaders(config, ctx, layout, start_step)
         trainer.fit(train_loader, val_loader)
+        checkpointer.finish()
         if config.tracking.log_model:
             example = np.zeros((1, config.model.in_channels, config.data.tile_size, config.data.tile_size), np.float32)
             outputs.tracker.log_model(raw_model, example)
         outputs.close("FINISHED")
         return 0
+    except Preempted as stop:
+        log.warning("%s; resume with --resume auto", stop)
+        if ctx.is_main:
+            preemption.write_marker(output_dir, stop.step)
+        if outputs:
+            outputs.close("KILLED")
+        return preemption.EXIT_PREEMPTED
     except (ConfigError, ValueError, ckpt.CheckpointError) as err:
         # bad input: the message names the key, file or sample; a traceback would only hide it
         log.error("%s", err)
+        log.debug("details", exc_info=True)
         if outputs:
             outputs.close("FAILED")
         return 2
@@ -95,30 +120,42 @@ def main(argv: list[str] | None = None) -> int:
             outputs.close("FAILED")
         raise
     finally:
+        stop_signal.restore()
         distributed.cleanup()
 
 
-def find_resume_state(config: Config) -> dict[str, Any] | None:
-    """The checkpoint to continue from: ``auto`` = newest good one in the run's folder."""
+def find_resume_state(config: Config, ctx: DistributedContext) -> dict[str, Any] | None:
+    """The checkpoint to continue from: ``auto`` = newest good one in the run's folder.
+
+    Rank 0 chooses and broadcasts the choice, so all ranks load the same checkpoint.
+    """
     resume = config.checkpoint.resume
     if resume == "never":
         return None
+    path: Path | None = Path(resume)
     if resume == "auto":
-        path = ckpt.latest_good_checkpoint(Path(config.train.output_dir) / "checkpoints")
+        path = None
+        if ctx.is_main:
+            try:
+                path = ckpt.latest_good_checkpoint(Path(config.train.output_dir) / "checkpoints")
+            except ckpt.CheckpointError as err:
+                path = err
+        path = distributed.broadcast_object(path)
+        if isinstance(path, ckpt.CheckpointError):
+            raise path
         if path is None:
-            log.info("resume auto: no checkpoint in %s; starting fresh", config.train.output_dir)
+            log.info("resume auto: no checkpoint in %s/checkpoints; starting fresh", config.train.output_dir)
             return None
-    else:
-        path = Path(resume)
-    state = ckpt.load_checkpoint(path)
+    state = ckpt.load_checkpoint(path, rank=ctx.rank)
     if state.get("config_hash") != config.digest():
         _refuse_math_changes(state["config"], config)
-    log.info("resuming from %s (step %d)", path, state["step"])
+    log.info("resuming from %s (step %d, saved by %s ranks)", path, state["step"], state.get("saved_world_size"))
     return state
 
 
 # Keys that may change between a run and its resumption without changing the math.
-_HARMLESS = {"train.max_steps", "train.log_every", "train.val_every", "train.val_max_batches", "train.progress",
+_HARMLESS = {"train.max_steps", "train.record_samples", "train.watchdog_s", "checkpoint.keep_every",
+             "checkpoint.async_save", "train.compile", "train.compile_mode", "train.cudnn_benchmark", "train.log_every", "train.val_every", "train.val_max_batches", "train.progress",
              "train.output_dir", "train.timeout_s", "checkpoint.every", "checkpoint.keep", "checkpoint.resume",
              "data.num_workers", "data.pin_memory", "tracking.log_model", "tracking.log_checkpoints",
              "train.micro_batch_size", "train.device", "train.backend"}

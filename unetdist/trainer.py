@@ -10,6 +10,7 @@ that is enabled only for fp16).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -19,14 +20,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from unetdist import __version__, distributed
 from unetdist import checkpoint as ckpt
-from unetdist import distributed
 from unetdist.config import BatchLayout, Config
 from unetdist.distributed import DistributedContext
 from unetdist.losses import SegmentationLoss
 from unetdist.metrics import confusion_from_logits, metric_dict
 from unetdist.optim import lr_at, set_lr
+from unetdist.preemption import Preempted, StopSignal
 from unetdist.rank_zero import RunOutputs
+from unetdist.seeding import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         outputs: RunOutputs,
+        checkpointer: ckpt.CheckpointWriter | None = None,
+        stop_signal: StopSignal | None = None,
     ) -> None:
         self.config = config
         self.ctx = ctx
@@ -70,6 +75,8 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer
         self.outputs = outputs
+        self.checkpointer = checkpointer
+        self.stop_signal = stop_signal
         self.loss_fn = SegmentationLoss(config.loss.kind, config.model.num_classes, config.loss.dice_weight)
         self.autocast_dtype = AUTOCAST_DTYPES[config.train.precision]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.train.precision == "fp16")
@@ -145,14 +152,17 @@ class Trainer:
     # ------------------------------------------------------------ the run
 
     def fit(self, train_loader: Iterable[dict[str, Any]], val_loader: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Train to ``train.max_steps``; raises ``Preempted`` after saving when a stop signal arrives."""
         config = self.config.train
         batches = iter(train_loader)
         loss_since_log = torch.zeros((), device=self.ctx.device)
         steps_since_log, data_wait_s, window_start = 0, 0.0, time.perf_counter()
         val_metrics: dict[str, float] = {}
+        sample_log = self._open_sample_log()
         log.info(
-            "training %d steps: global batch %d = %d ranks x %d micro-batches x %d tiles",
-            config.max_steps - self.step,
+            "training steps %d..%d: global batch %d = %d ranks x %d micro-batches x %d tiles",
+            self.step + 1,
+            config.max_steps,
             self.layout.global_batch_size,
             self.layout.world_size,
             self.layout.accumulation_steps,
@@ -164,6 +174,9 @@ class Trainer:
             wait_start = time.perf_counter()
             micro_batches = _take(batches, self.layout.accumulation_steps)
             data_wait_s += time.perf_counter() - wait_start
+            if sample_log:
+                keys = [key for batch in micro_batches for key in batch["key"]]
+                sample_log.write(json.dumps({"step": self.step + 1, "keys": keys}) + "\n")
             loss_since_log += self.train_step(micro_batches)
             steps_since_log += 1
             is_last = self.step == config.max_steps
@@ -197,13 +210,30 @@ class Trainer:
                 window_start = time.perf_counter()  # validation time is not training throughput
 
             every = self.config.checkpoint.every
-            if (every and self.step % every == 0) or is_last:
+            stop = self.stop_signal is not None and self.stop_signal.should_stop()
+            if (every and self.step % every == 0) or is_last or stop:
                 self.save_checkpoint()
+                window_start = time.perf_counter()
+            if stop and not is_last:
+                if sample_log:
+                    sample_log.close()
+                raise Preempted(self.step, self.stop_signal.received or "a peer's signal")
+        if sample_log:
+            sample_log.close()
         return val_metrics
+
+    def _open_sample_log(self):
+        """With ``train.record_samples``, each rank appends the keys it trains on, step by step."""
+        if not self.config.train.record_samples:
+            return None
+        path = self.outputs.run_dir / "samples" / f"rank-{self.ctx.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", buffering=1)
 
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
+        """The replicated state, written once by rank 0."""
         return {
             "step": self.step,
             "model": self.raw_model.state_dict(),
@@ -212,7 +242,16 @@ class Trainer:
             "config": self.config.to_dict(),
             "config_hash": self.config.digest(),
             "mlflow_run_id": self.outputs.tracker.run_id,
-            "torch_version": str(torch.__version__),
+            "world_size": self.ctx.world_size,
+            "versions": {"torch": str(torch.__version__), "unetdist": __version__},
+        }
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """What differs per rank: random states and the data position."""
+        return {
+            "rank": self.ctx.rank,
+            "rng": rng_state(),
+            "data": {"samples_consumed": self.step * self.layout.global_batch_size},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -220,16 +259,19 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        if state.get("rank_state") is not None:
+            set_rng_state(state["rank_state"]["rng"])
+        else:
+            log.warning("checkpoint has no part for rank %d (saved by %s ranks): fresh random state for this rank",
+                        self.ctx.rank, state.get("saved_world_size"))
 
     def save_checkpoint(self) -> None:
-        path = None
-        if self.ctx.is_main:  # model and optimizer are replicated: one writer
-            path = ckpt.save_checkpoint(
-                self.outputs.run_dir / "checkpoints", self.step, self.state_dict(), self.config.checkpoint.keep
-            )
-            log.info("saved checkpoint %s (%.1f MB)", path, path.stat().st_size / 1e6)
+        if self.checkpointer is None:
+            return
+        trainer_state = self.state_dict() if self.ctx.is_main else None  # replicated: one writer
+        path = self.checkpointer.save(self.step, trainer_state, self.rank_state_dict())
+        if path is not None:
             self.outputs.on_checkpoint_saved(path)
-        distributed.barrier()  # no rank runs ahead while rank 0 writes
 
 
 def _take(batches: Iterator[dict[str, Any]], count: int) -> list[dict[str, Any]]:

@@ -1,0 +1,53 @@
+"""Stop requests by signal: SIGTERM (scheduler, torchrun) and SIGUSR1 (Slurm's ``--signal``).
+
+The handler only sets a flag. The trainer asks ``should_stop()`` at each step boundary, where
+all ranks agree through one tiny all-reduce, so a signal that reached one rank stops them all
+at the same step: they save a checkpoint together and exit with ``EXIT_PREEMPTED``. Nothing
+is saved inside the handler and no rank waits in a collective the others never enter.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+from unetdist import distributed
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on request; resume to continue
+MARKER = "PREEMPTED"  # written to output_dir with the step, for job scripts that requeue
+
+
+class Preempted(Exception):
+    """Raised after the stop checkpoint is saved; ``train.main`` turns it into EXIT_PREEMPTED."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name} at step {step} after saving a checkpoint")
+        self.step = step
+
+
+class StopSignal:
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        """True on every rank when any rank has received a stop signal (a collective call)."""
+        return distributed.any_rank(self.received is not None)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def write_marker(output_dir: Path, step: int) -> None:
+    (output_dir / MARKER).write_text(f"{step}\n")
+
+
+def clear_marker(output_dir: Path) -> None:
+    (output_dir / MARKER).unlink(missing_ok=True)
