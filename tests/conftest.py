@@ -6,6 +6,7 @@ dir (fast) or to a real ``mlflow server`` process (``tests/services``).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 # tests/ has no __init__.py, so pytest puts tests/ itself on sys.path (rootdir-relative
 # "prepend" import mode): its helpers import as `services.*`.
 from services.mlflow_server import MlflowServer
+from services.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_packages
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,15 +30,26 @@ def local_mlflow_store(tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """The session's one real MLflow server; outage tests stop and restart it (same port, same data)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_process: MlflowServer) -> str:
     """URI ``http://127.0.0.1:PORT`` of a real MLflow server shared by the session.
 
     Start-up takes ~10-15 s, hence one per session. ``MLFLOW_TRACKING_URI`` is
     deliberately not set: tests pass the URI explicitly (or monkeypatch it),
     so tests of the default store stay independent of whether this ran.
+    A test that stopped the server for an outage has restarted it.
     """
-    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as uri:
-        yield uri
+    return mlflow_server_process.start()  # a no-op while it runs
 
 
 # --- GPU ------------------------------------------------------------------------
@@ -91,3 +104,24 @@ def tiny_run_overrides(shards: Path, output_dir: Path, tracking_uri: str) -> lis
         f"tracking.tracking_uri={tracking_uri}",
         "tracking.experiment=tests",
     ]
+
+
+# --- Slurm ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A real 2-node Slurm cluster (n1, n2: two slurmd on this machine) shared by the session.
+
+    Installs slurm-wlm and munge when missing (root; ~10 s once), starts in ~1-2 s. Skipped,
+    not failed, where Slurm can be neither found nor installed (not root).
+    """
+    try:
+        ensure_packages()
+    except SlurmUnavailable as err:
+        pytest.skip(str(err))
+    state_dir = tmp_path_factory.mktemp("slurm")
+    if len(str(state_dir)) > 60:  # munge's socket path must stay under ~100 characters
+        state_dir = Path(tempfile.mkdtemp(prefix="unetdist-slurm-"))
+    with SlurmCluster(state_dir, nodes=2) as cluster:
+        yield cluster

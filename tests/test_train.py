@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import mlflow
+import numpy as np
 import pytest
-import torch
 from conftest import REPO_ROOT, tiny_run_overrides
 
 from unetdist import checkpoint as ckpt
+from unetdist.data.synthetic import synthetic_cells
 
 
 def run_train(args: list[str], nproc: int = 1, timeout_s: int = 300) -> subprocess.CompletedProcess:
@@ -56,14 +57,18 @@ def test_two_rank_run_learns_and_lands_in_mlflow(cell_shards, tmp_path, local_ml
     assert "config.yaml" in artifacts
     checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert "checkpoints/step-00000200" in checkpoints
-    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
-    assert [m.source_run_id for m in models] == [run.info.run_id]
+    models = {m.name: m for m in client.search_logged_models(experiment_ids=[experiment.experiment_id])}
+    assert "model" in models and models["model"].source_run_id == run.info.run_id
 
-    # the logged model segments like the trained network
-    state = ckpt.load_checkpoint(output_dir / "checkpoints" / "step-00000200")
+    # the logged model segments a new image like the trained network (pyfunc: float32 NCHW -> uint8 masks)
     mlflow.set_tracking_uri(local_mlflow_store)
-    model = mlflow.pytorch.load_model(models[0].model_uri)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
+    segmenter = mlflow.pyfunc.load_model(models["model"].model_uri)
+    image, instances = synthetic_cells(96, np.random.default_rng(99))
+    mask = segmenter.predict(image[None, None].astype(np.float32))
+    assert mask.shape == (1, 96, 96) and mask.dtype == np.uint8
+    truth = instances > 0
+    dice = 2 * np.logical_and(mask[0] == 1, truth).sum() / ((mask[0] == 1).sum() + truth.sum())
+    assert dice > 0.75, dice
     assert (output_dir / "config.yaml").is_file()
 
 

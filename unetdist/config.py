@@ -32,15 +32,40 @@ def _choice(*allowed: str, default: str) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    format: str = _choice("webdataset", default="webdataset")
+    format: str = _choice("webdataset", "zarr", default="webdataset")
     root: str = ""  # folder written by `python -m unetdist.prepare` (holds dataset.json)
-    train_shards: str = ""  # brace pattern / URL list; overrides root's train shards
+    train_shards: str = ""  # brace pattern / path list; overrides root's train shards
     val_shards: str = ""
-    tile_size: int = 96  # model input tile; shard tiles are cropped to it
+    zarr_store: str = ""  # format=zarr: the store; empty: ROOT/data.zarr
+    tile_size: int = 96  # model input tile; stored tiles are cropped to it
     num_workers: int = 1
-    shuffle_buffer: int = 256
-    augment: bool = True
+    prefetch_factor: int = 2  # micro-batches in flight per worker
+    worker_start_method: str = _choice("default", "fork", "spawn", "forkserver", default="default")
+    shuffle_buffer: int = 256  # unused since the exact global sequence (kept so old configs load)
+    block_size: int = 0  # samples kept together in the shuffle; 0: 1 for tar shards, the chunk length for zarr
+    epoch_end: str = _choice("pad", "drop", default="pad")  # make each epoch a whole number of global batches
+    on_error: str = _choice("raise", "skip", default="raise")  # a bad sample: stop, or skip + count + log
+    augment: bool = True  # flips and 90-degree rotations
+    augment_intensity: bool = False  # gamma, scale, shift
+    augment_noise_std: float = 0.0  # Gaussian noise in unit-range intensity; 0: off
+    augment_elastic: bool = False  # the paper's elastic deformation
+    elastic_sigma_px: float = 10.0
+    augment_on: str = _choice("worker", "device", default="worker")  # device: the trainer calls to_model_input
+    foreground_fraction: float = 0.0  # share of training crops centred on a foreground pixel
+    normalize: str = _choice("zscore", "range", default="zscore")
     pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        checks = {
+            "data.block_size": (self.block_size >= 0, "zero or a positive number"),
+            "data.prefetch_factor": (self.prefetch_factor >= 1, "a positive number"),
+            "data.foreground_fraction": (0.0 <= self.foreground_fraction <= 1.0, "a fraction in [0, 1]"),
+            "data.augment_noise_std": (self.augment_noise_std >= 0.0, "zero or a positive number"),
+            "data.elastic_sigma_px": (self.elastic_sigma_px >= 0.0, "zero or a positive number"),
+        }
+        for key, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key.split('.')[1])!r}: expected {expected}")
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,32 @@ The training loop calls the same methods on every rank; ``make_tracker`` hands
 non-main ranks a ``NullTracker`` whose methods do nothing, so the loop never
 branches on the rank.
 
+``MLflowTracker`` never lets the tracking server slow or stop training. Every
+logging call only appends to an in-memory queue (microseconds); a background
+thread sends the queue in order, merging consecutive metric calls into one
+``log_batch``. While the server is down, slow or answering errors, the thread
+retries with exponential backoff (0.5 s doubling to 30 s) and the calls wait in
+the queue; past ``queue_size`` calls they are appended to a spill file on local
+disk, so memory stays bounded and nothing is lost. When the server returns,
+everything is sent in the original order. ``finish`` waits at most
+``flush_timeout_s`` for the rest; whatever is still unsent is written to
+``<local_dir>/mlflow-unsent-<run>-<time>.jsonl`` with a warning, and::
+
+    python -m unetdist.tracking replay runs/x/mlflow-unsent-....jsonl [--tracking-uri URI]
+
+sends it later (a resumed run also replays such files of its run by itself).
+A request the server refuses for good (HTTP 4xx: a bad value, a deleted run)
+is dropped with a warning instead of blocking the queue.
+
 ``MLflowTracker`` talks to MLflow only through an ``MlflowClient`` bound to its
 own tracking URI, never through MLflow's global "active run", so two trackers
-in one process (tests, sweeps) do not leak into each other. The one exception
-is ``log_model`` (see there).
+in one process (tests, sweeps) do not leak into each other.
 
 Credentials come only from the environment (``MLFLOW_TRACKING_USERNAME``,
 ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``), which MLflow reads
-itself; nothing here accepts them, and params whose key looks like a secret
-are redacted before they are logged.
+itself; nothing here accepts them, params whose key looks like a secret are
+redacted before they are logged, and URIs are logged and written without
+their user:password part.
 
 Without ``MLFLOW_TRACKING_URI`` runs go to a SQLite store in the working
 directory; to browse them, run in that directory::
@@ -27,17 +44,19 @@ ever hold a ``NullTracker`` should not pay for it.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import importlib.metadata
+import argparse
+import collections
+import json
 import logging
 import math
 import os
 import re
+import sys
 import tempfile
+import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -57,6 +76,10 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
 RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+LEAVE_RUNNING = "RUNNING"  # finish("RUNNING"): flush and stop sending, the run stays open (preemption)
+OUTBOX_FORMAT = "unetdist-mlflow-outbox/1"
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"password|passwd|secret|token|api[_-]?key|credential", re.IGNORECASE)
 
@@ -68,6 +91,15 @@ def _set_quiet_mlflow_defaults() -> None:
     # MlflowClient.set_terminated writes "🏃 View run ..." to stdout for HTTP
     # stores; we log the run's address through logging instead.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def _set_fail_fast_http(request_timeout_s: int) -> None:
+    # MLflow's REST client retries a refused connection 7 times with backoff
+    # (minutes) and waits 120 s for an answer; our sender retries by itself, so
+    # each request should fail fast. MLflow reads these per request; a user's
+    # own settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(request_timeout_s))
 
 
 _set_quiet_mlflow_defaults()
@@ -140,73 +172,293 @@ def _experiment_directory_name(experiment: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
 
 
-def _pinned_requirements(*distributions: str) -> list[str]:
-    # Explicit requirements skip MLflow's inference, which imports the model in
-    # a subprocess: ~6 s instead of ~0.5 s for a tiny net (measured, mlflow 3.17).
-    pinned = []
-    for distribution in distributions:
-        try:
-            pinned.append(f"{distribution}=={importlib.metadata.version(distribution)}")
-        except importlib.metadata.PackageNotFoundError:
-            pinned.append(distribution)
-    return pinned
+def _default_local_dir(tracking_uri: str) -> Path:
+    artifact_root = _sqlite_artifact_root(tracking_uri)
+    if artifact_root is not None:
+        return artifact_root.parent / "mlflow-local"
+    return Path(tempfile.mkdtemp(prefix="unetdist-mlflow-"))
 
 
-def _unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    import torch
+def _is_permanent(error: BaseException) -> bool:
+    """True for a request the server will refuse whatever the retry (HTTP 4xx but 408/429, a missing file)."""
+    from mlflow.exceptions import MlflowException
 
-    while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, ValueError, TypeError)) and not isinstance(
+        error, MlflowException
+    ):
+        return True
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return 400 <= status < 500 and status not in (408, 429)
+    return False
 
 
-@contextlib.contextmanager
-def _global_tracking_uri(tracking_uri: str) -> Iterator[None]:
-    """Point MLflow's global tracking URI at ``tracking_uri`` for the block, then restore it.
+# ---------------------------------------------------------------- sending
 
-    ``mlflow.tracking._tracking_service.utils._use_tracking_uri`` does the same
-    but unsets a user's ``MLFLOW_TRACKING_URI`` environment variable on exit
-    when no global URI had been set; this restores both.
+
+class _Sender:
+    """Turns queued operations (plain JSON-able dicts) into MLflow client calls, synchronously.
+
+    The same code sends from the background thread and from ``replay``. Operations:
+    ``create_run``, ``reattach``, ``params``, ``metrics``, ``tags``, ``artifact``,
+    ``image``, ``pyfunc_model``, ``terminate``.
     """
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    saved_global_uri = tracking_utils._tracking_uri
-    saved_environment_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved_global_uri)
-        if saved_environment_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
+    def __init__(self, tracking_uri: str, run_id: str | None, experiment_id: str | None) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client: MlflowClient = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def send(self, op: dict[str, Any]) -> None:
+        kind = op["op"]
+        if kind == "create_run":
+            self.create_run(op["experiment"], op.get("run_name"), op.get("tags") or {})
+            return
+        if self.run_id is None:
+            raise RuntimeError("no MLflow run yet: the run's creation has not reached the server")
+        if kind == "reattach":
+            self.reattach(op.get("tags") or {})
+        elif kind == "params":
+            from mlflow.entities import Param
+
+            items = list(op["params"].items())
+            for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                batch = [Param(key, value) for key, value in items[start : start + MAX_PARAMS_PER_BATCH]]
+                self.client.log_batch(self.run_id, params=batch)
+        elif kind == "metrics":
+            from mlflow.entities import Metric
+
+            batch = [Metric(key, float(value), int(ts), int(step)) for key, value, ts, step in op["metrics"]]
+            for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=batch[start : start + MAX_METRICS_PER_BATCH])
+        elif kind == "tags":
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
+        elif kind == "artifact":
+            path = Path(op["path"])
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), op.get("artifact_path"))
+            else:
+                if not path.exists():
+                    raise FileNotFoundError(f"artifact {path} is gone")
+                self.client.log_artifact(self.run_id, str(path), op.get("artifact_path"))
+        elif kind == "image":
+            from PIL import Image
+
+            with Image.open(op["path"]) as image:
+                image.load()
+                self.client.log_image(
+                    self.run_id, image, key=op["key"], step=int(op["step"]), timestamp=int(op["timestamp"])
+                )
+        elif kind == "pyfunc_model":
+            from unetdist.pyfunc_model import log_pyfunc_model
+
+            log_pyfunc_model(self.client, self.tracking_uri, self.experiment_id or "", self.run_id, op)
+        elif kind == "terminate":
+            self.client.set_terminated(self.run_id, status=op["status"], end_time=op.get("end_time"))
         else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_environment_uri
+            raise ValueError(f"unknown tracking operation {kind!r}")
+
+    def create_run(self, experiment: str, run_name: str | None, tags: Mapping[str, str]) -> None:
+        self.experiment_id = self._get_or_create_experiment(experiment)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+        self.run_id = run.info.run_id
+
+    def reattach(self, tags: Mapping[str, str]) -> Any:
+        from mlflow.entities import RunTag
+
+        run = self.client.get_run(self.run_id)
+        self.experiment_id = run.info.experiment_id
+        if run.info.status != "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        return run
+
+    def _get_or_create_experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        existing = self.client.get_experiment_by_name(name)
+        if existing is not None:
+            if existing.lifecycle_stage == "deleted":
+                # a deleted name stays taken until garbage-collected; reviving is what a user expects
+                self.client.restore_experiment(existing.experiment_id)
+            return existing.experiment_id
+        artifact_root = _sqlite_artifact_root(self.tracking_uri)
+        artifact_location = (
+            str(artifact_root / _experiment_directory_name(name)) if artifact_root is not None else None
+        )
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            # another process created it between our lookup and create
+            existing = self.client.get_experiment_by_name(name)
+            if existing is None:
+                raise
+            return existing.experiment_id
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
+def _merge_metric_ops(ops: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The leading run of ``metrics`` operations as one (at most MAX_METRICS_PER_BATCH points); returns (op, count)."""
+    points: list[list[Any]] = []
+    count = 0
+    for op in ops:
+        if op["op"] != "metrics" or (points and len(points) + len(op["metrics"]) > MAX_METRICS_PER_BATCH):
+            break
+        points.extend(op["metrics"])
+        count += 1
+    return {"op": "metrics", "metrics": points}, count
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+
+class _Outbox:
+    """A bounded in-memory queue with a disk spill, drained in order by one background thread.
+
+    ``put`` never blocks on the network: it appends to the queue or, once
+    ``capacity`` operations wait (or earlier ones are already on disk, to keep
+    the order), writes a JSON line to ``spill_path``.
+    """
+
+    def __init__(self, sender: _Sender, capacity: int, spill_path: Path, on_sent: Callable[[], None]) -> None:
+        self.sender = sender
+        self.capacity = capacity
+        self.spill_path = spill_path
+        self._on_sent = on_sent
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._closing = threading.Event()
+        self._abandon = threading.Event()
+        self._spilled = 0  # operations in the spill file not yet read back
+        self._spill_offset = 0
+        self.sent_ops = 0
+        self.dropped_ops = 0
+        self.failures = 0
+        self.server_down_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="unetdist-mlflow-sender", daemon=True)
+        self._thread.start()
+
+    # -- producer side (the training thread)
+
+    def put(self, op: dict[str, Any]) -> None:
+        with self._lock:
+            if self._spilled or len(self._queue) >= self.capacity:
+                if not self._spilled:
+                    logger.warning(
+                        "MLflow queue full (%d calls; server unreachable since %s); spilling to %s",
+                        self.capacity,
+                        time.strftime("%H:%M:%S", time.localtime(self.server_down_since or time.time())),
+                        self.spill_path,
+                    )
+                with open(self.spill_path, "a") as spill:
+                    spill.write(json.dumps(op) + "\n")
+                self._spilled += 1
+            else:
+                self._queue.append(op)
+        self._wakeup.set()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._queue) + self._spilled
+
+    # -- the background thread
+
+    def _run(self) -> None:
+        backoff_s = BACKOFF_FIRST_S
+        while not self._abandon.is_set():
+            with self._lock:
+                if not self._queue and self._spilled:
+                    self._read_back_spill()
+                head = list(self._queue)[:MAX_METRICS_PER_BATCH] if self._queue else []
+            if not head:
+                if self._closing.is_set():
+                    return
+                self._wakeup.wait(1.0)
+                self._wakeup.clear()
+                continue
+            if head[0]["op"] == "metrics":
+                request, count = _merge_metric_ops(head)
+            else:
+                request, count = head[0], 1
+            try:
+                self.sender.send(request)
+            except Exception as error:
+                if _is_permanent(error):
+                    logger.warning("MLflow refused a %s call; dropped it: %s", request["op"], error)
+                    self.dropped_ops += count
+                else:
+                    self.failures += 1
+                    if self.server_down_since is None:
+                        self.server_down_since = time.time()
+                        logger.warning(
+                            "MLflow server unreachable (%s); training goes on, logging is queued and retried",
+                            _first_line(error),
+                        )
+                    # while closing, retry quickly until finish's deadline
+                    self._abandon.wait(min(backoff_s, 1.0) if self._closing.is_set() else backoff_s)
+                    backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+                    continue
+            else:
+                self.sent_ops += count
+                if self.server_down_since is not None:
+                    logger.warning(
+                        "MLflow server back after %.0f s; sending %d queued calls",
+                        time.time() - self.server_down_since,
+                        self.pending(),
+                    )
+                    self.server_down_since = None
+                backoff_s = BACKOFF_FIRST_S
+                self._on_sent()
+            with self._lock:
+                if self._abandon.is_set():
+                    return  # unsent_ops() already took a snapshot that includes these
+                for _ in range(count):
+                    self._queue.popleft()
+
+    def _read_back_spill(self) -> None:
+        # called with the lock held, when the in-memory queue is empty
+        with open(self.spill_path) as spill:
+            spill.seek(self._spill_offset)
+            while len(self._queue) < self.capacity and self._spilled:
+                line = spill.readline()
+                if not line:
+                    break
+                self._queue.append(json.loads(line))
+                self._spilled -= 1
+            self._spill_offset = spill.tell()
+        if not self._spilled:
+            self.spill_path.unlink(missing_ok=True)
+            self._spill_offset = 0
+
+    # -- shutdown
+
+    def close(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Send what is left within ``timeout_s``; returns the operations still unsent (in order)."""
+        self._closing.set()
+        self._wakeup.set()
+        self._thread.join(timeout=max(timeout_s, 0.0))
+        self._abandon.set()
+        with self._lock:
+            unsent = list(self._queue)
+            if self._spilled:
+                with open(self.spill_path) as spill:
+                    spill.seek(self._spill_offset)
+                    unsent.extend(json.loads(line) for line in spill if line.strip())
+            self._queue.clear()
+            self._spilled = 0
+        self.spill_path.unlink(missing_ok=True)
+        return unsent
 
 
-@contextlib.contextmanager
-def _filtered_logger(name: str, message_prefix: str) -> Iterator[None]:
-    target = logging.getLogger(name)
-    message_filter = _DropMessages(message_prefix)
-    target.addFilter(message_filter)
-    try:
-        yield
-    finally:
-        target.removeFilter(message_filter)
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------- trackers
 
 
 class NullTracker:
@@ -214,6 +466,7 @@ class NullTracker:
 
     run_id: str | None = None
     experiment_id: str | None = None
+    tracking_uri: str | None = None
 
     def log_params(self, params: Mapping[str, object]) -> None:
         pass
@@ -221,10 +474,19 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        pass
+
     def log_config(self, config_dict: Mapping[str, Any], filename: str = "config.yaml") -> None:
         pass
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        pass
+
+    def log_image(self, png_path: str | os.PathLike[str], key: str, step: int) -> None:
+        pass
+
+    def log_pyfunc_model(self, op: Mapping[str, Any]) -> None:
         pass
 
     def log_model(
@@ -235,6 +497,9 @@ class NullTracker:
         step: int = 0,
     ) -> None:
         pass
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        return True
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
@@ -252,7 +517,17 @@ class NullTracker:
 
 
 class MLflowTracker:
-    """One MLflow run, created (or reattached to, by ``run_id``) in ``experiment``."""
+    """One MLflow run, created (or reattached to, by ``run_id``) in ``experiment``; logs in the background.
+
+    The run is created (or reattached) in ``__init__``, with requests that fail
+    fast. If the server cannot be reached then, training starts anyway: the
+    creation is queued like every other call, and ``run_id`` stays None until
+    it succeeds (``run_id`` given: it is known at once and the reattach is queued).
+
+    ``local_dir`` (default: beside a SQLite store's file, else a new temp dir) holds the files
+    that must outlive the call that logs them (``config.yaml``, images), the
+    spill file and, after ``finish``, the file of unsent calls.
+    """
 
     def __init__(
         self,
@@ -261,65 +536,77 @@ class MLflowTracker:
         run_name: str | None = None,
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
+        queue_size: int = 10000,
+        request_timeout_s: int = 10,
+        flush_timeout_s: float = 30.0,
     ) -> None:
-        from mlflow import MlflowClient
-
+        _set_fail_fast_http(request_timeout_s)
         self.tracking_uri = tracking_uri or default_tracking_uri()
-        self._client: MlflowClient = MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.flush_timeout_s = flush_timeout_s
+        self.local_dir = Path(local_dir) if local_dir is not None else _default_local_dir(self.tracking_uri)
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self._files_dir = self.local_dir / "mlflow-files"
         self._finished = False
-        self._warned_metric_failure = False
+        self._sent_event = threading.Condition()
+        self._logged_params: dict[str, str] = {}
+        self._tags = dict(tags or {})
+        self.unsent_path: Path | None = None
 
-        if run_id is None:
-            self._experiment_id = self._get_or_create_experiment(experiment)
-            run = self._client.create_run(self._experiment_id, run_name=run_name, tags=dict(tags or {}))
-            self._logged_params: dict[str, str] = {}
-        else:
-            run = self._reattach(run_id, experiment, tags)
-            self._experiment_id = run.info.experiment_id
-            self._logged_params = dict(run.data.params)
-        self._run_id: str = run.info.run_id
-        logger.info(
-            "MLflow run %s (%s) in experiment %r (id %s) at %s",
-            self._run_id,
-            run.info.run_name,
-            experiment,
-            self._experiment_id,
-            _uri_without_credentials(self.tracking_uri),
-        )
-
-    @property
-    def run_id(self) -> str:
-        return self._run_id
-
-    @property
-    def experiment_id(self) -> str:
-        return self._experiment_id
-
-    def _get_or_create_experiment(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        existing = self._client.get_experiment_by_name(name)
-        if existing is not None:
-            if existing.lifecycle_stage == "deleted":
-                # a deleted name stays taken until garbage-collected; reviving is what a user expects
-                self._client.restore_experiment(existing.experiment_id)
-            return existing.experiment_id
-        artifact_root = _sqlite_artifact_root(self.tracking_uri)
-        artifact_location = (
-            str(artifact_root / _experiment_directory_name(name)) if artifact_root is not None else None
-        )
+        self._sender = _Sender(self.tracking_uri, run_id, None)
+        first_ops: list[dict[str, Any]] = []
         try:
-            return self._client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException:
-            # another process created it between our lookup and create
-            existing = self._client.get_experiment_by_name(name)
-            if existing is None:
-                raise
-            return existing.experiment_id
+            if run_id is None:
+                self._sender.create_run(experiment, run_name, self._tags)
+            else:
+                run = self._reattach_now(run_id, experiment)
+                self._logged_params = dict(run.data.params)
+        except Exception as error:
+            if run_id is not None and _is_permanent(error):
+                logger.warning("cannot reattach to MLflow run %s (%s); starting a new run", run_id, error)
+                self._sender.run_id = None
+                self._tags["unetdist.previous_run_id"] = run_id
+                first_ops.append(self._create_op())
+                try:
+                    self._sender.send(first_ops.pop())
+                except Exception:
+                    first_ops.append(self._create_op())
+            else:
+                logger.warning(
+                    "MLflow server %s unreachable at start (%s); training starts anyway, the run's %s is queued",
+                    _uri_without_credentials(self.tracking_uri),
+                    _first_line(error),
+                    "creation" if run_id is None else "reattachment",
+                )
+                first_ops.append(
+                    self._create_op() if run_id is None else {"op": "reattach", "tags": self._tags}
+                )
+        spill_path = self.local_dir / f".mlflow-spill-{os.getpid()}-{id(self)}.jsonl"
+        self._outbox = _Outbox(self._sender, queue_size, spill_path, self._notify_sent)
+        for op in first_ops:
+            self._outbox.put(op)
+        if self.run_id is not None:
+            logger.info(
+                "MLflow run %s (%s) in experiment %r at %s",
+                self.run_id,
+                run_name or "",
+                experiment,
+                _uri_without_credentials(self.tracking_uri),
+            )
 
-    def _reattach(self, run_id: str, experiment: str, tags: Mapping[str, str] | None) -> Any:
-        run = self._client.get_run(run_id)
-        run_experiment = self._client.get_experiment(run.info.experiment_id)
+    def _create_op(self) -> dict[str, Any]:
+        return {
+            "op": "create_run",
+            "experiment": self.experiment,
+            "run_name": self.run_name,
+            "tags": self._tags,
+        }
+
+    def _reattach_now(self, run_id: str, experiment: str) -> Any:
+        run = self._sender.reattach(self._tags)
+        run_experiment = self._sender.client.get_experiment(run.info.experiment_id)
         if run_experiment.name != experiment:
             logger.warning(
                 "run %s belongs to experiment %r, not %r; logging to the run's experiment",
@@ -327,11 +614,45 @@ class MLflowTracker:
                 run_experiment.name,
                 experiment,
             )
-        if run.info.status != "RUNNING":
-            self._client.update_run(run_id, status="RUNNING")
-        for key, value in (tags or {}).items():
-            self._client.set_tag(run_id, key, value)
         return run
+
+    @property
+    def run_id(self) -> str | None:
+        return self._sender.run_id
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self._sender.experiment_id
+
+    @property
+    def client(self) -> MlflowClient:
+        return self._sender.client
+
+    @property
+    def pending(self) -> int:
+        """Logging calls not yet on the server."""
+        return self._outbox.pending()
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return {
+            "sent": self._outbox.sent_ops,
+            "dropped": self._outbox.dropped_ops,
+            "failed_requests": self._outbox.failures,
+            "pending": self._outbox.pending(),
+        }
+
+    def _notify_sent(self) -> None:
+        with self._sent_event:
+            self._sent_event.notify_all()
+
+    def _put(self, op: dict[str, Any]) -> None:
+        if self._finished:
+            logger.debug("tracker finished; %s call ignored", op["op"])
+            return
+        self._outbox.put(op)
+
+    # -- logging calls: each returns at once
 
     def log_params(self, params: Mapping[str, object]) -> None:
         """Log (nested) params as flat strings; keys already on the run are skipped.
@@ -339,8 +660,6 @@ class MLflowTracker:
         MLflow refuses to change a param's value, so on a reattached run a key
         with a new value keeps its first value (with a warning).
         """
-        from mlflow.entities import Param
-
         new_params: dict[str, str] = {}
         for key, value in _redact_secret_values(flatten_config(params)).items():
             if len(value) > MAX_PARAM_VALUE_LENGTH:
@@ -358,24 +677,18 @@ class MLflowTracker:
                 logger.warning(
                     "param %s was already logged as %r; MLflow keeps that, not %r", key, previous, value
                 )
-        items = list(new_params.items())
-        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            batch = [Param(key, value) for key, value in items[start : start + MAX_PARAMS_PER_BATCH]]
-            self._client.log_batch(self._run_id, params=batch)
+        if new_params:
+            self._put({"op": "params", "params": new_params})
         self._logged_params.update(new_params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log all ``metrics`` at ``step`` in one request; best effort.
+        """Queue all ``metrics`` at ``step``; they reach the server in one request with their neighbours.
 
         NaN is logged as NaN (MLflow 3.17 stores it, over SQLite and HTTP) so a
-        diverging loss stays visible. A failure to reach the server is logged
-        as a warning rather than raised: losing a point of a curve must not
-        end a training run.
+        diverging loss stays visible. The timestamp is the time of this call.
         """
-        from mlflow.entities import Metric
-
         timestamp_ms = int(time.time() * 1000)
-        batch = []
+        points = []
         for key, value in metrics.items():
             try:
                 number = float(value)
@@ -384,31 +697,43 @@ class MLflowTracker:
                 continue
             if math.isnan(number):
                 logger.debug("metric %s is NaN at step %d", key, step)
-            batch.append(Metric(key, number, timestamp_ms, int(step)))
-        try:
-            for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
-                self._client.log_batch(self._run_id, metrics=batch[start : start + MAX_METRICS_PER_BATCH])
-        except Exception:
-            # warn once with the traceback, then quietly: a dead server would flood the log
-            if not self._warned_metric_failure:
-                logger.warning("could not log metrics at step %d; training goes on", step, exc_info=True)
-                self._warned_metric_failure = True
-            else:
-                logger.debug("could not log metrics at step %d", step, exc_info=True)
+            points.append([key, number, timestamp_ms, int(step)])
+        if points:
+            self._put({"op": "metrics", "metrics": points})
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        self._put({"op": "tags", "tags": {key: str(value) for key, value in tags.items()}})
 
     def log_config(self, config_dict: Mapping[str, Any], filename: str = "config.yaml") -> None:
-        """Write ``config_dict`` as YAML and log it at the run's artifact root."""
-        with tempfile.TemporaryDirectory(prefix="unetdist-config-") as scratch:
-            config_path = Path(scratch) / filename
-            config_path.write_text(yaml.safe_dump(dict(config_dict), sort_keys=False))
-            self._client.log_artifact(self._run_id, str(config_path))
+        """Write ``config_dict`` as YAML under ``local_dir`` and log it at the run's artifact root."""
+        self._files_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self._files_dir / filename
+        config_path.write_text(yaml.safe_dump(dict(config_dict), sort_keys=False))
+        self.log_artifact(config_path)
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        """Log a file, or a directory's contents, under ``artifact_path`` (default: the root)."""
-        if Path(path).is_dir():
-            self._client.log_artifacts(self._run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self._run_id, str(path), artifact_path)
+        """Log a file, or a directory's contents, under ``artifact_path`` (default: the root).
+
+        The file is read when the call is sent, so it must stay in place until then.
+        """
+        self._put({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def log_image(self, png_path: str | os.PathLike[str], key: str, step: int) -> None:
+        """Log an image file as step ``step`` of the image series ``key`` (the UI's image charts)."""
+        timestamp_ms = int(time.time() * 1000)
+        self._put(
+            {
+                "op": "image",
+                "path": str(Path(png_path).resolve()),
+                "key": key,
+                "step": int(step),
+                "timestamp": timestamp_ms,
+            }
+        )
+
+    def log_pyfunc_model(self, op: Mapping[str, Any]) -> None:
+        """Queue the logging of a saved pyfunc model (see ``unetdist.pyfunc_model.log_pyfunc_model``)."""
+        self._put({"op": "pyfunc_model", **op})
 
     def log_model(
         self,
@@ -417,71 +742,99 @@ class MLflowTracker:
         name: str = "model",
         step: int = 0,
     ) -> Any:
-        """Log a CPU, eval-mode copy of ``model`` as a LoggedModel of this run; returns its ModelInfo.
+        """Log ``model`` with MLflow's PyTorch flavor now, after the queue is sent; returns its ModelInfo.
 
-        ``input_example`` is one float32 batch ``[1, C, H, W]``; MLflow derives
-        the signature from it. DDP and ``torch.compile`` wrappers are removed.
-        Loading needs the model's classes importable (``unetdist`` installed).
-
-        How, in mlflow 3.17: ``mlflow.pytorch.log_model`` has no tracking-URI
-        argument and, given only ``run_id``, files the LoggedModel under the
-        globally active experiment (default "0"), not the run's. So the
-        LoggedModel is created here through our client, in the run's
-        experiment and linked to the run, and ``log_model`` gets its
-        ``model_id`` and ``run_id``, with the global tracking URI pointed at our
-        store just for the call. No fluent run is started, so the run's status
-        is untouched (``start_run``/``end_run`` would mark it FINISHED).
-
-        Serialization is pickle (cloudpickle), not MLflow's default "pt2":
-        ``torch.export`` specializes the batch dimension to the example's 1
-        (a batch of 2 then fails a guard) and takes seconds even for a tiny net.
+        Synchronous (it needs the server); ``RunOutputs.log_final_model`` logs a
+        pyfunc model through the queue instead.
         """
-        import mlflow.pytorch
-        import torch
+        from unetdist.pyfunc_model import log_pytorch_model
 
-        model_for_logging = copy.deepcopy(_unwrap_model(model)).to("cpu").eval()
-        example = (
-            input_example.detach().cpu().numpy() if isinstance(input_example, torch.Tensor) else input_example
-        )
-        example = np.asarray(example, dtype=np.float32)
-        if example.ndim == 3:
-            example = example[np.newaxis]
-        logged_model = self._client.create_logged_model(
-            experiment_id=self._experiment_id,
+        self.flush(self.flush_timeout_s)
+        return log_pytorch_model(
+            self.client,
+            self.tracking_uri,
+            self.experiment_id or "",
+            self.run_id or "",
+            dict(self._logged_params),
+            model,
+            input_example,
             name=name,
-            source_run_id=self._run_id,
-            params=dict(self._logged_params),
+            step=step,
         )
-        with (
-            _global_tracking_uri(self.tracking_uri),
-            _filtered_logger("mlflow.pytorch", "Saving pytorch model by Pickle"),
-        ):
-            return mlflow.pytorch.log_model(
-                model_for_logging,
-                name=name,
-                input_example=example,
-                pip_requirements=_pinned_requirements("torch", "numpy", "cloudpickle"),
-                serialization_format="pickle",
-                run_id=self._run_id,
-                model_id=logged_model.model_id,
-                step=step,
-            )
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait up to ``timeout_s`` for the queue to empty; True when it did. Does not stop the sender."""
+        deadline = time.monotonic() + timeout_s
+        with self._sent_event:
+            while self._outbox.pending():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._sent_event.wait(min(remaining, 0.2))
+        return True
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the run with ``status`` (FINISHED, FAILED or KILLED); later calls do nothing.
+        """End the run with ``status`` and stop the sender; later calls do nothing.
 
-        Never raises for a backend failure: it usually runs in a ``finally``
-        where an exception would hide the one that ended training.
+        ``status`` FINISHED, FAILED or KILLED ends the MLflow run; RUNNING
+        (``LEAVE_RUNNING``) only sends what is queued and leaves the run open,
+        for a job that will be resumed. Waits at most ``flush_timeout_s`` for the
+        server; what is still unsent is written to ``unsent_path`` with a
+        warning naming the replay command. Never raises for a backend failure:
+        it usually runs in a ``finally`` where an exception would hide the one
+        that ended training.
         """
-        if status not in RUN_END_STATUSES:
-            raise ValueError(f"status must be one of {RUN_END_STATUSES}, got {status!r}")
+        if status not in (*RUN_END_STATUSES, LEAVE_RUNNING):
+            raise ValueError(f"status must be one of {(*RUN_END_STATUSES, LEAVE_RUNNING)}, got {status!r}")
         if self._finished:
             return
+        if status != LEAVE_RUNNING:
+            self._outbox.put({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
         self._finished = True
-        try:
-            self._client.set_terminated(self._run_id, status=status)
-        except Exception:
-            logger.warning("could not mark MLflow run %s %s", self._run_id, status, exc_info=True)
+        unsent = self._outbox.close(self.flush_timeout_s)
+        if unsent:
+            self.unsent_path = write_unsent(self.local_dir, self._header(), unsent)
+            logger.warning(
+                "MLflow server %s did not take %d logging calls within %.0f s; they are in %s. "
+                "Send them when it is back: python -m unetdist.tracking replay %s",
+                _uri_without_credentials(self.tracking_uri),
+                len(unsent),
+                self.flush_timeout_s,
+                self.unsent_path,
+                self.unsent_path,
+            )
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "format": OUTBOX_FORMAT,
+            "tracking_uri": _uri_without_credentials(self.tracking_uri),
+            "run_id": self.run_id,
+            "experiment_id": self.experiment_id,
+            "experiment": self.experiment,
+            "run_name": self.run_name,
+        }
+
+    def replay_leftovers(self, directory: str | os.PathLike[str]) -> int:
+        """Queue the calls of earlier ``mlflow-unsent-*`` files of this run in ``directory``; returns how many.
+
+        Each file is renamed to ``*.queued`` so it is not queued twice.
+        """
+        count = 0
+        for path in sorted(Path(directory).glob("mlflow-unsent-*.jsonl")):
+            try:
+                header, ops = read_unsent(path)
+            except (OSError, ValueError) as error:
+                logger.warning("cannot read %s: %s", path, error)
+                continue
+            if header.get("run_id") != self.run_id:
+                continue
+            ops = [op for op in ops if op["op"] not in ("create_run", "reattach", "terminate")]
+            for op in ops:
+                self._put(op)
+            path.rename(path.with_suffix(".jsonl.queued"))
+            logger.info("queued %d calls left unsent by an earlier job (%s)", len(ops), path)
+            count += len(ops)
+        return count
 
     def __enter__(self) -> MLflowTracker:
         return self
@@ -508,10 +861,11 @@ def make_tracker(
     run_name: str | None,
     run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
+    **options: Any,
 ) -> MLflowTracker | NullTracker:
     """An ``MLflowTracker`` on the main process when tracking is enabled, else a ``NullTracker``.
 
-    ``tracking_uri`` None or "" means ``default_tracking_uri()``.
+    ``tracking_uri`` None or "" means ``default_tracking_uri()``; ``options`` go to ``MLflowTracker``.
     """
     if not (enabled and is_main_process):
         return NullTracker()
@@ -521,4 +875,79 @@ def make_tracker(
         run_name=run_name,
         run_id=run_id,
         tags=tags,
+        **options,
     )
+
+
+# ---------------------------------------------------------------- unsent calls: file and replay
+
+
+def write_unsent(directory: Path, header: Mapping[str, Any], ops: list[dict[str, Any]]) -> Path:
+    """Write ``header`` and ``ops`` as JSON lines to a new ``mlflow-unsent-<run>-<time>.jsonl``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = directory / f"mlflow-unsent-{header.get('run_id') or 'new-run'}-{stamp}-{os.getpid()}.jsonl"
+    with open(path, "w") as out:
+        out.write(json.dumps(dict(header)) + "\n")
+        for op in ops:
+            out.write(json.dumps(op) + "\n")
+    return path
+
+
+def read_unsent(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path} is empty")
+    header = json.loads(lines[0])
+    if header.get("format") != OUTBOX_FORMAT:
+        raise ValueError(f"{path}: not a file of unsent MLflow calls (format {header.get('format')!r})")
+    return header, [json.loads(line) for line in lines[1:]]
+
+
+def replay(path: str | os.PathLike[str], tracking_uri: str | None = None) -> str:
+    """Send the calls in a file written by ``MLflowTracker.finish``; returns the run id.
+
+    ``tracking_uri``: default the file's (credentials come from the environment).
+    Stops at the first failure, naming the call; sending the file again is safe
+    (metrics and tags are idempotent; an artifact is written again).
+    """
+    header, ops = read_unsent(path)
+    uri = tracking_uri or header["tracking_uri"]
+    sender = _Sender(uri, header.get("run_id"), header.get("experiment_id"))
+    index = 0
+    while index < len(ops):
+        request, count = _merge_metric_ops(ops[index:]) if ops[index]["op"] == "metrics" else (ops[index], 1)
+        try:
+            sender.send(request)
+        except Exception as error:
+            raise RuntimeError(
+                f"{path}: call {index + 1} of {len(ops)} ({request['op']}) failed: {error}"
+            ) from error
+        index += count
+    return sender.run_id or ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unetdist.tracking", description="MLflow tracking tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    replay_parser = commands.add_parser("replay", help="send the logging calls a run could not deliver")
+    replay_parser.add_argument("files", nargs="+", metavar="FILE", help="mlflow-unsent-*.jsonl")
+    replay_parser.add_argument("--tracking-uri", help="default: the URI written in the file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    failed = 0
+    for file in args.files:
+        try:
+            run_id = replay(file, args.tracking_uri)
+        except (OSError, ValueError, RuntimeError) as error:
+            print(f"replay failed: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        done = Path(file).with_suffix(".jsonl.replayed")
+        Path(file).rename(done)
+        print(f"{file}: sent to run {run_id}; renamed to {done.name}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,23 +13,24 @@ after saving a checkpoint (resume with ``--resume auto``), 1 any other failure.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from unetdist import checkpoint as ckpt
 from unetdist import distributed, preemption
-from unetdist.config import BatchLayout, Config, ConfigError, batch_layout, load_config
-from unetdist.data import build_train_loader, build_val_loader, list_shards
+from unetdist.config import BatchLayout, Config, ConfigError, TrackingConfig, batch_layout, load_config
+from unetdist.data import build_train_loader, build_val_loader
 from unetdist.distributed import DistributedContext
 from unetdist.model import build_unet
 from unetdist.optim import build_optimizer
 from unetdist.preemption import Preempted, StopSignal
-from unetdist.rank_zero import RunOutputs, setup_logging
+from unetdist.rank_zero import RunOutputs, error_summary, setup_logging
 from unetdist.seeding import seed_everything
 from unetdist.trainer import Trainer, wrap_model
 
@@ -96,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         train_loader, val_loader = build_loaders(config, ctx, layout, start_step)
         trainer.fit(train_loader, val_loader)
         checkpointer.finish()
-        if config.tracking.log_model:
-            example = np.zeros((1, config.model.in_channels, config.data.tile_size, config.data.tile_size), np.float32)
-            outputs.tracker.log_model(raw_model, example)
+        log_models(outputs, trainer, config)
         outputs.close("FINISHED")
         return 0
     except Preempted as stop:
@@ -106,22 +105,33 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             preemption.write_marker(output_dir, stop.step)
         if outputs:
-            outputs.close("KILLED")
+            outputs.close("PREEMPTED")
         return preemption.EXIT_PREEMPTED
     except (ConfigError, ValueError, ckpt.CheckpointError) as err:
         # bad input: the message names the key, file or sample; a traceback would only hide it
         log.error("%s", err)
         log.debug("details", exc_info=True)
         if outputs:
-            outputs.close("FAILED")
+            outputs.close("FAILED", error=error_summary(err))
         return 2
-    except BaseException:
+    except BaseException as err:
         if outputs:
-            outputs.close("FAILED")
+            outputs.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", error=error_summary(err))
         raise
     finally:
         stop_signal.restore()
         distributed.cleanup()
+
+
+def log_models(outputs: RunOutputs, trainer: Trainer, config: Config) -> None:
+    """The final model, and the best one by validation foreground Dice when that is another step."""
+    outputs.log_final_model(trainer.raw_model, config, step=trainer.step)
+    best = trainer.best_checkpoint
+    if best is not None and best.name != ckpt.step_name(trainer.step):
+        best_state = ckpt.load_checkpoint(best)
+        best_model = copy.deepcopy(trainer.raw_model)
+        best_model.load_state_dict(best_state["model"])
+        outputs.log_final_model(best_model, config, best=True, step=int(best_state["step"]))
 
 
 def find_resume_state(config: Config, ctx: DistributedContext) -> dict[str, Any] | None:
@@ -158,7 +168,9 @@ _HARMLESS = {"train.max_steps", "train.record_samples", "train.watchdog_s", "che
              "checkpoint.async_save", "train.compile", "train.compile_mode", "train.cudnn_benchmark", "train.log_every", "train.val_every", "train.val_max_batches", "train.progress",
              "train.output_dir", "train.timeout_s", "checkpoint.every", "checkpoint.keep", "checkpoint.resume",
              "data.num_workers", "data.pin_memory", "tracking.log_model", "tracking.log_checkpoints",
-             "train.micro_batch_size", "train.device", "train.backend"}
+             "train.micro_batch_size", "train.device", "train.backend", "data.prefetch_factor",
+             "data.worker_start_method", "data.augment_on"} | {
+                 f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)}
 
 
 def _refuse_math_changes(saved: dict[str, dict[str, Any]], config: Config) -> None:
@@ -174,28 +186,24 @@ def _refuse_math_changes(saved: dict[str, dict[str, Any]], config: Config) -> No
 
 
 def build_loaders(config: Config, ctx: DistributedContext, layout: BatchLayout, start_step: int):
-    data = config.data
+    """This rank's endless training stream, continuing the global sample sequence exactly where
+    ``start_step`` left it (at any world size), and its share of the validation split."""
     common = dict(
-        tile_size=data.tile_size,
-        micro_batch_size=layout.micro_batch_size,
-        num_workers=data.num_workers,
         rank=ctx.rank,
         world_size=ctx.world_size,
+        micro_batch_size=layout.micro_batch_size,
         in_channels=config.model.in_channels,
         num_classes=config.model.num_classes,
         use_weight_map=config.loss.use_weight_map,
     )
     train_loader = build_train_loader(
-        list_shards(data.root or None, "train", data.train_shards or None),
-        # until the loader can restore its exact position, a resumed run draws a fresh order
-        seed=config.train.seed + start_step,
-        augment=data.augment,
-        shuffle_buffer=data.shuffle_buffer,
-        pin_memory=data.pin_memory and ctx.device.type == "cuda",
+        config.data,
+        seed=config.train.seed,
+        global_batch_size=layout.global_batch_size,
+        start_sample=start_step * layout.global_batch_size,
         **common,
     )
-    val_loader = build_val_loader(list_shards(data.root or None, "val", data.val_shards or None), **common)
-    return train_loader, val_loader
+    return train_loader, build_val_loader(config.data, **common)
 
 
 if __name__ == "__main__":

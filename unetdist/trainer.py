@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 from unetdist import __version__, distributed
 from unetdist import checkpoint as ckpt
 from unetdist.config import BatchLayout, Config
+from unetdist.data import to_model_input
 from unetdist.distributed import DistributedContext
+from unetdist.geometry import center_crop
 from unetdist.losses import SegmentationLoss
 from unetdist.metrics import confusion_from_logits, metric_dict
 from unetdist.optim import lr_at, set_lr
@@ -81,21 +84,18 @@ class Trainer:
         self.autocast_dtype = AUTOCAST_DTYPES[config.train.precision]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.train.precision == "fp16")
         self.step = 0  # optimizer steps taken
+        self.best_fg_dice = float("-inf")  # best validation foreground Dice of this job
+        self.best_checkpoint: Path | None = None
 
     # ------------------------------------------------------------ one step
 
     def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        non_blocking = self.ctx.device.type == "cuda"
-        image = batch["image"].to(self.ctx.device, non_blocking=non_blocking)
+        batch = to_model_input(batch, self.ctx.device)  # device-side augmentation, when configured
+        image = batch["image"]
         if self.config.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        mask = batch["mask"].to(self.ctx.device, non_blocking=non_blocking)
-        weight = batch.get("weight")
-        if weight is not None and self.config.loss.use_weight_map:
-            weight = weight.to(self.ctx.device, non_blocking=non_blocking)
-        else:
-            weight = None
-        return image, mask, weight
+        weight = batch.get("weight") if self.config.loss.use_weight_map else None
+        return image, batch["mask"], weight
 
     def _forward(self, image: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -134,6 +134,7 @@ class Trainer:
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=self.ctx.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         tiles = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        panel_tiles = None
         for index, batch in enumerate(val_loader):
             if self.config.train.val_max_batches and index >= self.config.train.val_max_batches:
                 break
@@ -142,11 +143,17 @@ class Trainer:
             loss_sum += self.loss_fn(logits, mask, weight).double() * image.shape[0]
             tiles += image.shape[0]
             confusion += confusion_from_logits(logits, mask, num_classes)
+            if panel_tiles is None:  # the first val tiles are the same at every validation
+                count = self.config.tracking.num_images
+                truth = center_crop(mask[:count], logits.shape[-2:])
+                panel_tiles = (image[:count], truth, logits[:count].argmax(dim=1))
         totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), tiles.view(1)]))
         distributed.all_reduce_sum(confusion)
         metrics = metric_dict(confusion.cpu())
         metrics["val/loss"] = float(totals[0] / totals[1].clamp(min=1))
         metrics["val/tiles"] = float(totals[1])
+        if panel_tiles is not None:
+            self.outputs.log_val_panels(self.step, *panel_tiles)
         return metrics
 
     # ------------------------------------------------------------ the run
@@ -183,11 +190,12 @@ class Trainer:
 
             if self.step % config.log_every == 0 or is_last:
                 elapsed = time.perf_counter() - window_start
-                mean_loss = distributed.all_reduce_sum(loss_since_log.clone()).item() / (
-                    steps_since_log * self.ctx.world_size
-                )
+                skipped = float(getattr(train_loader, "skipped_samples", 0))
+                totals = distributed.all_reduce_sum(torch.stack([loss_since_log, loss_since_log.new_tensor(skipped)]))
+                mean_loss = totals[0].item() / (steps_since_log * self.ctx.world_size)
                 train_metrics = {
                     "train/loss": mean_loss,
+                    "data/skipped_samples": totals[1].item(),
                     "train/lr": self.optimizer.param_groups[0]["lr"],
                     "train/samples_per_s": steps_since_log * self.layout.global_batch_size / elapsed,
                     "train/step_time_s": elapsed / steps_since_log,
@@ -201,8 +209,11 @@ class Trainer:
                 loss_since_log.zero_()
                 steps_since_log, data_wait_s, window_start = 0, 0.0, time.perf_counter()
 
+            validated_best = False
             if (config.val_every and self.step % config.val_every == 0) or is_last:
                 val_metrics = self.validate(val_loader)
+                validated_best = val_metrics["val/fg_dice"] > self.best_fg_dice
+                self.best_fg_dice = max(self.best_fg_dice, val_metrics["val/fg_dice"])
                 self.outputs.tracker.log_metrics(val_metrics, step=self.step)
                 log.info(
                     "step %d val loss %.4f fg dice %.4f", self.step, val_metrics["val/loss"], val_metrics["val/fg_dice"]
@@ -212,7 +223,7 @@ class Trainer:
             every = self.config.checkpoint.every
             stop = self.stop_signal is not None and self.stop_signal.should_stop()
             if (every and self.step % every == 0) or is_last or stop:
-                self.save_checkpoint()
+                self.save_checkpoint(is_best=validated_best)
                 window_start = time.perf_counter()
             if stop and not is_last:
                 if sample_log:
@@ -265,13 +276,15 @@ class Trainer:
             log.warning("checkpoint has no part for rank %d (saved by %s ranks): fresh random state for this rank",
                         self.ctx.rank, state.get("saved_world_size"))
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, is_best: bool = False) -> None:
         if self.checkpointer is None:
             return
         trainer_state = self.state_dict() if self.ctx.is_main else None  # replicated: one writer
         path = self.checkpointer.save(self.step, trainer_state, self.rank_state_dict())
         if path is not None:
-            self.outputs.on_checkpoint_saved(path)
+            self.outputs.on_checkpoint_saved(path, is_best=is_best)
+            if is_best:
+                self.best_checkpoint = path
 
 
 def _take(batches: Iterator[dict[str, Any]], count: int) -> list[dict[str, Any]]:

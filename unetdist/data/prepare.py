@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ SUPPORTED_SUFFIXES = (".tif", ".tiff", ".png")
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 SHARD_PATTERNS = {"train": "train-%06d.tar", "val": "val-%06d.tar"}
 _OWN_SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
+STORE_NAME = "data.zarr"
 
 
 class PrepareError(ValueError):
@@ -177,14 +179,22 @@ def _load_pair(
 
 
 def _tiles(
-    stem: str, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None, tile_size: int
+    stem: str, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None, tile_size: int, margin: int = 0
 ) -> Iterator[dict]:
+    """Tiles covering the image; with ``margin`` (overlap-tile, valid-conv presets) the
+    ``tile_size - 2*margin`` output windows cover it and each tile adds the mirrored context."""
     height, width = mask.shape
-    for top in tile_origins(height, tile_size):
-        for left in tile_origins(width, tile_size):
+    if margin:
+        image = np.pad(image, ((0, 0), (margin, margin), (margin, margin)), mode="symmetric")
+        mask = np.pad(mask, margin, mode="symmetric")
+        weight = None if weight is None else np.pad(weight, margin, mode="symmetric")
+    stride = tile_size - 2 * margin
+    for top in tile_origins(height, stride):
+        for left in tile_origins(width, stride):
             window = (slice(top, top + tile_size), slice(left, left + tile_size))
             sample = {
                 "__key__": sample_key(stem, top, left),
+                "__origin__": (stem, top, left),
                 "image.npy": np.ascontiguousarray(image[(slice(None), *window)]),
                 "mask.npy": np.ascontiguousarray(mask[window]),
             }
@@ -196,10 +206,62 @@ def _tiles(
 # ---------------------------------------------------------------- writing
 
 
+class _TarSplitWriter:
+    """Tiles -> ``<split>-%06d.tar`` shards; records each shard's name and sample count."""
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int, names: list[str], shard_counts: list[int]) -> None:
+        import webdataset as wds
+
+        self.shard_counts, self.in_shard = shard_counts, 0
+
+        def finished(name: str) -> None:
+            names.append(Path(name).name)
+            shard_counts.append(self.in_shard)
+            self.in_shard = 0
+
+        self.writer = wds.ShardWriter(str(out_dir / SHARD_PATTERNS[split]), maxcount=shard_size, verbose=0, post=finished)
+
+    def write(self, stem: str, sample: dict) -> None:
+        self.writer.write({key: value for key, value in sample.items() if key != "__origin__"})
+        self.in_shard += 1
+
+    def __enter__(self) -> _TarSplitWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+
+class _ZarrSplitWriter:
+    def __init__(self, out_dir: Path, split: str) -> None:
+        from unetdist.data.zarr import ZarrWriter
+
+        self.writer = ZarrWriter(out_dir / STORE_NAME, split)
+
+    def write(self, stem: str, sample: dict) -> None:
+        _, top, left = sample["__origin__"]
+        self.writer.write(stem, top, left, sample["image.npy"], sample["mask.npy"], sample.get("weight.npy"))
+
+    def __enter__(self) -> _ZarrSplitWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+
+def _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts):
+    if output_format == "zarr":
+        return _ZarrSplitWriter(out_dir, split)
+    return _TarSplitWriter(out_dir, split, shard_size, shards[split], shard_counts[split])
+
+
 def _remove_previous_output(out_dir: Path) -> None:
     """Stale shards from an earlier, larger run would otherwise match shard patterns."""
     for path in out_dir.iterdir():
-        if _OWN_SHARD_NAME.match(path.name) or path.name == "dataset.json":
+        if path.name == STORE_NAME and path.is_dir():
+            log.info("removing previous output %s", path)
+            shutil.rmtree(path)
+        elif _OWN_SHARD_NAME.match(path.name) or path.name == "dataset.json":
             log.info("removing previous output %s", path)
             path.unlink()
 
@@ -218,18 +280,22 @@ def prepare_dataset(
     sigma: float = 5.0,
     weight_map: bool = True,
     source: dict | None = None,
+    output_format: str = "webdataset",
+    context_margin: int = 0,
 ) -> dict:
     """Write tiled shards and ``dataset.json`` to ``out_dir``; returns the dataset.json content.
 
     ``weight_map`` applies to instance masks only (class masks have no instances to
     separate). ``source`` is extra provenance merged into dataset.json's "source".
     """
-    import webdataset as wds
-
     from unetdist.losses import border_weight_map
 
     if mask_kind not in ("instances", "classes"):
         raise PrepareError(f"mask kind must be 'instances' or 'classes', got {mask_kind!r}")
+    if output_format not in ("webdataset", "zarr"):
+        raise PrepareError(f"format must be 'webdataset' or 'zarr', got {output_format!r}")
+    if context_margin < 0 or tile_size - 2 * context_margin <= 0:
+        raise PrepareError(f"context margin {context_margin} leaves no output window in a {tile_size} tile")
     if tile_size <= 0 or shard_size <= 0:
         raise PrepareError(f"tile size and shard size must be positive, got {tile_size} and {shard_size}")
     if weight_map and (sigma <= 0 or w0 < 0):
@@ -243,22 +309,17 @@ def prepare_dataset(
     _remove_previous_output(out_dir)
     shards: dict[str, list[str]] = {"train": [], "val": []}
     counts = {"train": 0, "val": 0}
+    shard_counts: dict[str, list[int]] = {"train": [], "val": []}
     channels: tuple[int, str] | None = None  # (channels, stem) of the first image
     image_dtype: np.dtype | None = None
     max_class = 1
     for split, stems in (("train", train_stems), ("val", val_stems)):
         if not stems:
             continue
-        pattern = str(out_dir / SHARD_PATTERNS[split])
-        with wds.ShardWriter(
-            pattern,
-            maxcount=shard_size,
-            verbose=0,
-            post=lambda name, s=split: shards[s].append(Path(name).name),
-        ) as writer:
+        with _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts) as writer:
             for stem in stems:
                 image_path, mask_path = pairs[stem]
-                image, labels = _load_pair(image_path, mask_path, mask_kind, tile_size)
+                image, labels = _load_pair(image_path, mask_path, mask_kind, tile_size - 2 * context_margin)
                 if channels is None:
                     channels, image_dtype = (image.shape[0], stem), image.dtype
                 elif image.shape[0] != channels[0] or image.dtype != image_dtype:
@@ -275,16 +336,20 @@ def prepare_dataset(
                 else:
                     mask = labels.astype(np.uint8)
                 max_class = max(max_class, int(mask.max()))
-                for sample in _tiles(stem, image, mask, weight, tile_size):
-                    writer.write(sample)
+                for sample in _tiles(stem, image, mask, weight, tile_size, context_margin):
+                    writer.write(stem, sample)
                     counts[split] += 1
                 log.info("%s: %s -> %s tiles so far", split, stem, counts[split])
 
     assert channels is not None and image_dtype is not None  # match_by_stem found >= 1 image
     meta = {
-        "format": "webdataset",
+        "format": output_format,
         "train_shards": shards["train"],
         "val_shards": shards["val"],
+        "train_counts": shard_counts["train"],
+        "val_counts": shard_counts["val"],
+        **({"store": STORE_NAME} if output_format == "zarr" else {}),
+        "context_margin": context_margin,
         "num_train_tiles": counts["train"],
         "num_val_tiles": counts["val"],
         "tile_size": tile_size,
@@ -355,7 +420,26 @@ def _parser() -> argparse.ArgumentParser:
         "--synthetic", type=int, metavar="N", help="generate N toy images first (ignores --images/--masks)"
     )
     parser.add_argument("--image-size", type=int, default=256, help="size of the --synthetic images")
+    parser.add_argument("--format", choices=("webdataset", "zarr"), default="webdataset",
+                        help="tar shards, or one Zarr v3 store (data.zarr, ~1 MiB chunks of whole tiles)")
+    parser.add_argument("--context-for", metavar="PRESET[:DEPTH]",
+                        help="overlap-tile: store --tile inputs whose valid-conv output windows cover the "
+                             "image, with mirrored context (e.g. paper, paper:4, article:3)")
     return parser
+
+
+def context_margin(spec: str | None, tile_size: int) -> int:
+    """Context margin (pixels per side) that a valid-conv model consumes from a ``tile_size`` input."""
+    if not spec:
+        return 0
+    from unetdist.model import default_depth, output_size
+
+    preset, _, depth_text = spec.partition(":")
+    try:
+        depth = int(depth_text) if depth_text else default_depth(preset)
+        return (tile_size - output_size(preset, depth, tile_size)) // 2
+    except ValueError as err:
+        raise PrepareError(f"--context-for {spec} with --tile {tile_size}: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             sigma=args.sigma,
             weight_map=not args.no_weight_map,
             source=source,
+            output_format=args.format,
+            context_margin=context_margin(args.context_for, args.tile),
         )
     except (PrepareError, OSError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)

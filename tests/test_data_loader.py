@@ -1,0 +1,172 @@
+"""Loader: exact global sequence over ranks x workers, resume, pad/drop, skip, zarr under fork/spawn."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from unetdist.config import DataConfig
+from unetdist.data import build_train_loader, build_val_loader, to_model_input
+from unetdist.data.prepare import prepare_dataset, write_synthetic
+from unetdist.data.samples import DataError
+
+TILE, GLOBAL, MICRO = 32, 8, 2
+ARGS = dict(seed=3, global_batch_size=GLOBAL, micro_batch_size=MICRO, in_channels=1, num_classes=2, use_weight_map=True)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, Path]:
+    """Uneven tar shards (5 samples each, 45 train tiles) and the same tiles in a Zarr store."""
+    out = tmp_path_factory.mktemp("data")
+    images, masks = write_synthetic(out, count=6, image_size=96, seed=0)
+    prepare_dataset(images, masks, out / "tar", tile_size=TILE, shard_size=5, val_fraction=0.2, seed=0)
+    prepare_dataset(images, masks, out / "zarr", tile_size=TILE, val_fraction=0.2, seed=0, output_format="zarr")
+    return {"webdataset": out / "tar", "zarr": out / "zarr"}
+
+
+def config(roots, fmt: str, **changes) -> DataConfig:
+    base = DataConfig(format=fmt, root=str(roots[fmt]), tile_size=TILE, num_workers=0, block_size=2,
+                      augment=True, augment_intensity=True, augment_elastic=True, augment_noise_std=0.02)
+    return dataclasses.replace(base, **changes)
+
+
+def global_steps(data: DataConfig, world_size: int, steps: int, start_sample: int = 0, context=None) -> list[dict]:
+    """Per global step: keys and images of all ranks' micro-batches, in rank order."""
+    per_rank = []
+    for rank in range(world_size):
+        loader = build_train_loader(data, rank=rank, world_size=world_size, start_sample=start_sample,
+                                    multiprocessing_context=context, **ARGS)
+        accumulation = GLOBAL // world_size // MICRO
+        batches = iter(loader)
+        per_rank.append([[next(batches) for _ in range(accumulation)] for _ in range(steps)])
+    out = []
+    for step in range(steps):
+        micro = [batch for rank in range(world_size) for batch in per_rank[rank][step]]
+        out.append({"key": [k for b in micro for k in b["key"]], "image": torch.cat([b["image"] for b in micro])})
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_sequence_and_augmentation_independent_of_ranks_and_workers(roots, fmt):
+    reference = global_steps(config(roots, fmt), 1, 3)
+    for world_size, workers in ((2, 0), (2, 2), (1, 4)):
+        other = global_steps(config(roots, fmt, num_workers=workers), world_size, 3)
+        for a, b in zip(reference, other, strict=False):
+            assert a["key"] == b["key"]
+            assert torch.equal(a["image"], b["image"]), (world_size, workers)
+
+
+def test_each_sample_once_per_epoch_two_ranks_two_workers(roots):
+    data = config(roots, "webdataset", num_workers=2, augment=False, augment_elastic=False,
+                  augment_intensity=False, augment_noise_std=0.0)
+    loader = build_train_loader(data, rank=0, world_size=2, **ARGS)
+    steps = loader.steps_per_epoch
+    assert loader.samples_per_epoch == 48  # 45 padded to 6 steps of 8
+    for epoch in range(2):
+        keys = [k for step in global_steps(data, 2, steps, start_sample=epoch * 48) for k in step["key"]]
+        counts = Counter(keys)
+        assert len(counts) == 45 and sum(counts.values()) == 48
+        assert sorted(counts.values())[-3:] <= [2, 2, 2]
+    dropped = dataclasses.replace(data, epoch_end="drop")
+    assert build_train_loader(dropped, rank=1, world_size=2, **ARGS).steps_per_epoch == 5
+
+
+def test_resume_from_state_is_exact_and_elastic(roots):
+    data = config(roots, "zarr")
+    straight = global_steps(data, 2, 5)
+    loader = build_train_loader(data, rank=0, world_size=2, **ARGS)
+    batches = iter(loader)
+    for _ in range(2 * 2):  # two steps of 2 micro-batches
+        next(batches)
+    state = loader.state_dict()
+    assert state["start_sample"] == 2 * GLOBAL
+    resumed_same = global_steps(data, 2, 3, start_sample=state["start_sample"])
+    resumed_other = global_steps(data, 1, 3, start_sample=state["start_sample"])
+    for a, b, c in zip(straight[2:], resumed_same, resumed_other, strict=False):
+        assert a["key"] == b["key"] == c["key"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image"], c["image"])
+    fresh = build_train_loader(data, rank=0, world_size=2, **ARGS)
+    fresh.load_state_dict(state)
+    assert next(iter(fresh))["key"] == straight[2]["key"][:MICRO]
+
+
+def test_device_augmentation_matches_worker_augmentation(roots):
+    worker = global_steps(config(roots, "webdataset"), 1, 1)[0]
+    compact = build_train_loader(config(roots, "webdataset", augment_on="device"), rank=0, world_size=1, **ARGS)
+    batches = iter(compact)
+    raw = [next(batches) for _ in range(GLOBAL // MICRO)]
+    assert raw[0]["image"].dtype == torch.uint8 and "augment" in raw[0]
+    converted = torch.cat([to_model_input(batch, "cpu")["image"] for batch in raw])
+    torch.testing.assert_close(converted, worker["image"])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_zarr_with_workers_under_fork_and_spawn(roots, context):
+    data = config(roots, "zarr", num_workers=2, augment_elastic=False)
+    reference = global_steps(dataclasses.replace(data, num_workers=0), 1, 2)
+    assert [s["key"] for s in global_steps(data, 1, 2, context=context)] == [s["key"] for s in reference]
+    val = build_val_loader(data, rank=0, world_size=1, micro_batch_size=4, in_channels=1, num_classes=2,
+                           use_weight_map=True, multiprocessing_context=context)
+    assert sum(len(batch["key"]) for batch in val) == 9
+
+
+def test_val_split_exact_over_two_ranks_two_workers(roots):
+    data = config(roots, "webdataset", num_workers=2)
+    keys = []
+    for rank in (0, 1):
+        val = build_val_loader(data, rank=rank, world_size=2, micro_batch_size=3, in_channels=1, num_classes=2,
+                               use_weight_map=True)
+        keys += [k for batch in val for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == 9
+
+
+def _break_zarr_chunk(store: Path) -> None:
+    chunk = next(p for p in sorted((store / "train" / "image" / "c").rglob("*")) if p.is_file())
+    chunk.write_bytes(b"not zstd" * 8)
+
+
+def test_bad_zarr_chunk_raises_or_is_skipped_and_counted(tmp_path: Path, roots):
+    import shutil
+
+    root = tmp_path / "zarr"
+    shutil.copytree(roots["zarr"], root)
+    _break_zarr_chunk(root / "data.zarr")
+    data = DataConfig(format="zarr", root=str(root), tile_size=TILE, num_workers=0, block_size=1)
+    with pytest.raises(DataError, match=r"zarr store .*data.zarr/train sample #\d+ \(chunk 0\): cannot decode"):
+        for _ in build_train_loader(data, rank=0, world_size=1, **ARGS):
+            pass
+    # prepare writes ~1 MiB chunks: all 45 tiny tiles share chunk 0, so skipping finds no good sample
+    skipping = build_train_loader(dataclasses.replace(data, on_error="skip"), rank=0, world_size=1, **ARGS)
+    with pytest.raises(DataError, match="every sample is bad"):
+        next(iter(skipping))
+
+
+def test_skip_fills_bad_slots_and_counts(tmp_path: Path, roots):
+    import shutil
+
+    root = tmp_path / "tar"
+    shutil.copytree(roots["webdataset"], root)
+    shard = sorted(root.glob("train-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:4096])  # truncated: most of its 5 samples are gone
+    data = DataConfig(root=str(root), tile_size=TILE, num_workers=0, on_error="skip")
+    loader = build_train_loader(data, rank=0, world_size=1, **ARGS)
+    batches = iter(loader)
+    shapes = {tuple(next(batches)["image"].shape) for _ in range(loader.steps_per_epoch * GLOBAL // MICRO)}
+    assert shapes == {(MICRO, 1, TILE, TILE)}
+    assert 1 <= loader.skipped_samples <= 5 + 3
+    with pytest.raises(DataError, match=rf"shard {shard}.*truncated"):
+        for _ in build_train_loader(dataclasses.replace(data, on_error="raise"), rank=0, world_size=1, **ARGS):
+            pass
+
+
+def test_foreground_crops_are_centred_on_foreground(tmp_path: Path):
+    images, masks = write_synthetic(tmp_path, count=2, image_size=96, seed=1)
+    prepare_dataset(images, masks, tmp_path / "big", tile_size=64, val_fraction=0.0, seed=0)
+    data = DataConfig(root=str(tmp_path / "big"), tile_size=16, num_workers=0, augment=False, foreground_fraction=1.0)
+    loader = iter(build_train_loader(data, rank=0, world_size=1, **ARGS))
+    for _ in range(4):
+        assert all(int(mask[8, 8]) == 1 or int(mask.sum()) > 0 for mask in next(loader)["mask"])

@@ -1,0 +1,145 @@
+"""A tracking server outage never blocks training and loses nothing (real ``mlflow server``).
+
+The outage test stops the session's server mid-stream, keeps it down for more than
+30 s and starts it again on the same port, while a tracker is fed a realistic metric
+stream; it measures the latency of every logging call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import pytest
+from services.mlflow_server import free_port
+
+from unetdist.tracking import MLflowTracker, main, read_unsent
+
+pytestmark = pytest.mark.slow
+
+STEP_S = 0.05  # a training step every 50 ms
+OUTAGE_S = 31.0  # server unreachable for at least this long (its restart included)
+RESTART_AFTER_S = 20.0  # start it again then, in the background: start-up takes ~10 s
+KEYS = ["train/loss", "train/lr", "train/samples_per_s", "train/step_time_s", "train/data_wait_pct"]
+
+
+def metrics_at(step: int) -> dict[str, float]:
+    return {key: 1.0 / (step + 1) + index for index, key in enumerate(KEYS)}
+
+
+def steps_on_server(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_outage_never_blocks_and_loses_nothing(mlflow_server_process, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = mlflow_server_process.start()
+    tracker = MLflowTracker(
+        uri,
+        "outage",
+        run_name="outage",
+        local_dir=tmp_path,
+        queue_size=200,
+        request_timeout_s=2,
+        flush_timeout_s=60,
+    )
+    latencies_s: dict[str, list[float]] = {"up": [], "down": [], "back": []}
+    phase_s: dict[str, float] = {}
+    step = 0
+
+    def train_for(seconds: float, phase: str, until=lambda: True) -> None:
+        nonlocal step
+        begin_phase = time.monotonic()
+        end = begin_phase + seconds
+        while time.monotonic() < end or not until():
+            step += 1
+            begin = time.perf_counter()
+            tracker.log_metrics(metrics_at(step), step=step)
+            latencies_s[phase].append(time.perf_counter() - begin)
+            time.sleep(STEP_S)
+        phase_s[phase] = time.monotonic() - begin_phase
+
+    try:
+        train_for(3.0, "up")
+        mlflow_server_process.stop()
+        down_at = time.monotonic()
+        train_for(RESTART_AFTER_S, "down")
+        assert tracker.pending > 200, "calls should wait (and spill) while the server is down"
+        assert tracker.stats["failed_requests"] > 0
+        back_at: list[float] = []
+        restart = threading.Thread(
+            target=lambda: (mlflow_server_process.start(), back_at.append(time.monotonic()))
+        )
+        restart.start()
+        train_for(OUTAGE_S - RESTART_AFTER_S, "down", until=lambda: not restart.is_alive())
+        restart.join()
+        downtime_s = back_at[0] - down_at
+        train_for(3.0, "back")
+    finally:
+        mlflow_server_process.start()
+    assert tracker.flush(timeout_s=60), f"queue not drained: {tracker.stats}"
+    tracker.finish()
+    assert tracker.unsent_path is None
+
+    for phase, values in latencies_s.items():
+        values_ms = sorted(v * 1000 for v in values)
+        print(
+            f"{phase}: {len(values)} calls, median {statistics.median(values_ms):.3f} ms, "
+            f"p99 {values_ms[int(0.99 * (len(values_ms) - 1))]:.3f} ms, max {values_ms[-1]:.3f} ms"
+        )
+    print(f"downtime {downtime_s:.1f} s, {step} steps, stats {tracker.stats}")
+    assert downtime_s > 30
+    all_latencies = [v for values in latencies_s.values() for v in values]
+    assert max(all_latencies) < 0.05, "a logging call blocked"
+    assert statistics.median(latencies_s["down"]) < 0.002
+    # training kept its pace: the mean step time while the server was down is the step time
+    step_time_s = {phase: seconds / len(latencies_s[phase]) for phase, seconds in phase_s.items()}
+    print("mean step time (s): " + ", ".join(f"{phase} {value:.4f}" for phase, value in step_time_s.items()))
+    assert step_time_s["down"] < 1.1 * step_time_s["up"] + 0.002
+
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    for key in KEYS:
+        assert steps_on_server(client, tracker.run_id, key) == list(range(1, step + 1)), key
+    assert not list(tmp_path.glob(".mlflow-spill-*")), "spill file left behind"
+
+
+def test_dead_server_bounded_exit_then_replay(mlflow_server, tmp_path, caplog, capsys):
+    """Server down for the whole run: training is not held up, the calls go to a file, replay sends them."""
+    from mlflow import MlflowClient
+
+    dead_uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    tracker = MLflowTracker(
+        dead_uri, "replayed", run_name="offline", local_dir=tmp_path, request_timeout_s=1, flush_timeout_s=2
+    )
+    assert tracker.run_id is None  # creation is queued
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text("model:\n  preset: padded\n")
+    tracker.log_params({"model": {"preset": "padded"}})
+    tracker.log_artifact(config_path)
+    for step in range(1, 51):
+        tracker.log_metrics(metrics_at(step), step=step)
+    tracker.set_tags({"unetdist.state": "finished"})
+    tracker.finish("FINISHED")
+    elapsed_s = time.monotonic() - started
+    print(f"start + 50 steps + finish against a dead server: {elapsed_s:.2f} s")
+    assert elapsed_s < 6, "a dead server delayed the exit"
+    assert tracker.unsent_path is not None and tracker.unsent_path.parent == tmp_path
+    assert "python -m unetdist.tracking replay" in caplog.text
+    header, ops = read_unsent(tracker.unsent_path)
+    assert header["run_id"] is None and ops[0]["op"] == "create_run" and ops[-1]["op"] == "terminate"
+
+    assert main(["replay", str(tracker.unsent_path), "--tracking-uri", mlflow_server]) == 0
+    run_id = capsys.readouterr().out.split("sent to run ")[1].split(";")[0]
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "offline" and run.info.status == "FINISHED"
+    assert run.data.params == {"model.preset": "padded"}
+    assert run.data.tags["unetdist.state"] == "finished"
+    assert steps_on_server(client, run_id, "train/loss") == list(range(1, 51))
+    assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
+    assert tracker.unsent_path.with_suffix(".jsonl.replayed").exists()

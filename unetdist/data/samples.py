@@ -1,0 +1,121 @@
+"""One stored sample: decoding its fields with the dtype kept, and checking it against the model.
+
+Shared by the tar and Zarr sources. Every problem is a :class:`DataError` whose message
+names the store (shard file / Zarr store), the sample key and what was wrong, so
+``data.on_error=skip`` can log it and ``raise`` can stop the run with it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+IMAGE_SUFFIXES = ("npy", "png", "tif", "tiff")
+
+
+class DataError(ValueError):
+    """A sample that cannot be used; the message names store, key and problem."""
+
+
+@dataclass(frozen=True)
+class SampleChecks:
+    """What a decoded sample must look like for the model it feeds."""
+
+    tile_size: int
+    in_channels: int
+    num_classes: int
+    use_weight_map: bool
+
+
+@dataclass
+class Sample:
+    """A checked sample: image [C,H,W] in its stored dtype, mask [H,W] integer, weight [H,W] or None."""
+
+    key: str
+    where: str  # shard file or store, for messages
+    image: np.ndarray
+    mask: np.ndarray
+    weight: np.ndarray | None
+
+
+def decode_field(name: str, data: bytes) -> np.ndarray:
+    """Bytes of one tar member (``image.npy``, ``mask.png``, ``image.tif`` ...) as an array, dtype kept.
+
+    PNG goes through PIL, which keeps 16-bit PNGs as uint16 (webdataset's image decoders
+    would turn them into 8-bit).
+    """
+    suffix = name.rsplit(".", 1)[-1].lower()
+    if suffix == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if suffix == "png":
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as picture:
+            picture.load()
+            array = np.asarray(picture)
+        return array.astype(np.uint16) if array.dtype == np.int32 and picture.mode.startswith("I") else array
+    if suffix in ("tif", "tiff"):
+        import tifffile
+
+        return tifffile.imread(io.BytesIO(data))
+    raise ValueError(f"no decoder for .{suffix}")
+
+
+def _field(fields: dict[str, bytes], stem: str, where: str, key: str) -> np.ndarray | None:
+    for suffix in IMAGE_SUFFIXES:
+        name = f"{stem}.{suffix}"
+        if name in fields:
+            try:
+                return decode_field(name, fields[name])
+            except Exception as err:  # any decoder failure is bad data, named below
+                raise DataError(f"{where} sample {key}: cannot decode {name}: {err}") from err
+    return None
+
+
+def decode_sample(fields: dict[str, bytes], key: str, where: str) -> tuple:
+    """(image, mask, weight-or-None) decoded from a sample's raw tar members."""
+    image = _field(fields, "image", where, key)
+    mask = _field(fields, "mask", where, key)
+    weight = _field(fields, "weight", where, key)
+    missing = [name for name, value in (("image", image), ("mask", mask)) if value is None]
+    if missing:
+        raise DataError(f"{where} sample {key}: missing {missing}; it has {sorted(fields)}")
+    if image.ndim == 2:  # single-channel PNG/TIFF
+        image = image[None]
+    elif image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
+        image = np.ascontiguousarray(image.transpose(2, 0, 1))  # channels-last picture
+    return image, mask, weight
+
+
+def check_sample(
+    key: str, where: str, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None, checks: SampleChecks
+) -> Sample:
+    """A :class:`Sample` after checking shapes, dtypes and labels; :class:`DataError` otherwise."""
+    at = f"{where} sample {key}"
+    if image.ndim != 3 or image.shape[0] != checks.in_channels:
+        raise DataError(f"{at}: image shape {image.shape}, expected [{checks.in_channels}, H, W] (model.in_channels)")
+    if image.dtype not in IMAGE_DTYPES:
+        raise DataError(f"{at}: image dtype {image.dtype}, expected one of {', '.join(map(str, IMAGE_DTYPES))}")
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise DataError(f"{at}: mask must be an integer HxW array, got {mask.dtype} {mask.shape}")
+    if image.shape[1:] != mask.shape:
+        raise DataError(f"{at}: image size {image.shape[1:]} differs from mask size {mask.shape}")
+    low, high = int(mask.min()), int(mask.max())
+    if low < 0 or high >= checks.num_classes:
+        bad = high if high >= checks.num_classes else low
+        raise DataError(f"{at}: mask label {bad} out of range for num_classes={checks.num_classes} (model.num_classes)")
+    if min(mask.shape) < checks.tile_size:
+        raise DataError(f"{at}: tile {mask.shape} is smaller than data.tile_size={checks.tile_size}")
+    if not checks.use_weight_map:
+        weight = None
+    elif weight is None:
+        raise DataError(
+            f"{at}: missing its weight map (prepare with instance masks and without --no-weight-map, "
+            "or set loss.use_weight_map=false)"
+        )
+    elif weight.shape != mask.shape or not np.issubdtype(weight.dtype, np.floating):
+        raise DataError(f"{at}: weight must be a float array of the mask's shape {mask.shape}, got {weight.dtype} {weight.shape}")
+    return Sample(key, where, image, mask, weight)

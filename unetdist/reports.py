@@ -1,0 +1,136 @@
+"""Validation overlay panels: image | ground truth | prediction | error map, one PNG per tile.
+
+``save_panels`` writes one panel per validation tile; ``RunOutputs.log_val_panels`` logs
+them as MLflow image series (``val/panel_0``, ``val/panel_1``, ...), so the run page's
+image charts step through training for a fixed set of tiles.
+
+Colours: classes use ``PALETTE`` (0 black, 1 white, 2 red, 3 green, ...). In the error
+map, correct background is black, correct foreground is a dim grey, a false positive
+(predicted foreground on background) is red, a false negative (missed foreground) is blue
+and a wrong foreground class is yellow. Pure numpy + Pillow: ~1 ms per 64x64 tile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [255, 255, 255],
+        [230, 60, 60],
+        [60, 200, 90],
+        [70, 120, 240],
+        [240, 200, 40],
+        [200, 80, 220],
+        [60, 210, 220],
+    ],
+    dtype=np.uint8,
+)
+ERROR_COLORS = {
+    "correct_background": (0, 0, 0),
+    "correct_foreground": (90, 90, 90),
+    "false_positive": (230, 40, 40),
+    "false_negative": (40, 90, 240),
+    "wrong_class": (240, 210, 40),
+}
+SEPARATOR_PX = 2
+MIN_PANEL_HEIGHT_PX = 160  # small tiles are enlarged (nearest neighbour) to at least this
+
+
+def center_crop_hw(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Crop the last two axes of ``array`` around the center to ``height x width``."""
+    full_h, full_w = array.shape[-2:]
+    if height > full_h or width > full_w:
+        raise ValueError(f"cannot center-crop {full_h}x{full_w} to the larger {height}x{width}")
+    top, left = (full_h - height) // 2, (full_w - width) // 2
+    return array[..., top : top + height, left : left + width]
+
+
+def image_to_rgb(image: np.ndarray) -> np.ndarray:
+    """A float image ``[C, H, W]`` (z-scored or not) as uint8 RGB ``[H, W, 3]``, contrast-stretched.
+
+    One channel is shown as grey; three as RGB; other counts show channel 0.
+    Each channel is stretched from its 1st to its 99th percentile.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[np.newaxis]
+    channels = image[:3] if image.shape[0] == 3 else image[:1]
+    low = np.percentile(channels, 1, axis=(1, 2), keepdims=True)
+    high = np.percentile(channels, 99, axis=(1, 2), keepdims=True)
+    scaled = np.clip((channels - low) / np.maximum(high - low, 1e-6), 0.0, 1.0)
+    rgb = (scaled * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+    return np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb
+
+
+def labels_to_rgb(labels: np.ndarray) -> np.ndarray:
+    """Class map ``[H, W]`` -> RGB through ``PALETTE`` (classes past its end wrap around)."""
+    return PALETTE[np.asarray(labels, dtype=np.int64) % len(PALETTE)]
+
+
+def error_map(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """RGB map of where ``pred`` is right and how it is wrong (see ``ERROR_COLORS``)."""
+    truth = np.asarray(truth)
+    pred = np.asarray(pred)
+    rgb = np.zeros((*truth.shape, 3), dtype=np.uint8)
+    cases = {
+        "correct_foreground": (truth == pred) & (truth > 0),
+        "false_positive": (truth == 0) & (pred > 0),
+        "false_negative": (truth > 0) & (pred == 0),
+        "wrong_class": (truth > 0) & (pred > 0) & (truth != pred),
+    }
+    for name, where in cases.items():
+        rgb[where] = ERROR_COLORS[name]
+    return rgb
+
+
+def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """``image [C, H, W]``, ``truth``/``pred [h, w]`` -> one uint8 RGB strip: image | truth | pred | errors.
+
+    ``h, w`` may be smaller than ``H, W`` (valid-conv models predict the center):
+    the image is center-cropped to match.
+    """
+    truth = np.asarray(truth)
+    pred = np.asarray(pred)
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
+    height, width = truth.shape
+    image = center_crop_hw(np.asarray(image), height, width)
+    parts = [image_to_rgb(image), labels_to_rgb(truth), labels_to_rgb(pred), error_map(truth, pred)]
+    scale = max(1, -(-MIN_PANEL_HEIGHT_PX // height))
+    if scale > 1:
+        parts = [part.repeat(scale, axis=0).repeat(scale, axis=1) for part in parts]
+    separator = np.full((height * scale, SEPARATOR_PX, 3), 128, dtype=np.uint8)
+    strip = [parts[0]]
+    for part in parts[1:]:
+        strip += [separator, part]
+    return np.concatenate(strip, axis=1)
+
+
+def save_panels(
+    step: int, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, directory: Path
+) -> list[tuple[int, Path]]:
+    """Write ``directory/step-XXXXXXXX/tile-K.png`` for each tile; returns ``(K, path)`` pairs.
+
+    ``image`` is ``[N, C, H, W]`` float, ``truth`` and ``pred`` are ``[N, h, w]`` class maps.
+    """
+    from PIL import Image
+
+    image = np.asarray(image)
+    truth = np.asarray(truth)
+    pred = np.asarray(pred)
+    if not (len(image) == len(truth) == len(pred)):
+        raise ValueError(
+            f"{len(image)} images, {len(truth)} truths and {len(pred)} predictions: expected as many"
+        )
+    step_dir = directory / f"step-{step:08d}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in range(len(image)):
+        path = step_dir / f"tile-{index}.png"
+        Image.fromarray(panel(image[index], truth[index], pred[index])).save(path, compress_level=1)
+        written.append((index, path))
+    return written
