@@ -43,18 +43,22 @@ def wrap_model(model: nn.Module, config: Config, ctx: DistributedContext) -> tup
     """Move ``model`` to the device and wrap it for DDP / compile; returns (raw_model, wrapped)."""
     if config.model.sync_batchnorm and ctx.is_distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config.train.activation_checkpointing:
+        model.activation_checkpointing = True
     model = model.to(ctx.device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     wrapped: nn.Module = model
     if ctx.is_distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        wrapped = DistributedDataParallel(
+            model, device_ids=device_ids, gradient_as_bucket_view=True, static_graph=config.train.static_graph
+        )
     if config.train.compile:
-        try:
-            wrapped = torch.compile(wrapped)
-        except Exception as err:  # an eager model still trains; say why it is slower
-            log.warning("torch.compile failed (%s); training eagerly", err)
+        # compilation happens at the first call; a graph that fails to compile runs eagerly
+        # (dynamo logs why) instead of stopping the run
+        torch._dynamo.config.suppress_errors = True
+        wrapped = torch.compile(wrapped, mode=config.train.compile_mode)
     return model, wrapped
 
 

@@ -1,0 +1,279 @@
+"""``python -m unetdist.predict``: segment image files or Zarr arrays with a trained U-Net.
+
+    python -m unetdist.predict --model runs/quickstart --input images/ --output preds/ [--instances]
+    python -m unetdist.predict --model runs:/<run_id>/model --input big.zarr --output preds/ --block 2048
+    torchrun --nproc_per_node=2 -m unetdist.predict --model ckpt.pt --input big.zarr --output preds/
+
+Inputs: image files (.tif/.tiff/.png), folders of them, and Zarr arrays ([H, W] or [C, H, W])
+or groups of arrays. For each image ``<stem>``, in ``--output``: ``<stem>_mask.tif`` (uint8
+class labels), with ``--probabilities`` ``<stem>_prob.tif`` (float16 [K, H, W]), with
+``--instances`` ``<stem>_instances.tif`` (uint16/uint32); a Zarr input gives
+``<stem>_mask.zarr`` (and ``<stem>_prob.zarr``), written block by block.
+
+Under torchrun the ranks split the files, and every Zarr image's blocks; the output equals
+a single process's. A file that cannot be predicted (unreadable, wrong channel count) is
+named and skipped; the run goes on and exits 2 at the end, listing the failures. Exit
+codes: 0 done; 2 bad model or input; 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unetdist import distributed
+from unetdist.inference.engine import (
+    PRECISIONS,
+    ChannelStats,
+    InputError,
+    TilePredictor,
+    as_chw,
+    labels_from_probabilities,
+)
+from unetdist.inference.loading import ModelLoadError, load_model
+from unetdist.inference.zarr_io import DEFAULT_BLOCK, open_zarr_inputs, predict_zarr
+from unetdist.instances import DEFAULT_MIN_DISTANCE, instances_from_labels
+
+log = logging.getLogger("unetdist.predict")
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    stem: str
+    path: Path
+    is_zarr: bool
+
+
+def is_zarr_path(path: Path) -> bool:
+    return path.suffix == ".zarr" or (
+        path.is_dir() and any((path / marker).exists() for marker in ("zarr.json", ".zarray", ".zgroup"))
+    )
+
+
+def list_inputs(paths: list[Path]) -> list[InputItem]:
+    """Every image named by ``paths`` (files, folders of files, Zarr stores), in order.
+
+    A missing path or two images with one stem (their outputs would collide) is an InputError.
+    """
+    items: list[InputItem] = []
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        if is_zarr_path(path):
+            items.append(InputItem(path.name.removesuffix(".zarr"), path, True))
+        elif path.is_dir():
+            for child in sorted(path.iterdir()):
+                if child.name.startswith("."):
+                    continue
+                if is_zarr_path(child):
+                    items.append(InputItem(child.name.removesuffix(".zarr"), child, True))
+                elif child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
+                    items.append(InputItem(child.stem, child, False))
+                else:
+                    log.warning(
+                        "skipping %s: not one of %s or a Zarr store", child, ", ".join(IMAGE_SUFFIXES)
+                    )
+        else:
+            items.append(InputItem(path.stem, path, False))
+    seen: dict[str, Path] = {}
+    for item in items:
+        if item.stem in seen:
+            raise InputError(
+                f"{seen[item.stem]} and {item.path} have the same stem {item.stem!r}: outputs would collide"
+            )
+        seen[item.stem] = item.path
+    if not items:
+        raise InputError(f"no images found in {', '.join(str(p) for p in paths)}")
+    return items
+
+
+def read_image_for_model(path: Path, in_channels: int | None) -> np.ndarray:
+    """``[C, H, W]`` from a TIFF/PNG: HxW, CxHxW or HxWxC (decided by the model's channel count)."""
+    from unetdist.data.prepare import read_array
+
+    try:
+        image = read_array(path)
+    except ValueError as err:  # PrepareError names the file
+        raise InputError(str(err)) from err
+    if (
+        image.ndim == 3
+        and in_channels is not None
+        and image.shape[0] != in_channels
+        and image.shape[-1] == in_channels
+    ):
+        image = np.moveaxis(image, -1, 0)
+    return as_chw(image, in_channels, str(path))
+
+
+def write_tiff(path: Path, array: np.ndarray) -> None:
+    """Write under a temporary name, then rename: a crash leaves no half-written output."""
+    import tifffile
+
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tifffile.imwrite(temporary, array)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def predict_file(model: torch.nn.Module, item: InputItem, args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    image = read_image_for_model(item.path, getattr(model, "in_channels", None))
+    height, width = image.shape[1:]
+    predictor = TilePredictor(model, height, width, **_predict_options(args))
+    probabilities = predictor.predict_block(image, ChannelStats.of(image), (0, height, 0, width))
+    labels = labels_from_probabilities(probabilities)
+    write_tiff(args.output / f"{item.stem}_mask.tif", labels)
+    if args.probabilities:
+        write_tiff(args.output / f"{item.stem}_prob.tif", probabilities.astype(np.float16))
+    count = None
+    if args.instances:
+        instances = instances_from_labels(
+            labels, border_class=args.border_class, min_distance=args.min_distance
+        )
+        write_tiff(args.output / f"{item.stem}_instances.tif", instances)
+        count = int(instances.max())
+    seconds = time.perf_counter() - started
+    log.info(
+        "%s: %dx%d, %d tile(s) of %d, %.2f s%s",
+        item.path,
+        height,
+        width,
+        predictor.plan.num_tiles,
+        predictor.tile,
+        seconds,
+        "" if count is None else f", {count} instances",
+    )
+    return {"seconds": seconds, "pixels": height * width}
+
+
+def predict_zarr_item(model: torch.nn.Module, item: InputItem, args: argparse.Namespace, ctx: Any) -> None:
+    for stem, array in open_zarr_inputs(item.path):
+        summary = predict_zarr(
+            model,
+            array,
+            f"{item.path}" if stem == item.stem else f"{item.path}/{stem.removeprefix(item.stem + '_')}",
+            args.output / f"{stem}_mask.zarr",
+            args.output / f"{stem}_prob.zarr" if args.probabilities else None,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            block=args.block,
+            **_predict_options(args),
+        )
+        log.info(
+            "%s -> %s: %d blocks of %d (this rank %d), tile %d, %.1f s",
+            item.path,
+            args.output / f"{stem}_mask.zarr",
+            summary["blocks"],
+            summary["block_size"],
+            summary["blocks_this_rank"],
+            summary["tile"],
+            summary["seconds"],
+        )
+
+
+def _predict_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "batch_size": args.batch,
+        "precision": args.precision,
+        "device": args.device_resolved,
+        "flips": args.flips,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m unetdist.predict", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--model", required=True, help="checkpoint file, run folder, or MLflow URI (runs:/..., models:/...)"
+    )
+    parser.add_argument(
+        "--input", required=True, nargs="+", type=Path, help="image files, folders, Zarr arrays/groups"
+    )
+    parser.add_argument("--output", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--tile", type=int, help="model input tile side (default: fits the image / model)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap, padded models")
+    parser.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--flips", action="store_true", help="average over horizontal/vertical flips")
+    parser.add_argument("--probabilities", action="store_true", help="also write float16 class probabilities")
+    parser.add_argument(
+        "--instances", action="store_true", help="also write instance labels (image files only)"
+    )
+    parser.add_argument("--border-class", type=int, help="class id of cell borders, if the model has one")
+    parser.add_argument(
+        "--min-distance", type=int, default=DEFAULT_MIN_DISTANCE, help="instances: seed spacing (px)"
+    )
+    parser.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="Zarr: output block/chunk side (px)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ctx = distributed.init_distributed(args.device)
+    from unetdist.rank_zero import setup_logging
+
+    setup_logging(ctx.is_main)
+    args.device_resolved = ctx.device
+    try:
+        return _run(args, ctx)
+    except (ModelLoadError, InputError) as err:
+        print(f"predict: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup()
+
+
+def _run(args: argparse.Namespace, ctx: Any) -> int:
+    model, meta = load_model(args.model, map_location=ctx.device)
+    items = list_inputs(args.input)
+    if args.instances and any(item.is_zarr for item in items):
+        raise InputError("--instances works on image files only, not on Zarr inputs")
+    args.output.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "model %s (%s, %s in, %s classes); %d input(s) on %d rank(s)",
+        meta["source"],
+        meta["preset"],
+        meta["in_channels"],
+        meta["num_classes"],
+        len(items),
+        ctx.world_size,
+    )
+    failures: list[str] = []
+    files = [item for item in items if not item.is_zarr]
+    for item in files[ctx.rank :: ctx.world_size]:
+        try:
+            predict_file(model, item, args)
+        except (InputError, ValueError, OSError) as err:
+            failures.append(f"{item.path}: {err}")
+    for item in (item for item in items if item.is_zarr):
+        try:
+            predict_zarr_item(model, item, args, ctx)
+        except (InputError, ValueError, OSError) as err:
+            # every rank sees the same bad metadata; rank 0 reports it once
+            if ctx.is_main or not isinstance(err, InputError):
+                failures.append(f"{item.path}: {err}")
+    total_failures = int(distributed.all_reduce_sum(torch.tensor([len(failures)]))[0])
+    for failure in failures:
+        print(f"predict: failed: {failure}", file=sys.stderr)
+    if total_failures:
+        if ctx.is_main:
+            print(
+                f"predict: {total_failures} of {len(items)} input(s) failed (listed above)", file=sys.stderr
+            )
+        return 2
+    return 0

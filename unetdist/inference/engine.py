@@ -1,0 +1,412 @@
+"""Whole-image prediction: normalise, cut tiles, run the model in batches, stitch.
+
+``predict_array`` is the in-memory entry (any image size, one call); ``TilePredictor``
+predicts one output block of an image at a time and is what the Zarr path and the
+benchmark drive. Both give the same numbers: a block gathers exactly the tiles of the
+whole-image plan that touch it.
+
+Normalisation: the per-channel z-score of training (``transforms.zscore_per_channel``),
+but with the statistics of the *whole image*, not of each tile. Training tiles are small
+crops normalised on their own; at inference a per-tile z-score would change with the tile
+size and position (an almost empty tile would be stretched to unit variance) and break the
+seamless stitching, while whole-image statistics make every tile of an image share one
+mapping, so the result does not depend on the tiling at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from unetdist.data.transforms import NORMALISATION_EPSILON
+from unetdist.inference import tiling
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_PADDED_TILE = 512
+DEFAULT_VALID_TILE = 572  # the paper's input tile
+# Largest tile searched for when choosing a valid-conv tile that covers a small image in one pass.
+_MAX_AUTO_TILE = 1024
+
+
+class InputError(ValueError):
+    """An image the model cannot take (channels, dims, dtype); the message names it."""
+
+
+# ---------------------------------------------------------------- the model's geometry
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What tiling needs to know about a model; read from a UNet's attributes.
+
+    Any module with ``padded``, ``depth``, ``in_channels``, ``num_classes`` and
+    ``output_size(n)`` works; missing attributes mean a size-preserving model without
+    pooling constraints.
+    """
+
+    padded: bool
+    pool_period: int
+    in_channels: int | None
+    num_classes: int | None
+    output_size: Callable[[int], int]
+    trailing_context: int = 0
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelGeometry:
+        depth = int(getattr(model, "depth", 0) or 0)
+        output_size = getattr(model, "output_size", None)
+        padded = bool(getattr(model, "padded", True))
+        return cls(
+            padded=padded,
+            pool_period=2**depth,
+            in_channels=getattr(model, "in_channels", None),
+            num_classes=getattr(model, "num_classes", None),
+            output_size=output_size if callable(output_size) else (lambda size: size),
+            trailing_context=0 if padded else _trailing_context(model),
+        )
+
+    def is_valid_tile(self, size: int) -> bool:
+        try:
+            self.output_size(size)
+        except ValueError:
+            return False
+        return True
+
+    def kept_step(self, tile: int) -> int:
+        """Output pixels per tile and axis that overlap-tile keeps (see tiling)."""
+        return (self.output_size(tile) - self.trailing_context) // self.pool_period * self.pool_period
+
+
+def _trailing_context(model: nn.Module) -> int:
+    """Bottom/right output rows of a valid-conv tile that depend on pixels beyond the tile.
+
+    An up-convolution with padding (the article's k3 s2 p1 output_padding 1) makes its
+    last output row from an input row that is not there: one inexact row. Going up a
+    level doubles the inexact rows and adds that one; each valid 3x3 conv after it adds
+    one more. The paper's k2 s2 up-convolution is exact: 0.
+    """
+    inexact = 0
+    for level in getattr(model, "decoder", []):
+        up = getattr(level, "up", None)
+        sees_past_end = isinstance(up, nn.ConvTranspose2d) and up.padding[0] > 0
+        inexact = 2 * inexact + int(sees_past_end)
+        if inexact:
+            inexact += sum(isinstance(layer, nn.Conv2d) for layer in level.conv.modules())
+    return inexact
+
+
+def choose_tile(geometry: ModelGeometry, height: int, width: int, tile: int | None) -> int:
+    """The input tile side: ``tile`` checked, or a default that fits the image.
+
+    Defaults: one tile when the whole image fits in one (no stitching at all), else
+    DEFAULT_PADDED_TILE for padded models and the largest valid size up to the paper's 572
+    for valid-conv models.
+    """
+    longest = max(height, width)
+    if tile is not None:
+        # output_size raises a ValueError naming the nearest valid sizes
+        geometry.output_size(tile)
+        if not geometry.padded and geometry.kept_step(tile) < 1:
+            raise ValueError(
+                f"tile {tile} gives fewer output pixels than the pooling period {geometry.pool_period}"
+            )
+        return tile
+    if geometry.padded:
+        whole = math.ceil(longest / geometry.pool_period) * geometry.pool_period
+        return min(whole, DEFAULT_PADDED_TILE)
+    valid = [size for size in range(1, _MAX_AUTO_TILE + 1) if geometry.is_valid_tile(size)]
+    valid = [size for size in valid if geometry.kept_step(size) >= 1]
+    if not valid:
+        raise ValueError(f"no valid tile size up to {_MAX_AUTO_TILE} for this model")
+    covering = [size for size in valid if geometry.kept_step(size) >= longest and size <= DEFAULT_VALID_TILE]
+    if covering:
+        return covering[0]
+    return max([size for size in valid if size <= DEFAULT_VALID_TILE] or valid[:1])
+
+
+def make_plan(geometry: ModelGeometry, height: int, width: int, tile: int, overlap: float) -> tiling.TilePlan:
+    if geometry.padded:
+        return tiling.sliding_window_plan(height, width, tile, overlap, geometry.pool_period)
+    return tiling.overlap_tile_plan(
+        height, width, tile, geometry.output_size(tile), geometry.pool_period, geometry.trailing_context
+    )
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel pixel count, mean and sum of squared deviations (float64 [C] each).
+
+    Partial statistics of image blocks combine exactly in a fixed order (Chan et al.), so
+    a block-wise pass over a Zarr image, split over any number of ranks, gives one answer.
+    """
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, chw: np.ndarray) -> ChannelStats:
+        values = np.asarray(chw, dtype=np.float64).reshape(chw.shape[0], -1)
+        mean = values.mean(axis=1)
+        return cls(
+            count=np.full(chw.shape[0], values.shape[1], dtype=np.float64),
+            mean=mean,
+            m2=((values - mean[:, None]) ** 2).sum(axis=1),
+        )
+
+    def combine(self, other: ChannelStats) -> ChannelStats:
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(count > 0, self.mean + delta * other.count / count, 0.0)
+            m2 = self.m2 + other.m2 + np.where(count > 0, delta**2 * self.count * other.count / count, 0.0)
+        return ChannelStats(count, mean, m2)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / np.maximum(self.count, 1.0))
+
+    def to_array(self) -> np.ndarray:
+        return np.stack([self.count, self.mean, self.m2], axis=1)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> ChannelStats:
+        return cls(array[:, 0].copy(), array[:, 1].copy(), array[:, 2].copy())
+
+
+def normalise(region: np.ndarray, stats: ChannelStats) -> np.ndarray:
+    """float32 ``(x - mean) / (std + eps)`` per channel, as ``zscore_per_channel`` does per tile."""
+    mean = stats.mean.astype(np.float32)[:, None, None]
+    scale = (stats.std + NORMALISATION_EPSILON).astype(np.float32)[:, None, None]
+    return (region.astype(np.float32) - mean) / scale
+
+
+def as_chw(image: np.ndarray, in_channels: int | None, name: str = "image") -> np.ndarray:
+    """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` checked against the model's channel count."""
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.astype(np.uint8)
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise InputError(f"{name}: dtype {image.dtype} is not a real number type")
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise InputError(f"{name}: expected HxW or CxHxW, got shape {image.shape}")
+    if in_channels is not None and image.shape[0] != in_channels:
+        raise InputError(
+            f"{name}: has {image.shape[0]} channel(s) (shape {image.shape}), the model expects {in_channels}"
+        )
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise InputError(f"{name}: empty image of shape {image.shape}")
+    return image
+
+
+# ---------------------------------------------------------------- the predictor
+
+
+def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` (moving the model there), or the model's own device when None."""
+    if device is None or device == "auto":
+        parameter = next(model.parameters(), None)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            return parameter.device if parameter is not None else torch.device("cpu")
+    device = torch.device(device)
+    model.to(device)
+    return device
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm running stats, no dropout) for the call; the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class TilePredictor:
+    """Class probabilities of an HxW image, one output block at a time.
+
+    ``predict_block(source, stats, block)`` reads what the block's tiles need from
+    ``source`` (a ``[C, H, W]`` numpy or Zarr array; mirrored beyond the border),
+    normalises it with ``stats``, runs the model in batches and returns float32
+    ``[K, bottom-top, right-left]`` probabilities.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        height: int,
+        width: int,
+        *,
+        tile: int | None = None,
+        overlap: float = 0.25,
+        batch_size: int = 8,
+        precision: str = "fp32",
+        device: str | torch.device | None = None,
+        flips: bool = False,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.model = model
+        self.geometry = ModelGeometry.of(model)
+        self.tile = choose_tile(self.geometry, height, width, tile)
+        self.plan = make_plan(self.geometry, height, width, self.tile, overlap)
+        self.batch_size = batch_size
+        self.precision = precision
+        self.device = resolve_device(model, device)
+        self.flips = flips
+        window = tiling.gaussian_window(self.tile) if self.plan.blend else None
+        self._window = None if window is None else torch.from_numpy(window).to(self.device)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.geometry.num_classes
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """float32 softmax probabilities of a normalised batch, averaged over flips if enabled."""
+        with torch.inference_mode(), self._autocast():
+            probabilities = torch.softmax(self.model(batch).float(), dim=1)
+            if self.flips:
+                for dims in ((-1,), (-2,), (-2, -1)):
+                    flipped = self.model(torch.flip(batch, dims)).float()
+                    probabilities += torch.flip(torch.softmax(flipped, dim=1), dims)
+                probabilities /= 4.0
+        return probabilities
+
+    def predict_block(
+        self,
+        source,
+        stats: ChannelStats,
+        block: tuple[int, int, int, int],  # noqa: ANN001
+    ) -> np.ndarray:
+        top, bottom, left, right = block
+        tiles = self.plan.tiles_for_block(top, bottom, left, right)
+        size = self.plan.input_tile
+        region_top = min(t.input_top for t in tiles)
+        region_left = min(t.input_left for t in tiles)
+        region_bottom = max(t.input_top for t in tiles) + size
+        region_right = max(t.input_left for t in tiles) + size
+        region = tiling.read_mirrored(source, region_top, region_bottom, region_left, region_right)
+        region = torch.from_numpy(normalise(region, stats))
+
+        with eval_mode(self.model):
+            probabilities = weights = None
+            for start in range(0, len(tiles), self.batch_size):
+                batch_tiles = tiles[start : start + self.batch_size]
+                batch = torch.stack(
+                    [
+                        region[
+                            :,
+                            t.input_top - region_top : t.input_top - region_top + size,
+                            t.input_left - region_left : t.input_left - region_left + size,
+                        ]
+                        for t in batch_tiles
+                    ]
+                ).to(self.device, non_blocking=True)
+                output = self.forward(batch)
+                if probabilities is None:
+                    probabilities = torch.zeros(
+                        (output.shape[1], bottom - top, right - left), dtype=torch.float32, device=self.device
+                    )
+                    weights = torch.zeros(
+                        (bottom - top, right - left), dtype=torch.float32, device=self.device
+                    )
+                for t, tile_output in zip(batch_tiles, output, strict=True):
+                    self._place(probabilities, weights, t, tile_output, block)
+        if self.plan.blend:
+            probabilities /= weights
+        return probabilities.cpu().numpy()
+
+    def _place(
+        self,
+        probabilities: torch.Tensor,
+        weights: torch.Tensor,
+        tile: tiling.Tile,
+        tile_output: torch.Tensor,
+        block: tuple[int, int, int, int],
+    ) -> None:
+        """Add (blend) or copy (overlap-tile) the part of one tile's output inside the block."""
+        top, bottom, left, right = block
+        y0, y1 = max(tile.keep_top, top), min(tile.keep_bottom, bottom)
+        x0, x1 = max(tile.keep_left, left), min(tile.keep_right, right)
+        if y0 >= y1 or x0 >= x1:
+            return
+        # output pixel (0, 0) of a tile sits at image position input + margin
+        origin_y = tile.input_top + self.plan.margin
+        origin_x = tile.input_left + self.plan.margin
+        source = tile_output[:, y0 - origin_y : y1 - origin_y, x0 - origin_x : x1 - origin_x]
+        target = (slice(None), slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+        if self.plan.blend:
+            window = self._window[y0 - origin_y : y1 - origin_y, x0 - origin_x : x1 - origin_x]
+            probabilities[target] += source * window
+            weights[target[1:]] += window
+        else:
+            probabilities[target] = source
+
+
+def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """HxW class ids of ``[K, H, W]`` probabilities: uint8 (uint16 beyond 256 classes)."""
+    dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
+    return probabilities.argmax(axis=0).astype(dtype)
+
+
+def predict_array(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    tile: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+    flips: bool = False,
+    return_probabilities: bool = False,
+) -> np.ndarray:
+    """Segment one in-memory image of any size.
+
+    ``image``: ``[H, W]`` or ``[C, H, W]``, any real dtype, raw intensities (normalised
+    here with the whole image's per-channel mean/std). Valid-conv models use the paper's
+    overlap-tile strategy with mirrored borders (``overlap`` is unused: the result equals
+    one pass over the whole mirrored image); padded models a Gaussian-weighted sliding
+    window whose neighbours overlap by ``overlap`` of a tile. ``tile`` None picks a size
+    (see ``choose_tile``); ``device`` None uses the model's device, else moves the model.
+    ``flips`` averages the probabilities over the horizontal/vertical flips.
+
+    Returns HxW uint8 class labels, or float32 ``[K, H, W]`` softmax probabilities.
+    The model runs in eval mode and is left in the mode it came in.
+    """
+    chw = as_chw(image, ModelGeometry.of(model).in_channels)
+    height, width = chw.shape[1:]
+    predictor = TilePredictor(
+        model,
+        height,
+        width,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        precision=precision,
+        device=device,
+        flips=flips,
+    )
+    probabilities = predictor.predict_block(chw, ChannelStats.of(chw), (0, height, 0, width))
+    return probabilities if return_probabilities else labels_from_probabilities(probabilities)
