@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,18 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     if not launched_by_torchrun:
         return DistributedContext(0, 1, 0, torch_device, None)
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(rendezvous("env://", timeout=timeout))
+        # After a worker dies, torchrun (2.13, --standalone) restarts the group against the same
+        # store, and gloo then dials the dead workers' addresses. A prefix per restart keeps each
+        # attempt's keys apart, so `--max-restarts` really recovers.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            store=dist.PrefixStore(f"unetdist/attempt_{attempt}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
         _control_group()  # every rank must create it at the same point

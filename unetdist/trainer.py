@@ -33,6 +33,7 @@ from unetdist.optim import lr_at, set_lr
 from unetdist.preemption import Preempted, StopSignal
 from unetdist.rank_zero import RunOutputs
 from unetdist.seeding import rng_state, set_rng_state
+from unetdist.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +167,8 @@ class Trainer:
         """Train to ``train.max_steps``; raises ``Preempted`` after saving when a stop signal arrives."""
         config = self.config.train
         batches = iter(train_loader)
-        loss_since_log = torch.zeros((), device=self.ctx.device)
-        steps_since_log, data_wait_s, window_start = 0, 0.0, time.perf_counter()
+        window = _ThroughputWindow(self.ctx.device)
         val_metrics: dict[str, float] = {}
-        sample_log = self._open_sample_log()
         log.info(
             "training steps %d..%d: global batch %d = %d ranks x %d micro-batches x %d tiles",
             self.step + 1,
@@ -181,61 +180,66 @@ class Trainer:
         )
         if config.val_at_start and self.step == 0:
             self.outputs.tracker.log_metrics(self.validate(val_loader), step=0)
-        while self.step < config.max_steps:
-            wait_start = time.perf_counter()
-            micro_batches = _take(batches, self.layout.accumulation_steps)
-            data_wait_s += time.perf_counter() - wait_start
-            if sample_log:
-                keys = [key for batch in micro_batches for key in batch["key"]]
-                sample_log.write(json.dumps({"step": self.step + 1, "keys": keys}) + "\n")
-            loss_since_log += self.train_step(micro_batches)
-            steps_since_log += 1
-            is_last = self.step == config.max_steps
-
-            if self.step % config.log_every == 0 or is_last:
-                elapsed = time.perf_counter() - window_start
-                skipped = float(getattr(train_loader, "skipped_samples", 0))
-                totals = distributed.all_reduce_sum(torch.stack([loss_since_log, loss_since_log.new_tensor(skipped)]))
-                mean_loss = totals[0].item() / (steps_since_log * self.ctx.world_size)
-                train_metrics = {
-                    "train/loss": mean_loss,
-                    "data/skipped_samples": totals[1].item(),
-                    "train/lr": self.optimizer.param_groups[0]["lr"],
-                    "train/samples_per_s": steps_since_log * self.layout.global_batch_size / elapsed,
-                    "train/step_time_s": elapsed / steps_since_log,
-                    "train/data_wait_pct": 100.0 * data_wait_s / elapsed,
-                }
-                self.outputs.tracker.log_metrics(train_metrics, step=self.step)
-                self.outputs.progress.update(
-                    self.step, loss=mean_loss, samples_per_s=train_metrics["train/samples_per_s"]
-                )
-                log.info("step %d loss %.4f %.1f samples/s", self.step, mean_loss, train_metrics["train/samples_per_s"])
-                loss_since_log.zero_()
-                steps_since_log, data_wait_s, window_start = 0, 0.0, time.perf_counter()
-
-            validated_best = False
-            if (config.val_every and self.step % config.val_every == 0) or is_last:
-                val_metrics = self.validate(val_loader)
-                validated_best = val_metrics["val/fg_dice"] > self.best_fg_dice
-                self.best_fg_dice = max(self.best_fg_dice, val_metrics["val/fg_dice"])
-                self.outputs.tracker.log_metrics(val_metrics, step=self.step)
-                log.info(
-                    "step %d val loss %.4f fg dice %.4f", self.step, val_metrics["val/loss"], val_metrics["val/fg_dice"]
-                )
-                window_start = time.perf_counter()  # validation time is not training throughput
-
-            every = self.config.checkpoint.every
-            stop = self.stop_signal is not None and self.stop_signal.should_stop()
-            if (every and self.step % every == 0) or is_last or stop:
-                self.save_checkpoint(is_best=validated_best)
-                window_start = time.perf_counter()
-            if stop and not is_last:
+        sample_log = self._open_sample_log()
+        watchdog = Watchdog(config.watchdog_s, self.ctx.rank)  # a dead peer must not hang the job
+        try:
+            while self.step < config.max_steps:
+                wait_start = time.perf_counter()
+                micro_batches = _take(batches, self.layout.accumulation_steps)
+                window.data_wait_s += time.perf_counter() - wait_start
                 if sample_log:
-                    sample_log.close()
-                raise Preempted(self.step, self.stop_signal.received or "a peer's signal")
-        if sample_log:
-            sample_log.close()
+                    keys = [key for batch in micro_batches for key in batch["key"]]
+                    sample_log.write(json.dumps({"step": self.step + 1, "keys": keys}) + "\n")
+                window.add(self.train_step(micro_batches))
+                watchdog.beat(self.step)
+                is_last = self.step == config.max_steps
+
+                if self.step % config.log_every == 0 or is_last:
+                    self._log_train_metrics(window, getattr(train_loader, "skipped_samples", 0))
+                    window.restart()
+                is_best = False
+                if (config.val_every and self.step % config.val_every == 0) or is_last:
+                    val_start = time.perf_counter()
+                    val_metrics = self.validate(val_loader)
+                    is_best = val_metrics["val/fg_dice"] > self.best_fg_dice
+                    self.best_fg_dice = max(self.best_fg_dice, val_metrics["val/fg_dice"])
+                    self.outputs.tracker.log_metrics(val_metrics, step=self.step)
+                    log.info("step %d val loss %.4f fg dice %.4f", self.step, val_metrics["val/loss"],
+                             val_metrics["val/fg_dice"])
+                    window.exclude(val_start)
+                stop = self.stop_signal is not None and self.stop_signal.should_stop()
+                every = self.config.checkpoint.every
+                if (every and self.step % every == 0) or is_last or stop:
+                    save_start = time.perf_counter()
+                    self.save_checkpoint(is_best=is_best)
+                    window.exclude(save_start)
+                watchdog.beat(self.step)
+                if stop and not is_last:
+                    raise Preempted(self.step, self.stop_signal.received or "a peer's signal")
+        finally:
+            watchdog.stop()
+            if sample_log:
+                sample_log.close()
         return val_metrics
+
+    def _log_train_metrics(self, window: _ThroughputWindow, skipped_samples: int) -> None:
+        """Loss averaged over ranks and steps since the last log (the only host sync of the loop)."""
+        elapsed = window.train_time_s
+        totals = distributed.all_reduce_sum(torch.stack([window.loss_sum, window.loss_sum.new_tensor(skipped_samples)]))
+        mean_loss = totals[0].item() / (window.steps * self.ctx.world_size)
+        metrics = {
+            "train/loss": mean_loss,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/samples_per_s": window.steps * self.layout.global_batch_size / elapsed,
+            "train/step_time_s": elapsed / window.steps,
+            "train/data_wait_pct": 100.0 * window.data_wait_s / elapsed,
+            "data/skipped_samples": totals[1].item(),
+        }
+        if self.ctx.device.type == "cuda":
+            metrics["train/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        self.outputs.tracker.log_metrics(metrics, step=self.step)
+        self.outputs.progress.update(self.step, loss=mean_loss, samples_per_s=metrics["train/samples_per_s"])
+        log.info("step %d loss %.4f %.1f samples/s", self.step, mean_loss, metrics["train/samples_per_s"])
 
     def _open_sample_log(self):
         """With ``train.record_samples``, each rank appends the keys it trains on, step by step."""
@@ -289,6 +293,33 @@ class Trainer:
             self.outputs.on_checkpoint_saved(path, is_best=is_best)
             if is_best:
                 self.best_checkpoint = path
+
+
+class _ThroughputWindow:
+    """Loss and timing accumulated between two log steps, on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.restart()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def exclude(self, since: float) -> None:
+        """Leave the time since ``since`` (validation, a checkpoint save) out of the throughput."""
+        self.excluded_s += time.perf_counter() - since
+
+    @property
+    def train_time_s(self) -> float:
+        return time.perf_counter() - self.start - self.excluded_s
+
+    def restart(self) -> None:
+        self.loss_sum.zero_()
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.data_wait_s = 0.0
+        self.excluded_s = 0.0
 
 
 def _take(batches: Iterator[dict[str, Any]], count: int) -> list[dict[str, Any]]:

@@ -61,6 +61,18 @@ LOG_TAIL_LINES = 25
 MAX_SOCKET_PATH = 100
 
 
+def _sbin_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the sbin folders on PATH, where the daemons live."""
+    env = dict(os.environ if base is None else base)
+    parts = env.get("PATH", "/usr/bin:/bin").split(":")
+    env["PATH"] = ":".join(parts + [p for p in ("/usr/sbin", "/sbin") if p not in parts])
+    return env
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name, path=_sbin_env()["PATH"])
+
+
 class SlurmUnavailable(RuntimeError):
     """Slurm cannot run here (not root and not installed): tests skip with this message."""
 
@@ -71,17 +83,17 @@ class SlurmClusterError(RuntimeError):
 
 def ensure_packages() -> None:
     """Install slurm-wlm and munge with apt-get when their programs are missing (needs root)."""
-    if all(shutil.which(name) for name in DAEMONS):
+    if all(_which(name) for name in DAEMONS):
         return
     if os.geteuid() != 0:
         raise SlurmUnavailable(
             f"Slurm is not installed and installing it needs root: apt-get install {' '.join(PACKAGES)}"
         )
-    if not shutil.which("apt-get"):
+    if not _which("apt-get"):
         raise SlurmUnavailable(
             f"Slurm is not installed and there is no apt-get to install {' '.join(PACKAGES)}"
         )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    env = {**_sbin_env(), "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["apt-get", "-q", "-o", "DPkg::Lock::Timeout=300"]
     install = [*apt, "install", "-y", "--no-install-recommends", *PACKAGES]
     policy = Path("/usr/sbin/policy-rc.d")
@@ -103,7 +115,7 @@ def ensure_packages() -> None:
     finally:
         if made_policy and "unetdist" in policy.read_text():
             policy.unlink()
-    missing = [name for name in DAEMONS if not shutil.which(name)]
+    missing = [name for name in DAEMONS if not _which(name)]
     if missing:
         raise SlurmClusterError(f"{', '.join(missing)} not found after installing {' '.join(PACKAGES)}")
 
@@ -124,7 +136,9 @@ def free_ports(count: int) -> list[int]:
 
 def _hardware_line() -> str:
     """This machine's ``CPUs=.. Boards=.. ... RealMemory=..`` as ``slurmd -C`` reports it."""
-    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
+    out = subprocess.run(
+        ["slurmd", "-C"], env=_sbin_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL
+    ).stdout
     keys = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
     fields = [item for item in out.split() if item.split("=")[0] in keys]
     if not any(item.startswith("CPUs=") for item in fields):
@@ -162,7 +176,7 @@ class SlurmCluster:
         env = {k: v for k, v in (os.environ if base is None else base).items()
                if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}  # fmt: skip
         env["SLURM_CONF"] = str(self.conf)
-        return env
+        return _sbin_env(env)
 
     def run(
         self, args: Sequence[str], timeout_s: float = 30.0, check: bool = True
@@ -255,6 +269,7 @@ class SlurmCluster:
         with open(self.state_dir / "log" / f"{name}.out", "ab") as log:
             self._daemons[name] = subprocess.Popen(
                 command,
+                env=self.env(),
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -267,7 +282,7 @@ class SlurmCluster:
         key = munge_dir / "munge.key"
         if not key.exists():
             subprocess.run(["mungekey", "--create", "--bits=1024", f"--keyfile={key}"], check=True,
-                           capture_output=True, stdin=subprocess.DEVNULL)  # fmt: skip
+                           env=_sbin_env(), capture_output=True, stdin=subprocess.DEVNULL)  # fmt: skip
         for stale in (self.socket, Path(f"{self.socket}.lock"), munge_dir / "munged.pid"):
             stale.unlink(missing_ok=True)
         args = [

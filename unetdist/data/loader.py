@@ -28,6 +28,7 @@ the positions of all other samples stay as they were.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +264,10 @@ class ValStream(IterableDataset):
 def _init_worker(worker_id: int) -> None:
     # Several workers share each rank's cores with the training process: one thread each.
     torch.set_num_threads(1)
+    # Slurm and torchrun signal every process of a job; a worker that died of SIGTERM would
+    # fail the step before the trainer can save. The training process stops its workers itself.
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def _loader_kwargs(data: DataConfig, pin_memory: bool, multiprocessing_context: str | None) -> dict[str, Any]:
