@@ -84,3 +84,18 @@ def test_digest_changes_with_the_math():
     base = load_config([], ["data.root=x"])
     assert base.digest() == load_config([], ["data.root=x"]).digest()
     assert base.digest() != load_config([], ["data.root=x", "model.base_width=8"]).digest()
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+
+    from unetdist.config import SECTIONS
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [
+        f"{section}.{f.name}"
+        for section, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if f"`{section}.{f.name}`" not in readme
+    ]
+    assert not missing, f"README's config table lacks {missing}"

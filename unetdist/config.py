@@ -41,7 +41,6 @@ class DataConfig:
     num_workers: int = 1
     prefetch_factor: int = 2  # micro-batches in flight per worker
     worker_start_method: str = _choice("default", "fork", "spawn", "forkserver", default="default")
-    shuffle_buffer: int = 256  # unused since the exact global sequence (kept so old configs load)
     block_size: int = 0  # samples kept together in the shuffle; 0: 1 for tar shards, the chunk length for zarr
     epoch_end: str = _choice("pad", "drop", default="pad")  # make each epoch a whole number of global batches
     on_error: str = _choice("raise", "skip", default="raise")  # a bad sample: stop, or skip + count + log
@@ -301,7 +300,6 @@ def validate(config: Config) -> None:
         "data.tile_size": config.data.tile_size,
         "model.in_channels": config.model.in_channels,
         "checkpoint.keep": config.checkpoint.keep,
-        "data.shuffle_buffer": config.data.shuffle_buffer,
     }
     non_negative = {
         "train.micro_batch_size": config.train.micro_batch_size,
