@@ -87,6 +87,7 @@ def test_article_output_shape_by_hand():
 
 
 def test_article_ends_in_a_plain_conv_not_relu_batchnorm():
+    torch.manual_seed(0)
     model = build_unet("article", in_channels=1, num_classes=2, base_width=TINY)
     assert list(model.modules())[-1] is model.out_conv
     assert isinstance(model.out_conv, nn.Conv2d) and model.out_conv.kernel_size == (1, 1)

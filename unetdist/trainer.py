@@ -110,16 +110,18 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns the mean loss (detached, no host sync)."""
         self.model.train()
         set_lr(self.optimizer, lr_at(self.step, self.config.optim, self.config.train.max_steps))
-        total_loss = torch.zeros((), device=self.ctx.device)
+        losses = []
         for index, batch in enumerate(micro_batches):
             is_last = index == len(micro_batches) - 1
             image, mask, weight = self._to_device(batch)
             sync = contextlib.nullcontext() if is_last or not self.ctx.is_distributed else self.model.no_sync()
             with sync:
                 logits = self._forward(image)
-                loss = self.loss_fn(logits, mask, weight) / len(micro_batches)
+                loss = self.loss_fn(logits, mask, weight)
+                if len(micro_batches) > 1:
+                    loss = loss / len(micro_batches)
                 self.scaler.scale(loss).backward()
-            total_loss += loss.detach()
+            losses.append(loss.detach())
         if self.config.optim.grad_clip_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.optim.grad_clip_norm)
@@ -127,7 +129,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total_loss
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
     # ------------------------------------------------------------ validation
 

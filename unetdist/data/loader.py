@@ -277,7 +277,7 @@ def _loader_kwargs(data: DataConfig, pin_memory: bool, multiprocessing_context: 
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=data.prefetch_factor if workers > 0 else None,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory and torch.cuda.is_available(),  # pinned pages only help CUDA copies
         worker_init_fn=_init_worker if workers > 0 else None,
         multiprocessing_context=context if workers > 0 else None,
     )

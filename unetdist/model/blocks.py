@@ -4,12 +4,20 @@ Each block is one box of the paper's figure, parameterised just enough to
 express the three presets: conv padding (valid or same), the normalisation
 kind, and whether the norm comes after the ReLU (the article's order) or
 before it (the usual modern order).
+
+``run_checkpointed`` runs one block under activation checkpointing: its
+activations are recomputed in the backward pass instead of being kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.utils.checkpoint import checkpoint
 
 from unetdist.geometry import center_crop
 
@@ -112,3 +120,36 @@ class OutConv(nn.Conv2d):
 
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__(in_channels, num_classes, kernel_size=1)
+
+
+def run_checkpointed(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """``block(*inputs)`` keeping only its inputs; the backward pass recomputes the rest.
+
+    The recomputation is a second training-mode forward, which would move BatchNorm
+    running statistics twice per step; they are put back after it, so loss, gradients
+    and running statistics all equal the plain forward's. Under ``torch.compile`` the
+    recomputation is part of the compiled backward graph, which applies no buffer
+    mutation twice, so no such guard is needed (nor allowed) there.
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(block, *inputs, use_reentrant=False)
+    stats_modules = [m for m in block.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    if not stats_modules:
+        return checkpoint(block, *inputs, use_reentrant=False)
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _running_stats_kept(stats_modules)
+
+    return checkpoint(block, *inputs, use_reentrant=False, context_fn=contexts)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(modules: list[nn.Module]) -> Iterator[None]:
+    saved = [[buffer.clone() for buffer in module.buffers(recurse=False)] for module in modules]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in zip(modules, saved, strict=True):
+                for buffer, value in zip(module.buffers(recurse=False), buffers, strict=True):
+                    buffer.copy_(value)

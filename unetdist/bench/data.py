@@ -1,0 +1,126 @@
+"""``python -m unetdist.bench data``: loader throughput vs an in-memory ceiling and a plain PNG-in-tar pipeline.
+
+Writes ``--tiles`` synthetic uint16 tiles (``--tile`` px) as npy tar shards, a Zarr store and
+PNG tar shards into ``--dir``, then times, with ``--workers`` DataLoader workers each:
+the unetdist loader (read + decode + crop + augmentation parameters, compact dtype out),
+the same batches built from arrays in memory (the ceiling: same workers, same dtype
+handling, no I/O), and ``webdataset.WebDataset(...).decode("torch")`` on the PNGs (the
+obvious pipeline). Also times the device-side augmentation (``to_model_input``) on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("webdataset", "zarr"), default="webdataset")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--tiles", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=48, help="micro-batches timed per pipeline")
+    parser.add_argument("--dir", default="", help="scratch folder (default: a temporary one)")
+
+
+def _write(folder: Path, tiles: int, size: int) -> None:
+    import webdataset as wds
+    from PIL import Image
+
+    from unetdist.data.zarr import ZarrWriter
+
+    rng = np.random.default_rng(0)
+    zarr_writer = ZarrWriter(folder / "data.zarr", "train")
+    counts = []
+    with wds.ShardWriter(str(folder / "train-%06d.tar"), maxcount=128, verbose=0) as npy, \
+            wds.ShardWriter(str(folder / "png-%06d.tar"), maxcount=128, verbose=0) as png:
+        for index in range(tiles):
+            image = rng.integers(0, 4096, size=(1, size, size), dtype=np.uint16)
+            mask = (image[0] > 2048).astype(np.uint8)
+            npy.write({"__key__": f"t{index:06d}", "image.npy": image, "mask.npy": mask})
+            png.write({"__key__": f"t{index:06d}", "image.png": Image.fromarray(image[0]), "mask.png": Image.fromarray(mask)})
+            zarr_writer.write("t", index, 0, image, mask, None)
+            if index % 128 == 0:
+                counts.append(0)
+            counts[-1] += 1
+    zarr_writer.close()
+    import json
+
+    names = [f"train-{i:06d}.tar" for i in range(len(counts))]
+    (folder / "dataset.json").write_text(json.dumps({"train_shards": names, "train_counts": counts, "val_shards": []}))
+
+
+def _rate(iterator, batches: int, batch: int) -> float:
+    next(iterator)  # workers started
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * batch / (time.perf_counter() - start)
+
+
+class _InMemory(torch.utils.data.IterableDataset):
+    def __init__(self, images: np.ndarray, masks: np.ndarray, batch: int) -> None:
+        self.images, self.masks, self.batch = images, masks, batch
+
+    def __iter__(self):
+        rng = np.random.default_rng(0)
+        while True:
+            chosen = np.sort(rng.choice(len(self.images), self.batch, replace=False))
+            yield {"image": torch.from_numpy(self.images[chosen]), "mask": torch.from_numpy(self.masks[chosen])}
+
+
+def run(args) -> dict[str, float | int | str]:
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    from unetdist.config import DataConfig
+    from unetdist.data import build_train_loader, to_model_input
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.dir or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write(folder, args.tiles, args.tile)
+        data = DataConfig(format=args.format, root=str(folder), tile_size=args.tile, num_workers=args.workers,
+                          augment_on="device", augment_elastic=True, augment_intensity=True, augment_noise_std=0.01,
+                          block_size=8, prefetch_factor=4)
+        loader = build_train_loader(data, rank=0, world_size=1, seed=0, micro_batch_size=args.batch,
+                                    in_channels=1, num_classes=2, use_weight_map=False)
+        batches = iter(loader)
+        loader_rate = _rate(batches, args.batches, args.batch)
+        sample = next(batches)
+        start = time.perf_counter()
+        for _ in range(4):
+            to_model_input(sample, "cpu")
+        augment_rate = 4 * args.batch / (time.perf_counter() - start)
+
+        import zarr
+
+        group = zarr.open_group(str(folder / "data.zarr"), mode="r", path="train")
+        memory = DataLoader(_InMemory(group["image"][:], group["mask"][:], args.batch), batch_size=None,
+                            num_workers=args.workers, persistent_workers=args.workers > 0)
+        ceiling_rate = _rate(iter(memory), args.batches, args.batch)
+
+        pngs = sorted(str(p) for p in folder.glob("png-*.tar"))
+        png_pipeline = wds.WebDataset(pngs, shardshuffle=False, empty_check=False, nodesplitter=None,
+                                      workersplitter=wds.split_by_worker).repeat().decode("torch").to_tuple("image.png", "mask.png").batched(args.batch)
+        png_rate = _rate(iter(DataLoader(png_pipeline, batch_size=None, num_workers=args.workers)), args.batches, args.batch)
+    tile_mb = args.tile * args.tile * 2 / 1e6
+    cores = max(1, args.workers)
+    return {
+        "format": args.format,
+        "workers": args.workers,
+        "samples_per_s": round(loader_rate, 1),
+        "mb_per_s": round(loader_rate * tile_mb, 1),
+        "ceiling_samples_per_s": round(ceiling_rate, 1),
+        "png_wds_samples_per_s": round(png_rate, 1),
+        "loader_vs_ceiling": round(loader_rate / ceiling_rate, 3),
+        "loader_vs_png_wds": round(loader_rate / png_rate, 2),
+        "tiles_per_s_per_core": round(loader_rate / cores, 1),
+        "cpu_augment_tiles_per_s_per_core": round(augment_rate, 1),
+    }

@@ -1,0 +1,515 @@
+"""bench train: the real trainer against a bare hand-written loop, on in-memory data.
+
+The project's ``Trainer.fit`` (with ``wrap_model``, ``build_optimizer`` and the stop-signal
+check of ``train.main``; no tracker, no checkpoints) runs a fixed number of steps on one
+in-memory batch (pinned on CUDA, as with ``data.pin_memory``); in the same process a bare loop
+drives the same model and optimizer objects with the same loss, LR schedule and batch and
+nothing else (no DDP, no tracker, no logging syncs). Warmup steps are not timed. Rounds alternate bare and trainer
+so that a slow spell of a shared machine hits both: ``trainer_vs_bare`` is the median of the
+per-round ratios, steps/s the median over rounds. On a machine other jobs are using, two
+steadier estimates come with it: the ratio by process CPU time (``trainer_vs_bare_cpu``) and,
+on CPU, by the median single step (``trainer_vs_bare_step_median``). Keep ``--steps`` >=
+``--log-every`` so that the trainer's logging steps (its one host sync) fall in the window.
+
+    python -m unetdist.bench train --preset padded --base-width 16 --tile 128 --batch 8
+    python -m unetdist.bench train --preset paper --tile 572 --batch 8 --precision bf16 --channels-last --compile
+    python -m unetdist.bench train --preset padded --base-width 16 --tile 128 --batch 8 --nproc 2
+
+``--nproc N`` launches torchrun twice (1 rank, then N ranks; gloo on CPU, NCCL on CUDA),
+times the trainer alone and reports global samples/s, the speed-up over 1 rank and the
+scaling efficiency (``--batch`` is then the per-rank batch). On CPU every rank gets
+``cores // N`` threads, in both runs, so the efficiency measures the distribution alone;
+``--vs-all-threads`` adds 1 rank with all those threads (is splitting the machine worth it?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unetdist.bench import Figures
+
+SMALL_ARGS = ["--preset", "padded", "--base-width", "8", "--depth", "3", "--tile", "64", "--batch", "4",
+              "--steps", "4", "--warmup", "1", "--rounds", "1"]
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model and data")
+    model.add_argument("--preset", default="padded", choices=("paper", "article", "padded"))
+    model.add_argument("--base-width", type=int, default=0, help="0: the preset's own (paper 64, padded 32)")
+    model.add_argument("--depth", type=int, default=0, help="0: the preset's own")
+    model.add_argument("--norm", default="batch", choices=("batch", "instance", "group", "none"))
+    model.add_argument("--tile", type=int, default=128, help="input tile side (paper: 572)")
+    model.add_argument("--batch", type=int, default=8, help="tiles per step per rank")
+    fast = parser.add_argument_group("fast paths")
+    fast.add_argument("--precision", default="fp32", choices=tuple(AUTOCAST_DTYPES))
+    fast.add_argument("--channels-last", action="store_true")
+    fast.add_argument("--compile", action="store_true", help="torch.compile the model (both loops)")
+    fast.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
+    fast.add_argument("--activation-checkpointing", action="store_true")
+    fast.add_argument("--optim", default="adamw", choices=("adamw", "sgd"))
+    fast.add_argument("--fused", action="store_true", help="fused optimizer (optim.fused; CUDA)")
+    timing = parser.add_argument_group("timing")
+    timing.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    timing.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each round")
+    timing.add_argument("--rounds", type=int, default=5, help="alternating bare/trainer rounds; medians are reported")
+    timing.add_argument("--log-every", type=int, default=10, help="the trainer's train.log_every (a host sync)")
+    timing.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    timing.add_argument("--nproc", type=int, default=1, help="N > 1: torchrun N ranks vs 1 rank, trainer only")
+    timing.add_argument("--threads", type=int, default=0, help="torch threads per rank on CPU; 0: cores // nproc")
+    timing.add_argument("--vs-all-threads", action="store_true",
+                        help="with --nproc on CPU: also time 1 rank using every rank's threads (the whole machine)")
+    parser.add_argument("--worker-result", help=argparse.SUPPRESS)  # set by the --nproc launcher
+
+
+def run(args: argparse.Namespace) -> Figures:
+    _check_args(args)
+    if args.nproc > 1:
+        return _run_scaling(args)
+    return _run_in_process(args)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("tile", "batch", "steps", "rounds", "log_every", "nproc"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.threads < 0:
+        raise ValueError("--warmup and --threads must be >= 0")
+
+
+# ---------------------------------------------------------------- building the parts
+
+
+@dataclass
+class _Parts:
+    config: Any  # unetdist.config.Config
+    ctx: Any  # unetdist.distributed.DistributedContext
+    layout: Any
+    raw_model: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: dict[str, torch.Tensor]
+    stop_signal: Any  # unetdist.preemption.StopSignal: its per-step check is part of the trainer's cost
+
+
+def _config(args: argparse.Namespace, world_size: int, output_dir: str):
+    from unetdist.config import load_config
+
+    overrides = [
+        "data.root=in-memory",
+        f"data.tile_size={args.tile}",
+        f"model.preset={args.preset}",
+        f"model.base_width={args.base_width}",
+        f"model.depth={args.depth}",
+        f"model.norm={args.norm}",
+        f"optim.name={args.optim}",
+        f"optim.fused={str(args.fused).lower()}",
+        f"train.global_batch_size={args.batch * world_size}",
+        f"train.precision={args.precision}",
+        f"train.channels_last={str(args.channels_last).lower()}",
+        f"train.compile={str(args.compile).lower()}",
+        f"train.compile_mode={args.compile_mode}",
+        f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+        f"train.max_steps={args.warmup + args.steps + 1}",  # +1: fit ends with a validation, not timed
+        f"train.log_every={args.log_every}",
+        "train.val_every=0",
+        "train.progress=false",
+        f"train.device={args.device}",
+        f"train.output_dir={output_dir}",
+        "tracking.enabled=false",
+        "checkpoint.every=0",
+    ]
+    return load_config([], overrides)
+
+
+def _build(args: argparse.Namespace, output_dir: str) -> _Parts:
+    from unetdist import distributed
+    from unetdist.config import batch_layout
+    from unetdist.model import build_unet
+    from unetdist.optim import build_optimizer
+    from unetdist.preemption import StopSignal
+    from unetdist.trainer import wrap_model
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config = _config(args, world_size, output_dir)
+    ctx = distributed.init_distributed(config.train.device, config.train.backend, config.train.timeout_s)
+    layout = batch_layout(config.train, ctx.world_size)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
+    torch.manual_seed(0)
+    model = build_unet(
+        config.model.preset,
+        config.model.in_channels,
+        config.model.num_classes,
+        base_width=config.model.base_width or None,
+        depth=config.model.depth or None,
+        norm=config.model.norm,
+        activation_checkpointing=config.train.activation_checkpointing,
+    )
+    raw_model, wrapped = wrap_model(model, config, ctx)
+    optimizer = build_optimizer(raw_model.parameters(), config.optim, config.model.preset, ctx.device.type)
+    return _Parts(config, ctx, layout, raw_model, wrapped, optimizer,
+                  _host_batch(args, ctx.device.type == "cuda"), StopSignal())
+
+
+def _host_batch(args: argparse.Namespace, pin: bool) -> dict[str, torch.Tensor]:
+    """One batch on the host, as a DataLoader would hand it over (pinned on CUDA)."""
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(args.batch, 1, args.tile, args.tile, generator=generator)
+    # tile-sized masks and weights, as the loader sends them; the loss crops them to the logits
+    mask = torch.randint(0, 2, (args.batch, args.tile, args.tile), generator=generator)
+    weight = 1 + 4 * torch.rand(args.batch, args.tile, args.tile, generator=generator)
+    batch = {"image": image, "mask": mask, "weight": weight}
+    return {key: value.pin_memory() for key, value in batch.items()} if pin else batch
+
+
+# ---------------------------------------------------------------- the two loops
+
+
+@dataclass(frozen=True)
+class _Clocks:
+    """Wall time and this process's CPU time (all threads), in seconds."""
+
+    wall_s: float
+    cpu_s: float
+
+    @staticmethod
+    def now() -> _Clocks:
+        return _Clocks(time.perf_counter(), time.process_time())
+
+    def __sub__(self, other: _Clocks) -> _Clocks:
+        return _Clocks(self.wall_s - other.wall_s, self.cpu_s - other.cpu_s)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One timed run of ``steps`` steps: the total, and each step's wall time (CPU device only:
+    on CUDA a step's host time says nothing until the device is synchronised)."""
+
+    total: _Clocks
+    step_wall_s: list[float]
+
+
+def _window(stamps: list[_Clocks], device: torch.device) -> _Window:
+    per_step = [b.wall_s - a.wall_s for a, b in itertools.pairwise(stamps)] if device.type == "cpu" else []
+    return _Window(stamps[-1] - stamps[0], per_step)
+
+
+class _TimedStream:
+    """The same batch forever; reads the clocks as each step from ``first`` to ``stop`` begins.
+
+    The device is synchronised at ``first`` and ``stop`` only, so the trainer's own host syncs
+    (or their absence) are what is measured.
+    """
+
+    def __init__(self, batch: dict[str, torch.Tensor], first: int, stop: int, device: torch.device) -> None:
+        self.batch = batch
+        self.first, self.stop = first, stop
+        self.device = device
+        self.stamps: list[_Clocks] = []
+        self.calls = 0
+
+    def __iter__(self) -> _TimedStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.first <= self.calls <= self.stop:
+            if self.calls in (self.first, self.stop):
+                _synchronize(self.device)
+            self.stamps.append(_Clocks.now())
+        self.calls += 1
+        return self.batch
+
+
+def _time_trainer(parts: _Parts, args: argparse.Namespace) -> _Window:
+    """``args.steps`` steps of ``Trainer.fit`` after ``args.warmup`` untimed ones.
+
+    ``fit`` runs one step more than that and ends with a validation over nothing: neither is timed.
+    """
+    from unetdist.rank_zero import RunOutputs
+    from unetdist.trainer import Trainer
+
+    outputs = RunOutputs.null(Path(parts.config.train.output_dir))
+    # as train.main builds it, less the checkpoint writer (a benchmark keeps no checkpoints)
+    trainer = Trainer(parts.config, parts.ctx, parts.layout, parts.raw_model, parts.model, parts.optimizer, outputs,
+                      None, parts.stop_signal)
+    stream = _TimedStream(parts.batch, args.warmup, args.warmup + args.steps, parts.ctx.device)
+    trainer.fit(stream, [])
+    return _window(stream.stamps, parts.ctx.device)
+
+
+class _BareLoop:
+    """The loop anyone would write by hand around the same model and optimizer objects (the
+    trainer's unwrapped model, no DDP, its own torch.compile wrapper when compiling), the same
+    loss, LR schedule and batch, and nothing else. Sharing the objects keeps the comparison to
+    the loop code alone: two copies of a model drift apart in memory placement and, on CPU, in
+    numerics (denormals), which moved single-process timings by several per cent here."""
+
+    def __init__(self, parts: _Parts, args: argparse.Namespace) -> None:
+        from unetdist.losses import SegmentationLoss
+
+        config = parts.config
+        self.config = config
+        self.device = parts.ctx.device
+        self.channels_last = args.channels_last
+        model = parts.raw_model  # already on the device, channels_last when asked (wrap_model)
+        self.model = torch.compile(model, mode=args.compile_mode) if args.compile else model
+        self.optimizer = parts.optimizer
+        self.loss_fn = SegmentationLoss(config.loss.kind, config.model.num_classes, config.loss.dice_weight)
+        self.autocast_dtype = AUTOCAST_DTYPES[args.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
+        self.batch = parts.batch
+
+    def step(self, step: int) -> None:
+        from unetdist.optim import lr_at, set_lr
+
+        set_lr(self.optimizer, lr_at(step, self.config.optim, self.config.train.max_steps))
+        image = self.batch["image"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        mask = self.batch["mask"].to(self.device, non_blocking=True)
+        weight = self.batch["weight"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(image)
+        loss = self.loss_fn(logits, mask, weight)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def time(self, warmup: int, steps: int) -> _Window:
+        self.model.train()  # the trainer's validation at the end of each fit leaves the model in eval mode
+        for step in range(warmup):
+            self.step(step)
+        _synchronize(self.device)
+        stamps = [_Clocks.now()]
+        for step in range(warmup, warmup + steps):
+            self.step(step)
+            if step == warmup + steps - 1:
+                _synchronize(self.device)
+            stamps.append(_Clocks.now())
+        return _window(stamps, self.device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------- one process: trainer vs bare
+
+
+def _run_in_process(args: argparse.Namespace) -> Figures:
+    from unetdist import distributed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="unetdist-bench-") as output_dir:
+        parts = _build(args, output_dir)
+        try:
+            if args.worker_result:
+                figures = _trainer_only(parts, args)
+                if parts.ctx.is_main:
+                    Path(args.worker_result).write_text(json.dumps(figures))
+                return figures
+            return _trainer_vs_bare(parts, args)
+        finally:
+            parts.stop_signal.restore()
+            distributed.cleanup()
+
+
+def _trainer_vs_bare(parts: _Parts, args: argparse.Namespace) -> Figures:
+    device = parts.ctx.device
+    bare = _BareLoop(parts, args)
+    trainer_runs: list[_Window] = []
+    bare_runs: list[_Window] = []
+    trainer_peak = bare_peak = 0.0
+    for round_index in range(args.rounds):
+        # alternate the order so that neither loop always runs on a warmer (or busier) machine
+        for which in (("bare", "trainer") if round_index % 2 == 0 else ("trainer", "bare")):
+            _reset_peak(device)
+            if which == "bare":
+                bare_runs.append(bare.time(args.warmup, args.steps))
+                bare_peak = max(bare_peak, _peak_mb(device))
+            else:
+                trainer_runs.append(_time_trainer(parts, args))
+                trainer_peak = max(trainer_peak, _peak_mb(device))
+    trainer_rate = args.steps / statistics.median(run.total.wall_s for run in trainer_runs)
+    bare_rate = args.steps / statistics.median(run.total.wall_s for run in bare_runs)
+    # paired per round: a busy spell of the machine slows both halves of a pair alike
+    pairs = list(zip(trainer_runs, bare_runs, strict=True))
+    round_ratios = [bare_run.total.wall_s / trainer_run.total.wall_s for trainer_run, bare_run in pairs]
+    cpu_ratios = [bare_run.total.cpu_s / trainer_run.total.cpu_s for trainer_run, bare_run in pairs]
+    figures = _setting(parts, args)
+    figures.update(
+        trainer_steps_per_s=trainer_rate,
+        bare_steps_per_s=bare_rate,
+        trainer_vs_bare=statistics.median(round_ratios),
+        trainer_vs_bare_round_min=min(round_ratios),
+        trainer_vs_bare_round_max=max(round_ratios),
+        trainer_vs_bare_cpu=statistics.median(cpu_ratios),
+    )
+    if device.type == "cpu":
+        # the typical single step, blind to bursts from other jobs (and to rare costly steps)
+        trainer_step = statistics.median(t for run in trainer_runs for t in run.step_wall_s)
+        bare_step = statistics.median(t for run in bare_runs for t in run.step_wall_s)
+        figures["trainer_vs_bare_step_median"] = bare_step / trainer_step
+    figures.update(
+        trainer_samples_per_s=trainer_rate * args.batch,
+        bare_samples_per_s=bare_rate * args.batch,
+        peak_mem_mb=trainer_peak,
+        bare_peak_mem_mb=bare_peak,
+        peak_mem_kind="cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+    )
+    figures.update(_flops_figures(parts, args, {"trainer": trainer_rate * args.batch, "bare": bare_rate * args.batch}))
+    return figures
+
+
+def _trainer_only(parts: _Parts, args: argparse.Namespace) -> Figures:
+    """Per-rank trainer timing under torchrun (the --nproc launcher reads rank 0's figures)."""
+    device = parts.ctx.device
+    times = []
+    _reset_peak(device)
+    for _ in range(args.rounds):
+        times.append(_time_trainer(parts, args).total.wall_s)
+    rate = args.steps / statistics.median(times)
+    figures = _setting(parts, args)
+    figures.update(
+        trainer_steps_per_s=rate,
+        global_samples_per_s=rate * parts.layout.global_batch_size,
+        peak_mem_mb=_peak_mb(device),
+        threads_per_rank=torch.get_num_threads() if device.type == "cpu" else 0,
+    )
+    return figures
+
+
+def _setting(parts: _Parts, args: argparse.Namespace) -> Figures:
+    model = parts.raw_model
+    return {
+        "preset": model.preset,
+        "base_width": model.base_width,
+        "depth": model.depth,
+        "tile": args.tile,
+        "batch_per_rank": args.batch,
+        "world_size": parts.ctx.world_size,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "activation_checkpointing": args.activation_checkpointing,
+        "optim": args.optim + ("_fused" if args.fused else ""),
+        "device": parts.ctx.device.type,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+    }
+
+
+def _flops_figures(parts: _Parts, args: argparse.Namespace, samples_per_s: dict[str, float]) -> Figures:
+    from unetdist.flops import mfu, peak_flops_per_s, training_flops_per_sample
+
+    flops = training_flops_per_sample(parts.raw_model, (parts.config.model.in_channels, args.tile, args.tile))
+    figures: Figures = {"model_gflops_per_sample": flops / 1e9}
+    if parts.ctx.device.type != "cuda":
+        return figures
+    peak = peak_flops_per_s(torch.cuda.get_device_name(parts.ctx.device), args.precision)
+    figures["peak_tflops"] = peak / 1e12 if peak else "unknown"
+    for name, rate in samples_per_s.items():
+        utilisation = mfu(flops, rate, peak)
+        figures[f"{name}_mfu"] = utilisation if utilisation is not None else "unknown"
+    return figures
+
+
+# ---------------------------------------------------------------- N ranks: torchrun
+
+
+def _run_scaling(args: argparse.Namespace) -> Figures:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.threads or max(1, cores // args.nproc)
+    single = _launch(args, nproc=1, threads=threads)
+    multi = _launch(args, nproc=args.nproc, threads=threads)
+    figures = {key: multi[key] for key in multi if key not in ("trainer_steps_per_s", "global_samples_per_s")}
+    figures.update(
+        samples_per_s_1rank=single["global_samples_per_s"],
+        global_samples_per_s=multi["global_samples_per_s"],
+        speedup_vs_1rank=multi["global_samples_per_s"] / single["global_samples_per_s"],
+        scaling_efficiency=multi["global_samples_per_s"] / (args.nproc * single["global_samples_per_s"]),
+        steps_per_s=multi["trainer_steps_per_s"],
+    )
+    if args.vs_all_threads and multi["device"] == "cpu":
+        # the same machine as one rank using every core: is splitting it into ranks worth it?
+        whole = _launch(args, nproc=1, threads=threads * args.nproc)
+        figures["samples_per_s_1rank_all_threads"] = whole["global_samples_per_s"]
+        figures["speedup_vs_1rank_all_threads"] = multi["global_samples_per_s"] / whole["global_samples_per_s"]
+    return figures
+
+
+def _launch(args: argparse.Namespace, nproc: int, threads: int) -> Figures:
+    with tempfile.TemporaryDirectory(prefix="unetdist-bench-") as scratch:
+        result = Path(scratch) / "result.json"
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "unetdist.bench.train", *_worker_argv(args, threads), "--worker-result", str(result),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        # captured, so that nothing torchrun prints lands after the bench's final line
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not result.exists():
+            tail = (done.stdout + done.stderr)[-4000:]
+            raise RuntimeError(f"torchrun with {nproc} rank(s) failed (exit {done.returncode}):\n{tail}")
+        return json.loads(result.read_text())
+
+
+def _worker_argv(args: argparse.Namespace, threads: int) -> list[str]:
+    argv = [
+        "--preset", args.preset, "--base-width", str(args.base_width), "--depth", str(args.depth),
+        "--norm", args.norm, "--tile", str(args.tile), "--batch", str(args.batch),
+        "--precision", args.precision, "--compile-mode", args.compile_mode, "--optim", args.optim,
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+        "--log-every", str(args.log_every), "--device", args.device, "--threads", str(threads),
+    ]
+    for flag in ("channels_last", "compile", "activation_checkpointing", "fused"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    return argv
+
+
+def _worker_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unetdist.bench.train", description="a torchrun worker")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.worker_result:
+        parser.error("this entry point is the --nproc worker; run `python -m unetdist.bench train` instead")
+    _check_args(args)
+    _run_in_process(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
