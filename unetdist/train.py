@@ -27,12 +27,11 @@ from unetdist import distributed, preemption
 from unetdist.config import BatchLayout, Config, ConfigError, TrackingConfig, batch_layout, load_config
 from unetdist.data import build_train_loader, build_val_loader
 from unetdist.distributed import DistributedContext
-from unetdist.model import build_unet
 from unetdist.optim import build_optimizer
 from unetdist.preemption import Preempted, StopSignal
 from unetdist.rank_zero import RunOutputs, error_summary, setup_logging
 from unetdist.seeding import seed_everything
-from unetdist.trainer import Trainer, wrap_model
+from unetdist.trainer import Trainer, build_model
 
 log = logging.getLogger("unetdist.train")
 
@@ -69,15 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             preemption.clear_marker(output_dir)
 
-        model = build_unet(
-            config.model.preset,
-            config.model.in_channels,
-            config.model.num_classes,
-            base_width=config.model.base_width or None,
-            depth=config.model.depth or None,
-            norm=config.model.norm,
-        )
-        raw_model, wrapped_model = wrap_model(model, config, ctx)
+        raw_model, wrapped_model = build_model(config, ctx)
         optimizer = build_optimizer(raw_model.parameters(), config.optim, config.model.preset, ctx.device.type)
         run_id = resume_state.get("mlflow_run_id") if resume_state else None
         outputs = RunOutputs.open(config, ctx, start_step, run_id)

@@ -29,6 +29,7 @@ from unetdist.distributed import DistributedContext
 from unetdist.geometry import center_crop
 from unetdist.losses import SegmentationLoss
 from unetdist.metrics import confusion_from_logits, metric_dict
+from unetdist.model import build_unet
 from unetdist.optim import lr_at, set_lr
 from unetdist.preemption import Preempted, StopSignal
 from unetdist.rank_zero import RunOutputs
@@ -38,6 +39,19 @@ from unetdist.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(config: Config, ctx: DistributedContext) -> tuple[nn.Module, nn.Module]:
+    """The configured U-Net on this rank's device, wrapped for DDP/compile: (raw_model, wrapped)."""
+    model = build_unet(
+        config.model.preset,
+        config.model.in_channels,
+        config.model.num_classes,
+        base_width=config.model.base_width or None,
+        depth=config.model.depth or None,
+        norm=config.model.norm,
+    )
+    return wrap_model(model, config, ctx)
 
 
 def wrap_model(model: nn.Module, config: Config, ctx: DistributedContext) -> tuple[nn.Module, nn.Module]:

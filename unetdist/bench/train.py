@@ -141,10 +141,9 @@ def _config(args: argparse.Namespace, world_size: int, output_dir: str):
 def _build(args: argparse.Namespace, output_dir: str) -> _Parts:
     from unetdist import distributed
     from unetdist.config import batch_layout
-    from unetdist.model import build_unet
     from unetdist.optim import build_optimizer
     from unetdist.preemption import StopSignal
-    from unetdist.trainer import wrap_model
+    from unetdist.trainer import build_model
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config = _config(args, world_size, output_dir)
@@ -153,16 +152,7 @@ def _build(args: argparse.Namespace, output_dir: str) -> _Parts:
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
     torch.manual_seed(0)
-    model = build_unet(
-        config.model.preset,
-        config.model.in_channels,
-        config.model.num_classes,
-        base_width=config.model.base_width or None,
-        depth=config.model.depth or None,
-        norm=config.model.norm,
-        activation_checkpointing=config.train.activation_checkpointing,
-    )
-    raw_model, wrapped = wrap_model(model, config, ctx)
+    raw_model, wrapped = build_model(config, ctx)
     optimizer = build_optimizer(raw_model.parameters(), config.optim, config.model.preset, ctx.device.type)
     return _Parts(config, ctx, layout, raw_model, wrapped, optimizer,
                   _host_batch(args, ctx.device.type == "cuda"), StopSignal())
