@@ -8,6 +8,7 @@ as preempted, failed or finished. Everything is read back through ``MlflowClient
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,11 @@ def loss_at(step: int, attempt: int) -> float:
 
 
 def fake_checkpoint(run_dir: Path, step: int) -> Path:
-    path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x" * 1000)
-    path.with_name(path.name + ".sha256").write_text("0" * 64)
+    """A checkpoint directory as checkpoint.py writes it (parts + manifest)."""
+    path = run_dir / "checkpoints" / f"step-{step:08d}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "trainer.pt").write_bytes(b"x" * 1000)
+    (path / "MANIFEST.json").write_text(json.dumps({"step": step, "files": {}}))
     return path
 
 
@@ -132,11 +134,12 @@ def test_one_run_across_two_interruptions(mlflow_server, tmp_path):
     assert run.data.tags.get("mlflow.loggedImages") == "True"
 
     # checkpoints: tags name them; with "last" only the final one is uploaded
-    assert run.data.tags["unetdist.last_checkpoint"].endswith("step-00000024.pt")
-    assert run.data.tags["unetdist.best_checkpoint"].endswith("step-00000016.pt")
-    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {
-        "checkpoints/step-00000024.pt",
-        "checkpoints/step-00000024.pt.sha256",
+    assert run.data.tags["unetdist.last_checkpoint"].endswith("step-00000024")
+    assert run.data.tags["unetdist.best_checkpoint"].endswith("step-00000016")
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/step-00000024"}
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints/step-00000024")} == {
+        "checkpoints/step-00000024/MANIFEST.json",
+        "checkpoints/step-00000024/trainer.pt",
     }
     assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
 
@@ -181,9 +184,9 @@ def test_checkpoint_modes_all_and_none(mlflow_server, tmp_path):
         outputs.close("FINISHED")
         run_id = outputs.tracker.run_id
         uploaded = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
-        expected = {f"checkpoints/step-0000000{s}.pt{x}" for s in (4, 8) for x in ("", ".sha256")}
+        expected = {f"checkpoints/step-0000000{s}" for s in (4, 8)}
         assert uploaded == (expected if mode == "all" else set()), mode
-        assert client.get_run(run_id).data.tags["unetdist.last_checkpoint"].endswith("step-00000008.pt")
+        assert client.get_run(run_id).data.tags["unetdist.last_checkpoint"].endswith("step-00000008")
 
 
 def test_other_ranks_record_nothing(tmp_path):

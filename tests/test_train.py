@@ -28,16 +28,18 @@ def metric_values(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tu
 
 
 @pytest.mark.slow
-def test_two_rank_run_learns_and_lands_in_mlflow(cell_shards, tmp_path, local_mlflow_store):
+def test_two_rank_run_learns_and_lands_in_mlflow(cell_shards, tmp_path, mlflow_server, monkeypatch):
+    """Against a real tracking server: one run for the 2-rank job, its metrics, config, checkpoint, model."""
     output_dir = tmp_path / "run"
-    overrides = tiny_run_overrides(cell_shards, output_dir, local_mlflow_store) + [
+    overrides = tiny_run_overrides(cell_shards, output_dir, mlflow_server) + [
         "train.max_steps=200", "train.val_every=100", "train.val_at_start=true", "checkpoint.every=100",
+        "tracking.experiment=two-rank-e2e",
     ]
     result = run_train(["--config", "configs/quickstart.yaml", *overrides], nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
 
-    client = mlflow.MlflowClient(local_mlflow_store)
-    experiment = client.get_experiment_by_name("tests")
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("two-rank-e2e")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1, "one MLflow run per training job, not one per rank"
     run = runs[0]
@@ -61,7 +63,7 @@ def test_two_rank_run_learns_and_lands_in_mlflow(cell_shards, tmp_path, local_ml
     assert "model" in models and models["model"].source_run_id == run.info.run_id
 
     # the logged model segments a new image like the trained network (pyfunc: float32 NCHW -> uint8 masks)
-    mlflow.set_tracking_uri(local_mlflow_store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # "models:/" resolves through it
     segmenter = mlflow.pyfunc.load_model(models["model"].model_uri)
     image, instances = synthetic_cells(96, np.random.default_rng(99))
     mask = segmenter.predict(image[None, None].astype(np.float32))
