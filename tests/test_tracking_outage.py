@@ -143,3 +143,67 @@ def test_dead_server_bounded_exit_then_replay(mlflow_server, tmp_path, caplog, c
     assert steps_on_server(client, run_id, "train/loss") == list(range(1, 51))
     assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
     assert tracker.unsent_path.with_suffix(".jsonl.replayed").exists()
+
+
+def test_training_run_survives_an_outage(mlflow_server_process, cell_shards, tmp_path):
+    """A real training process: the server goes away for > 30 s mid-run and comes back on
+    the same port; training keeps its pace and every logged step reaches the server."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, tiny_run_overrides
+    from mlflow import MlflowClient
+
+    from unetdist.preemption import EXIT_PREEMPTED
+
+    uri = mlflow_server_process.start()
+    output_dir = tmp_path / "run"
+    args = tiny_run_overrides(cell_shards, output_dir, uri) + [
+        "train.max_steps=1000000", "train.log_every=5", "train.val_every=0", "checkpoint.every=1000000",
+        "train.record_samples=true", "tracking.experiment=outage-e2e", "tracking.image_every=0",
+        "tracking.flush_timeout_s=60", "tracking.request_timeout_s=2", "optim.schedule=constant",
+    ]
+    samples = output_dir / "samples" / "rank-00000.jsonl"
+
+    def steps_done() -> int:
+        return len(samples.read_text().splitlines()) if samples.exists() else 0
+
+    def wait_for_step(step: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while steps_done() < step:
+            assert time.monotonic() < deadline, f"training did not reach step {step}"
+            assert process.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(0.2)
+
+    with open(tmp_path / "train.log", "w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "unetdist.train", *args], cwd=REPO_ROOT,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(30)
+        mlflow_server_process.stop()
+        stopped_at_step, stopped_at = steps_done(), time.monotonic()
+        time.sleep(OUTAGE_S)
+        mlflow_server_process.start()
+        back_at_step, downtime_s = steps_done(), time.monotonic() - stopped_at
+        wait_for_step(back_at_step + 30)
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        process.kill()
+        mlflow_server_process.start()
+
+    last_step = int((output_dir / "PREEMPTED").read_text())
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("outage-e2e").experiment_id])
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    assert steps_on_server(client, run_id, "train/loss") == list(range(5, last_step + 1, 5))
+    step_times = {m.step: m.value for m in client.get_metric_history(run_id, "train/step_time_s")}
+    before = [t for s, t in step_times.items() if s <= stopped_at_step]
+    during = [t for s, t in step_times.items() if stopped_at_step + 5 < s <= back_at_step]
+    print(f"downtime {downtime_s:.1f} s (steps {stopped_at_step}..{back_at_step}); mean step time "
+          f"before {statistics.mean(before):.4f} s, during the outage {statistics.mean(during):.4f} s")
+    assert downtime_s > 30 and len(during) >= 5
+    assert statistics.mean(during) < 1.5 * statistics.mean(before) + 0.01
