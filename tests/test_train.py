@@ -71,6 +71,12 @@ def test_two_rank_run_learns_and_lands_in_mlflow(cell_shards, tmp_path, mlflow_s
     truth = instances > 0
     dice = 2 * np.logical_and(mask[0] == 1, truth).sum() / ((mask[0] == 1).sum() + truth.sum())
     assert dice > 0.75, dice
+    # and `unetdist.predict` takes the same URI
+    from unetdist.predict import load_model, predict_array
+
+    network, meta = load_model(models["model"].model_uri)
+    assert meta["kind"] == "mlflow"
+    assert np.array_equal(predict_array(network, image.astype(np.float32), tile=64), mask[0])  # the training tile
     assert (output_dir / "config.yaml").is_file()
 
 

@@ -114,15 +114,17 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[UNet
 
 
 def _load_mlflow(uri: str, map_location: str | torch.device) -> tuple[UNet, dict[str, Any]]:
+    """The network inside a model logged by a training run (``unetdist.pyfunc_model``)."""
     try:
-        import mlflow.pytorch
+        import mlflow.pyfunc
 
-        model = mlflow.pytorch.load_model(uri, map_location=map_location)
+        segmenter = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     except Exception as err:  # MLflow raises many types (MlflowException, OSError, pickle errors)
         raise ModelLoadError(f"{uri}: cannot load the MLflow model: {err}") from err
+    model = getattr(segmenter, "network", None)
     if not isinstance(model, nn.Module) or not hasattr(model, "in_channels"):
-        raise ModelLoadError(f"{uri}: not a unetdist U-Net (got {type(model).__name__})")
-    model.eval()
+        raise ModelLoadError(f"{uri}: not a unetdist U-Net model (got {type(segmenter).__name__})")
+    model.to(map_location).eval()
     return model, {"source": uri, "kind": "mlflow", **_model_meta(model)}
 
 
