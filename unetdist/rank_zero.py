@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unetdist import preemption
 from unetdist.config import Config, TrackingConfig, save_config
 from unetdist.distributed import DistributedContext
 from unetdist.tracking import LEAVE_RUNNING, MLflowTracker, NullTracker, make_tracker
@@ -104,6 +105,7 @@ class RunOutputs:
     last_checkpoint: Path | None = None
     best_checkpoint: Path | None = None
     system_monitor: Any = None
+    is_main: bool = False  # writes the run's files (config, PREEMPTED marker) even without tracking
 
     @property
     def active(self) -> bool:
@@ -121,6 +123,7 @@ class RunOutputs:
         if not ctx.is_main:
             return cls.null(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        preemption.clear_marker(run_dir)  # this job runs: an old marker must not requeue it
         config_path = run_dir / "config.yaml"
         save_config(config, config_path)
         tracking = config.tracking
@@ -145,7 +148,7 @@ class RunOutputs:
             tracker.log_artifact(config_path)
         use_bar = config.train.progress and sys.stderr.isatty()
         progress = RichProgress(config.train.max_steps, start_step) if use_bar else NullProgress()
-        outputs = cls(tracker, progress, run_dir, tracking)
+        outputs = cls(tracker, progress, run_dir, tracking, is_main=True)
         if tracking.system_metrics and isinstance(tracker, MLflowTracker):
             outputs.system_monitor = _start_system_metrics(tracker, resumed=run_id is not None)
         return outputs
@@ -216,6 +219,11 @@ class RunOutputs:
                 "alias": kind,
             }
         )
+
+    def mark_preempted(self, step: int) -> None:
+        """Leave ``output_dir/PREEMPTED`` for job scripts that requeue a stopped run."""
+        if self.is_main:
+            preemption.write_marker(self.run_dir, step)
 
     def close(self, status: str, error: str | None = None) -> None:
         """End the run's record: FINISHED, FAILED (``error`` as a tag), PREEMPTED (run left RUNNING) or KILLED."""

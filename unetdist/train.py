@@ -65,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
         resume_state = find_resume_state(config, ctx)
         start_step = int(resume_state["step"]) if resume_state else 0
-        if ctx.is_main:
-            preemption.clear_marker(output_dir)
 
         raw_model, wrapped_model = build_model(config, ctx)
         optimizer = build_optimizer(raw_model.parameters(), config.optim, config.model.preset, ctx.device.type)
@@ -93,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Preempted as stop:
         log.warning("%s; resume with --resume auto", stop)
-        if ctx.is_main:
-            preemption.write_marker(output_dir, stop.step)
         if outputs:
+            outputs.mark_preempted(stop.step)
             outputs.close("PREEMPTED")
         return preemption.EXIT_PREEMPTED
     except (ConfigError, ValueError, ckpt.CheckpointError) as err:

@@ -3,9 +3,13 @@
 Writes ``--tiles`` synthetic uint16 tiles (``--tile`` px) as npy tar shards, a Zarr store and
 PNG tar shards into ``--dir``, then times, with ``--workers`` DataLoader workers each:
 the unetdist loader (read + decode + crop + augmentation parameters, compact dtype out),
-the same batches built from arrays in memory (the ceiling: same workers, same dtype
-handling, no I/O), and ``webdataset.WebDataset(...).decode("torch")`` on the PNGs (the
-obvious pipeline). Also times the device-side augmentation (``to_model_input``) on the CPU.
+the in-memory ceiling (the same loader, workers and batches, over tiles already decoded in
+memory: everything but the I/O and decoding), and ``webdataset.WebDataset(...).decode("torch")``
+on the PNGs (the obvious pipeline). The loader and the ceiling are timed in alternating
+windows (``--repeats`` each) so that load from other processes hits both alike;
+``loader_vs_ceiling`` is the median of the windows' ratios. Also reported: a bare copy of random tiles out of an array (no
+sequence, no augmentation parameters, no keys) as the floor of the per-batch cost, and the
+device-side augmentation (``to_model_input``) on the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--tiles", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=48, help="micro-batches timed per pipeline")
+    parser.add_argument("--batches", type=int, default=96, help="micro-batches timed per window")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating timing windows of loader and ceiling")
     parser.add_argument("--dir", default="", help="scratch folder (default: a temporary one)")
 
 
@@ -56,15 +61,28 @@ def _write(folder: Path, tiles: int, size: int) -> None:
     (folder / "dataset.json").write_text(json.dumps({"train_shards": names, "train_counts": counts, "val_shards": []}))
 
 
-def _rate(iterator, batches: int, batch: int) -> float:
-    next(iterator)  # workers started
+def _rate(iterator, batches: int, batch: int, buffered: int) -> float:
+    for _ in range(buffered + 1):  # started, and what the workers had prefetched while idle is drained
+        next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
         next(iterator)
     return batches * batch / (time.perf_counter() - start)
 
 
-class _InMemory(torch.utils.data.IterableDataset):
+class _InMemoryTiles:
+    """Decoded tiles in memory as a loader source: the ceiling (no I/O, no decoding)."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray) -> None:
+        self.images, self.masks, self.counts, self.names = images, masks, [len(images)], ["memory"]
+
+    def read(self, unit: int, indices: list[int]) -> list:
+        from unetdist.data.samples import Sample
+
+        return [Sample(f"t{i:06d}", "memory", self.images[i], self.masks[i], None) for i in indices]
+
+
+class _BareCopy(torch.utils.data.IterableDataset):
     def __init__(self, images: np.ndarray, masks: np.ndarray, batch: int) -> None:
         self.images, self.masks, self.batch = images, masks, batch
 
@@ -89,27 +107,36 @@ def run(args) -> dict[str, float | int | str]:
         data = DataConfig(format=args.format, root=str(folder), tile_size=args.tile, num_workers=args.workers,
                           augment_on="device", augment_elastic=True, augment_intensity=True, augment_noise_std=0.01,
                           block_size=8, prefetch_factor=4)
-        loader = build_train_loader(data, rank=0, world_size=1, seed=0, micro_batch_size=args.batch,
-                                    in_channels=1, num_classes=2, use_weight_map=False)
-        batches = iter(loader)
-        loader_rate = _rate(batches, args.batches, args.batch)
-        sample = next(batches)
+        options = dict(rank=0, world_size=1, seed=0, micro_batch_size=args.batch, in_channels=1, num_classes=2,
+                       use_weight_map=False)
+        import zarr
+
+        group = zarr.open_group(str(folder / "data.zarr"), mode="r", path="train")
+        images, masks = group["image"][:], group["mask"][:]
+        loader = iter(build_train_loader(data, **options))
+        memory = iter(build_train_loader(data, **options, source=_InMemoryTiles(images, masks)))
+        buffered = data.prefetch_factor * max(1, args.workers)
+        loader_rates, ceiling_rates = [], []
+        for _ in range(args.repeats):
+            loader_rates.append(_rate(loader, args.batches, args.batch, buffered))
+            ceiling_rates.append(_rate(memory, args.batches, args.batch, buffered))
+        loader_rate, ceiling_rate = float(np.median(loader_rates)), float(np.median(ceiling_rates))
+        ratio = float(np.median(np.divide(loader_rates, ceiling_rates)))
+        sample = next(loader)
+        del loader, memory  # their workers stop
         start = time.perf_counter()
         for _ in range(4):
             to_model_input(sample, "cpu")
         augment_rate = 4 * args.batch / (time.perf_counter() - start)
 
-        import zarr
-
-        group = zarr.open_group(str(folder / "data.zarr"), mode="r", path="train")
-        memory = DataLoader(_InMemory(group["image"][:], group["mask"][:], args.batch), batch_size=None,
-                            num_workers=args.workers, persistent_workers=args.workers > 0)
-        ceiling_rate = _rate(iter(memory), args.batches, args.batch)
+        bare = DataLoader(_BareCopy(images, masks, args.batch), batch_size=None, num_workers=args.workers,
+                          persistent_workers=args.workers > 0, prefetch_factor=data.prefetch_factor if args.workers else None)
+        bare_rate = _rate(iter(bare), args.batches, args.batch, buffered)
 
         pngs = sorted(str(p) for p in folder.glob("png-*.tar"))
         png_pipeline = wds.WebDataset(pngs, shardshuffle=False, empty_check=False, nodesplitter=None,
                                       workersplitter=wds.split_by_worker).repeat().decode("torch").to_tuple("image.png", "mask.png").batched(args.batch)
-        png_rate = _rate(iter(DataLoader(png_pipeline, batch_size=None, num_workers=args.workers)), args.batches, args.batch)
+        png_rate = _rate(iter(DataLoader(png_pipeline, batch_size=None, num_workers=args.workers)), args.batches, args.batch, 0)
     tile_mb = args.tile * args.tile * 2 / 1e6
     cores = max(1, args.workers)
     return {
@@ -118,8 +145,10 @@ def run(args) -> dict[str, float | int | str]:
         "samples_per_s": round(loader_rate, 1),
         "mb_per_s": round(loader_rate * tile_mb, 1),
         "ceiling_samples_per_s": round(ceiling_rate, 1),
+        "bare_copy_samples_per_s": round(bare_rate, 1),
         "png_wds_samples_per_s": round(png_rate, 1),
-        "loader_vs_ceiling": round(loader_rate / ceiling_rate, 3),
+        "loader_vs_ceiling": round(ratio, 3),
+        "loader_vs_ceiling_windows": "/".join(f"{a / b:.2f}" for a, b in zip(loader_rates, ceiling_rates, strict=True)),
         "loader_vs_png_wds": round(loader_rate / png_rate, 2),
         "tiles_per_s_per_core": round(loader_rate / cores, 1),
         "cpu_augment_tiles_per_s_per_core": round(augment_rate, 1),

@@ -1,9 +1,11 @@
 """Deterministic per-sample augmentation, drawn on the CPU and applied on the CPU or the GPU.
 
-Each sample's random numbers come from ``numpy.random.default_rng([SAMPLE_STREAM, seed,
-position])`` in the loader worker: first the crop (:func:`crop_window`), then the fixed
-parameter vector of :func:`draw_params` (all parameters are always drawn, in one order, so
-switching one augmentation on or off leaves the others' values unchanged). The vector
+Each sample's random numbers are a pure function of (seed, global position): counter-based
+words (:func:`sample_words`, SplitMix64 hashing of seed, position and word number), drawn for
+a whole micro-batch at once with numpy, so they do not depend on which other samples share
+the batch, nor on ranks or workers. They give the crop (:func:`crop_windows`) and the fixed
+parameter vector of :func:`draw_params` (all parameters are always drawn, from fixed words,
+so switching one augmentation on or off leaves the others' values unchanged). The vector
 travels with the batch; :func:`apply` turns it into pixels with torch, batched, on
 whatever device the tensors are on:
 
@@ -31,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unetdist.data.sequence import SAMPLE_STREAM
+
 NORMALISATION_EPSILON = 1e-6
 ELASTIC_GRID = 3
 GAMMA_LOG_RANGE = 0.25  # gamma = exp(U(-r, r)): ~0.78 .. 1.28
@@ -56,32 +60,69 @@ class AugmentSpec:
         return self.flips or self.intensity or self.noise_std > 0 or self.elastic
 
 
-def crop_window(
-    mask: np.ndarray, size: int, rng: np.random.Generator, foreground_fraction: float
-) -> tuple[int, int]:
-    """(top, left) of a ``size`` window: centred on a random foreground pixel with probability
-    ``foreground_fraction`` (when the mask has any), else uniform. Draws the same numbers either way."""
-    height, width = mask.shape
-    toss = rng.random()
-    uniform_top, uniform_left, pick = (int(value) for value in rng.integers(0, 1 << 62, size=3))
-    top, left = int(uniform_top % (height - size + 1)), int(uniform_left % (width - size + 1))
-    if toss < foreground_fraction and (height > size or width > size):
-        foreground = np.flatnonzero(mask)
-        if foreground.size:
-            y, x = divmod(int(foreground[pick % foreground.size]), width)
-            top = min(max(y - size // 2, 0), height - size)
-            left = min(max(x - size // 2, 0), width - size)
-    return top, left
+# Word numbers of a sample's random words (see sample_words).
+_TOSS, _TOP, _LEFT, _PICK, _TURNS, _FLIP, _INTENSITY, _NOISE_SEED, _NORMALS = 0, 1, 2, 3, 4, 5, 6, 9, 10
+NUM_WORDS = _NORMALS + 2 * ELASTIC_GRID * ELASTIC_GRID
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def draw_params(rng: np.random.Generator, spec: AugmentSpec) -> tuple[np.ndarray, int]:
-    """The parameter vector (float32 [NUM_PARAMS]) and noise seed of one sample."""
-    turns, flip = rng.integers(0, 4), rng.integers(0, 2)
-    log_gamma, scale, shift = rng.uniform(-1.0, 1.0, size=3)
-    displacement = rng.normal(0.0, spec.elastic_sigma_px, size=2 * ELASTIC_GRID * ELASTIC_GRID)
-    noise_seed = int(rng.integers(0, 1 << 62))
-    params = np.concatenate([[turns, flip, log_gamma, scale, shift], displacement]).astype(np.float32)
-    return params, noise_seed
+def _mix64(words: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective, well-mixing hash of uint64 words (wrapping arithmetic)."""
+    words = (words ^ (words >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    words = (words ^ (words >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return words ^ (words >> np.uint64(31))
+
+
+def sample_words(seed: int, positions: np.ndarray, count: int = NUM_WORDS) -> np.ndarray:
+    """uint64 [len(positions), count]: the random words of each global position (counter-based)."""
+    key = _mix64(np.asarray([seed % (1 << 64)], dtype=np.uint64) ^ np.uint64(SAMPLE_STREAM))
+    stream = _mix64(key + np.asarray(positions, dtype=np.int64).astype(np.uint64) * _GOLDEN)
+    counters = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
+    return _mix64(stream[:, None] + counters[None, :])
+
+
+def _unit_floats(words: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1) from the top 53 bits of each word."""
+    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def crop_windows(
+    masks: list[np.ndarray], size: int, words: np.ndarray, foreground_fraction: float
+) -> list[tuple[int, int]]:
+    """(top, left) of each sample's ``size`` window: centred on a random foreground pixel with
+    probability ``foreground_fraction`` (when the mask has any), else uniform."""
+    toss = _unit_floats(words[:, _TOSS])
+    windows = []
+    for mask, toss_i, (top_word, left_word, pick) in zip(
+        masks, toss.tolist(), words[:, _TOP : _PICK + 1].tolist(), strict=True
+    ):
+        height, width = mask.shape
+        top, left = top_word % (height - size + 1), left_word % (width - size + 1)
+        if toss_i < foreground_fraction and (height > size or width > size):
+            foreground = np.flatnonzero(mask)
+            if foreground.size:
+                y, x = divmod(int(foreground[pick % foreground.size]), width)
+                top = min(max(y - size // 2, 0), height - size)
+                left = min(max(x - size // 2, 0), width - size)
+        windows.append((top, left))
+    return windows
+
+
+def draw_params(words: np.ndarray, spec: AugmentSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The parameter vectors (float32 [B, NUM_PARAMS]) and noise seeds (int64 [B]) of a batch."""
+    batch = len(words)
+    params = np.empty((batch, NUM_PARAMS), dtype=np.float32)
+    params[:, 0] = words[:, _TURNS] % np.uint64(4)
+    params[:, 1] = words[:, _FLIP] % np.uint64(2)
+    params[:, 2:5] = _unit_floats(words[:, _INTENSITY : _INTENSITY + 3]) * 2.0 - 1.0  # log_gamma, scale, shift
+    # Box-Muller: each pair of words gives two independent standard normals.
+    first, second = words[:, _NORMALS::2], words[:, _NORMALS + 1 :: 2]
+    radius = np.sqrt(-2.0 * np.log1p(-_unit_floats(first)))  # 1 - u lies in (0, 1]
+    angle = 2.0 * np.pi * _unit_floats(second)
+    normals = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+    params[:, 5:] = spec.elastic_sigma_px * normals
+    noise_seeds = (words[:, _NOISE_SEED] >> np.uint64(2)).astype(np.int64)
+    return params, noise_seeds
 
 
 # ---------------------------------------------------------------- applying (torch, any device)
@@ -167,7 +208,8 @@ def normalise(image: torch.Tensor, how: str) -> torch.Tensor:
 def to_model_input(batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
     """A loader batch as model input on ``device``: image float32 [B,C,H,W], mask int64, weight float32.
 
-    Batches from the loader carry ``"augment"`` (spec, parameters, noise seeds) and
+    Batches from the loader carry ``"augment"`` (spec, parameters [B, NUM_PARAMS], noise seeds [B];
+    numpy arrays or tensors) and
     ``"normalize"`` until this has run; a batch without them (already converted in a
     worker) is only moved. Call it once per micro-batch, e.g. in ``Trainer._to_device``.
     """
@@ -184,7 +226,7 @@ def to_model_input(batch: dict[str, Any], device: torch.device | str = "cpu") ->
         augment = batch.get("augment")
         if augment is not None:
             spec, params, seeds = augment
-            image, mask, weight = apply(image, mask, weight, params, seeds, spec)
+            image, mask, weight = apply(image, mask, weight, torch.as_tensor(params), torch.as_tensor(seeds), spec)
         image = normalise(image, how)
     out["image"] = image.float()
     out["mask"] = mask.long()

@@ -14,8 +14,8 @@ produces the rank's micro-batches ``q`` with ``q % W == worker`` (the DataLoader
 them round-robin, in order; each batch carries its index and :class:`TrainLoader` checks
 it). A worker reads its samples (:mod:`unetdist.data.webdataset` / :mod:`unetdist.data.zarr`),
 crops them (random window, or centred on foreground with ``data.foreground_fraction``),
-draws each sample's augmentation parameters from (seed, position) and hands over a batch
-of ``{"image": [B,C,T,T] stored dtype, "mask": [B,T,T] uint8, "weight": [B,T,T] f32,
+draws each sample's augmentation parameters from (seed, position) and builds, in shared
+memory (handing it over copies nothing), a batch of ``{"image": [B,C,T,T] stored dtype, "mask": [B,T,T] uint8, "weight": [B,T,T] f32,
 "key": [...], "augment": ..., "normalize": ...}`` — or, with ``data.augment_on=worker``,
 the model-ready float32 batch (:func:`unetdist.data.augment.to_model_input` already run).
 
@@ -28,6 +28,7 @@ the positions of all other samples stay as they were.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,9 +40,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unetdist.config import DataConfig
-from unetdist.data.augment import AugmentSpec, crop_window, draw_params, to_model_input
+from unetdist.data.augment import AugmentSpec, crop_windows, draw_params, sample_words, to_model_input
 from unetdist.data.samples import DataError, Sample, SampleChecks
-from unetdist.data.sequence import SAMPLE_STREAM, Blocks, GlobalSequence, RankLayout
+from unetdist.data.sequence import Blocks, GlobalSequence, RankLayout
 from unetdist.data.webdataset import TarShards, list_shards, shard_counts
 from unetdist.data.zarr import STORE_NAME, ZarrTiles
 
@@ -87,18 +88,36 @@ class BatchOptions:
     spec: AugmentSpec | None  # None: no augmentation (validation, or data.augment off)
 
 
+def _batch_array(shape: tuple[int, ...], dtype: np.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """An empty batch tensor and its numpy view; in a DataLoader worker it lives in shared
+    memory (as ``default_collate`` does), so handing it to the training process copies nothing."""
+    dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    if get_worker_info() is None:
+        tensor = torch.empty(shape, dtype=dtype)
+    else:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        tensor = torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return tensor, tensor.numpy()
+
+
 def collate(samples: list[Sample], windows: list[tuple[int, int]], options: BatchOptions) -> dict[str, Any]:
-    """Crop each sample to its window and stack: the compact batch (stored dtypes)."""
-    size = options.tile_size
-    crops = [(s, slice(top, top + size), slice(left, left + size)) for s, (top, left) in zip(samples, windows, strict=False)]
-    batch: dict[str, Any] = {
-        "image": torch.from_numpy(np.stack([s.image[:, ys, xs] for s, ys, xs in crops])),
-        "mask": torch.from_numpy(np.stack([s.mask[ys, xs] for s, ys, xs in crops]).astype(np.uint8, copy=False)),
-        "key": [s.key for s in samples],
-        "normalize": options.normalize,
-    }
+    """Crop each sample to its window, copied straight into the compact batch (stored dtypes)."""
+    size, count = options.tile_size, len(samples)
+    channels = samples[0].image.shape[0]
+    image, image_out = _batch_array((count, channels, size, size), np.result_type(*(s.image for s in samples)))
+    mask, mask_out = _batch_array((count, size, size), np.dtype(np.uint8))
+    weight, weight_out = (None, None)
     if samples[0].weight is not None:
-        batch["weight"] = torch.from_numpy(np.stack([s.weight[ys, xs] for s, ys, xs in crops]).astype(np.float32))
+        weight, weight_out = _batch_array((count, size, size), np.dtype(np.float32))
+    for slot, (sample, (top, left)) in enumerate(zip(samples, windows, strict=True)):
+        ys, xs = slice(top, top + size), slice(left, left + size)
+        image_out[slot] = sample.image[:, ys, xs]
+        mask_out[slot] = sample.mask[ys, xs]
+        if weight_out is not None:
+            weight_out[slot] = sample.weight[ys, xs]
+    batch: dict[str, Any] = {"image": image, "mask": mask, "key": [s.key for s in samples], "normalize": options.normalize}
+    if weight is not None:
+        batch["weight"] = weight
     return batch
 
 
@@ -135,18 +154,15 @@ class TrainStream(IterableDataset):
         epochs, units, indices = self.sequence.locate(positions)
         read = _read(self.source, units, indices)
         samples, skipped = _replace_bad(read, self.options.on_error, f"micro-batch {micro_index}")
-        windows, params, seeds = [], [], []
+        words = sample_words(self.sequence.seed, positions)  # this batch's random numbers, per position
         spec, size = self.options.spec, self.options.tile_size
-        for sample, position in zip(samples, positions, strict=False):
-            rng = np.random.default_rng([SAMPLE_STREAM, self.sequence.seed, int(position)])
-            windows.append(crop_window(sample.mask, size, rng, self.options.foreground_fraction))
-            if spec is not None:
-                vector, seed = draw_params(rng, spec)
-                params.append(vector)
-                seeds.append(seed)
+        windows = crop_windows([s.mask for s in samples], size, words, self.options.foreground_fraction)
         batch = collate(samples, windows, self.options)
         if spec is not None:
-            batch["augment"] = (spec, torch.from_numpy(np.stack(params)), torch.tensor(seeds, dtype=torch.int64))
+            params, noise_seeds = draw_params(words, spec)
+            # numpy, not tensors: small arrays travel pickled inline, while every tensor costs
+            # the training process a file-descriptor handoff from the worker.
+            batch["augment"] = (spec, params, noise_seeds)
         batch.update(index=micro_index, epoch=int(epochs[0]), skipped=skipped)
         return to_model_input(batch, "cpu") if self.options.augment_on == "worker" else batch
 
@@ -328,13 +344,15 @@ def build_train_loader(
     global_batch_size: int = 0,
     start_sample: int = 0,
     multiprocessing_context: str | None = None,
+    source: Any = None,
     **legacy: Any,
 ) -> TrainLoader:
     """This rank's endless training micro-batches, continuing the global sequence at ``start_sample``.
 
     ``global_batch_size`` 0 means ``micro_batch_size * world_size`` (no accumulation).
     A shard list as ``data`` with the spine's keywords (tile_size=, num_workers=, augment=,
-    pin_memory=) still works.
+    pin_memory=) still works. ``source`` replaces the configured store with an already open
+    one (anything with ``counts`` and ``read``, e.g. the bench's in-memory tiles).
     """
     shards = None
     if not isinstance(data, DataConfig):
@@ -342,7 +360,7 @@ def build_train_loader(
     elif legacy:
         raise TypeError(f"unexpected keyword argument(s) {sorted(legacy)} next to a DataConfig")
     checks = SampleChecks(data.tile_size, in_channels, num_classes, use_weight_map)
-    source = open_source(data, "train", checks, shards)
+    source = source if source is not None else open_source(data, "train", checks, shards)
     layout = RankLayout(global_batch_size or micro_batch_size * world_size, world_size, rank, micro_batch_size)
     block_size = data.block_size or getattr(source, "chunk_tiles", 1)
     sequence = GlobalSequence(

@@ -7,13 +7,16 @@ names the store (shard file / Zarr store), the sample key and what was wrong, so
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 IMAGE_SUFFIXES = ("npy", "png", "tif", "tiff")
+NPY_MAGIC = b"\x93NUMPY"
 
 
 class DataError(ValueError):
@@ -41,7 +44,38 @@ class Sample:
     weight: np.ndarray | None
 
 
-def decode_field(name: str, data: bytes) -> np.ndarray:
+def load_npy(data: bytes | memoryview) -> np.ndarray:
+    """An ``.npy`` file's bytes as a read-only array viewing them (no copy, no pickles).
+
+    Tiles of a data set share a few headers, so each distinct header is parsed once.
+    """
+    view = memoryview(data)
+    if bytes(view[:6]) != NPY_MAGIC or len(view) < 10:
+        raise ValueError("not an .npy file")
+    length_bytes = 2 if view[6] == 1 else 4  # format version 1.0: 2-byte header length; 2.0, 3.0: 4
+    header_end = 8 + length_bytes + int.from_bytes(view[8 : 8 + length_bytes], "little")
+    layout = _npy_header(bytes(view[:header_end]))
+    if layout is None:  # a rarer format version: numpy's own reader (copies)
+        return np.load(io.BytesIO(view), allow_pickle=False)
+    dtype, shape, fortran_order = layout
+    array = np.frombuffer(view, dtype=dtype, count=math.prod(shape), offset=header_end)
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool] | None:
+    stream = io.BytesIO(header)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    reader = read_header.get(np.lib.format.read_magic(stream))
+    if reader is None:
+        return None
+    shape, fortran_order, dtype = reader(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    return dtype, shape, fortran_order
+
+
+def decode_field(name: str, data: bytes | memoryview) -> np.ndarray:
     """Bytes of one tar member (``image.npy``, ``mask.png``, ``image.tif`` ...) as an array, dtype kept.
 
     PNG goes through PIL, which keeps 16-bit PNGs as uint16 (webdataset's image decoders
@@ -49,7 +83,7 @@ def decode_field(name: str, data: bytes) -> np.ndarray:
     """
     suffix = name.rsplit(".", 1)[-1].lower()
     if suffix == "npy":
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return load_npy(data)
     if suffix == "png":
         from PIL import Image
 
@@ -64,7 +98,7 @@ def decode_field(name: str, data: bytes) -> np.ndarray:
     raise ValueError(f"no decoder for .{suffix}")
 
 
-def _field(fields: dict[str, bytes], stem: str, where: str, key: str) -> np.ndarray | None:
+def _field(fields: dict[str, memoryview], stem: str, where: str, key: str) -> np.ndarray | None:
     for suffix in IMAGE_SUFFIXES:
         name = f"{stem}.{suffix}"
         if name in fields:
@@ -75,7 +109,7 @@ def _field(fields: dict[str, bytes], stem: str, where: str, key: str) -> np.ndar
     return None
 
 
-def decode_sample(fields: dict[str, bytes], key: str, where: str) -> tuple:
+def decode_sample(fields: dict[str, memoryview], key: str, where: str) -> tuple:
     """(image, mask, weight-or-None) decoded from a sample's raw tar members."""
     image = _field(fields, "image", where, key)
     mask = _field(fields, "mask", where, key)
@@ -103,7 +137,7 @@ def check_sample(
         raise DataError(f"{at}: mask must be an integer HxW array, got {mask.dtype} {mask.shape}")
     if image.shape[1:] != mask.shape:
         raise DataError(f"{at}: image size {image.shape[1:]} differs from mask size {mask.shape}")
-    low, high = int(mask.min()), int(mask.max())
+    low, high = 0 if mask.dtype.kind == "u" else int(mask.min()), int(mask.max())
     if low < 0 or high >= checks.num_classes:
         bad = high if high >= checks.num_classes else low
         raise DataError(f"{at}: mask label {bad} out of range for num_classes={checks.num_classes} (model.num_classes)")

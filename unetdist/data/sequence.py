@@ -7,7 +7,7 @@ Design (exactness first, then streaming):
 
 * A data set is a list of *units* (tar shards, or one pre-tiled Zarr array) with a known
   sample count each. Each unit is cut into *blocks* of ``block_size`` consecutive samples
-  (a Zarr chunk, or a run of tar members read with one seek + read); a unit's last block
+  (a Zarr chunk, or a run of neighbouring tar members); a unit's last block
   may be shorter.
 * Epoch ``e`` is a seeded permutation of all blocks (seed, e); the epoch's sample sequence
   is the concatenation of the permuted blocks, samples of a block in stored order. Its

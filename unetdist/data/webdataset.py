@@ -2,8 +2,10 @@
 
 ``list_shards`` resolves a data root or a brace pattern to shard paths; :class:`TarShards`
 reads any sample of any shard by index: a shard's member table is built on first use by
-walking the tar headers with seeks (no data is read), then a run of consecutive samples
-is one seek and one read. Members are grouped into samples the way webdataset does (the
+walking the tar headers with seeks (no data is read), and the shard is memory-mapped, so a
+sample's members are views of the page cache (npy tiles are decoded without a copy; the
+batch is the first copy). Shards must not be rewritten in place while a run reads them
+(replacing a file, e.g. by a rename, is safe). Members are grouped into samples the way webdataset does (the
 key is the name up to its first dot), and decoded with :func:`unetdist.data.samples.decode_field`,
 which keeps 16-bit PNGs 16-bit.
 
@@ -14,6 +16,7 @@ stores. Stream URLs (``pipe:``, ``http:``) are refused with a message saying so.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import tarfile
 from collections import OrderedDict
@@ -172,9 +175,10 @@ class TarShards:
         self.checks = checks
         self.counts = list(counts) if counts is not None else count_samples(self.paths)
         self._indexes: OrderedDict[int, TarIndex] = OrderedDict()
+        self._maps: OrderedDict[int, memoryview] = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_indexes": OrderedDict()}
+        return {**self.__dict__, "_indexes": OrderedDict(), "_maps": OrderedDict()}
 
     @property
     def names(self) -> list[str]:
@@ -191,34 +195,45 @@ class TarShards:
             self._indexes.move_to_end(unit)
         return index
 
+    def _mapped(self, unit: int) -> memoryview:
+        """The whole shard file, memory-mapped: samples are views of the page cache, read without copies."""
+        view = self._maps.get(unit)
+        if view is None:
+            with open(self.paths[unit], "rb") as file:
+                view = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+            self._maps[unit] = view
+            if len(self._maps) > _CACHED_SHARD_INDEXES:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(unit)
+        return view
+
     def read(self, unit: int, indices: list[int]) -> list[Sample | DataError]:
-        """Samples ``indices`` (ascending, consecutive runs read at once) of shard ``unit``."""
+        """Samples ``indices`` of shard ``unit``, in that order."""
         path = self.paths[unit]
         try:
             index = self._index(unit)
         except (OSError, DataError) as err:
             error = err if isinstance(err, DataError) else DataError(f"shard {path}: cannot read: {err}")
             return [error] * len(indices)
-        present = [i for i in indices if i < len(index.samples)]
-        results: dict[int, Sample | DataError] = {}
+        results: list[Sample | DataError] = []
         for i in indices:
             if i >= len(index.samples):
-                results[i] = DataError(
+                results.append(DataError(
                     f"shard {path} sample #{i}: missing; the shard holds {len(index.samples)} complete "
                     f"sample(s) of {self.counts[unit]}" + (" (the tar file is truncated)" if index.truncated else "")
-                )
-        if present:
-            with open(path, "rb") as file:
-                for run in _consecutive_runs(present):
-                    begin, end = index.samples[run[0]].span[0], index.samples[run[-1]].span[1]
-                    file.seek(begin)
-                    data = file.read(end - begin)
-                    for i in run:
-                        results[i] = self._decode(index.samples[i], data, begin, path)
-        return [results[i] for i in indices]
+                ))
+                continue
+            try:
+                data = self._mapped(unit)
+            except (OSError, ValueError) as err:
+                results.append(DataError(f"shard {path}: cannot read: {err}"))
+                continue
+            results.append(self._decode(index.samples[i], data, path))
+        return results
 
-    def _decode(self, sample: TarSample, data: bytes, begin: int, path: str) -> Sample | DataError:
-        fields = {name: data[offset - begin : offset - begin + size] for name, offset, size in sample.members}
+    def _decode(self, sample: TarSample, data: memoryview, path: str) -> Sample | DataError:
+        fields = {name: data[offset : offset + size] for name, offset, size in sample.members}
         try:
             image, mask, weight = decode_sample(fields, sample.key, f"shard {path}")
             return check_sample(sample.key, f"shard {path}", image, mask, weight, self.checks)
@@ -229,12 +244,3 @@ class TarShards:
         samples = self._index(unit).samples
         return samples[index].key if index < len(samples) else f"#{index}"
 
-
-def _consecutive_runs(indices: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and i == runs[-1][-1] + 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
