@@ -170,3 +170,33 @@ def test_foreground_crops_are_centred_on_foreground(tmp_path: Path):
     loader = iter(build_train_loader(data, rank=0, world_size=1, **ARGS))
     for _ in range(4):
         assert all(int(mask[8, 8]) == 1 or int(mask.sum()) > 0 for mask in next(loader)["mask"])
+
+
+def test_zarr_chunk_files_read_what_zarr_reads(roots):
+    import numpy as np
+
+    from unetdist.data.samples import SampleChecks
+    from unetdist.data.zarr import ZarrTiles
+
+    tiles = ZarrTiles(roots["zarr"] / "data.zarr", "train", SampleChecks(TILE, 1, 2, True))
+    tiles._open()
+    assert all(files is not None for files in tiles._chunk_files.values())  # prepare's layout takes the fast path
+    count = tiles.counts[0]
+    runs = [(0, 1), (3, count - 2), (count - 1, count)]
+    names = ["image", "mask", "weight"]
+    for direct, through_zarr in zip(tiles._read_runs(runs), tiles._read_runs_with_zarr(runs, names), strict=True):
+        for name in [*names, "origin"]:
+            assert direct[name].dtype == through_zarr[name].dtype
+            assert np.array_equal(direct[name], through_zarr[name])
+
+
+def test_sample_words_are_a_function_of_seed_and_position_only():
+    import numpy as np
+
+    from unetdist.data.augment import sample_words
+
+    positions = np.array([5, 0, 1 << 40, 17])
+    words = sample_words(3, positions)
+    assert np.array_equal(words[2:3], sample_words(3, positions[2:3]))  # batch composition does not matter
+    assert not np.array_equal(words, sample_words(4, positions))
+    assert len({int(w) for w in words.ravel()}) == words.size

@@ -15,8 +15,8 @@ them round-robin, in order; each batch carries its index and :class:`TrainLoader
 it). A worker reads its samples (:mod:`unetdist.data.webdataset` / :mod:`unetdist.data.zarr`),
 crops them (random window, or centred on foreground with ``data.foreground_fraction``),
 draws each sample's augmentation parameters from (seed, position) and builds, in shared
-memory (handing it over copies nothing), a batch of ``{"image": [B,C,T,T] stored dtype, "mask": [B,T,T] uint8, "weight": [B,T,T] f32,
-"key": [...], "augment": ..., "normalize": ...}`` — or, with ``data.augment_on=worker``,
+memory (handing it over copies nothing), a batch of ``{"image": [B,C,T,T] stored dtype,
+"mask": [B,T,T] uint8, "weight": [B,T,T] f32, "key": [...], "augment": ..., "normalize": ...}`` — or, with ``data.augment_on=worker``,
 the model-ready float32 batch (:func:`unetdist.data.augment.to_model_input` already run).
 
 Bad samples: ``data.on_error=raise`` stops with the :class:`DataError` naming store, key
