@@ -41,6 +41,7 @@ class DataConfig:
     num_workers: int = 1
     prefetch_factor: int = 2  # micro-batches in flight per worker
     worker_start_method: str = _choice("default", "fork", "spawn", "forkserver", default="default")
+    tiles_per_image: int = 16  # zarr whole-image stores: training tiles sampled per image and epoch
     block_size: int = 0  # samples kept together in the shuffle; 0: 1 for tar shards, the chunk length for zarr
     epoch_end: str = _choice("pad", "drop", default="pad")  # make each epoch a whole number of global batches
     on_error: str = _choice("raise", "skip", default="raise")  # a bad sample: stop, or skip + count + log
@@ -57,6 +58,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         checks = {
             "data.block_size": (self.block_size >= 0, "zero or a positive number"),
+            "data.tiles_per_image": (self.tiles_per_image >= 1, "a positive number"),
             "data.prefetch_factor": (self.prefetch_factor >= 1, "a positive number"),
             "data.foreground_fraction": (0.0 <= self.foreground_fraction <= 1.0, "a fraction in [0, 1]"),
             "data.augment_noise_std": (self.augment_noise_std >= 0.0, "zero or a positive number"),

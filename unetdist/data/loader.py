@@ -44,7 +44,7 @@ from unetdist.data.augment import AugmentSpec, crop_windows, draw_params, sample
 from unetdist.data.samples import DataError, Sample, SampleChecks
 from unetdist.data.sequence import Blocks, GlobalSequence, RankLayout
 from unetdist.data.webdataset import TarShards, list_shards, shard_counts
-from unetdist.data.zarr import STORE_NAME, ZarrTiles
+from unetdist.data.zarr import STORE_NAME, ZarrImages, ZarrTiles, is_whole_image_store
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ def open_source(data: DataConfig, split: str, checks: SampleChecks, shards: list
         store = data.zarr_store or (str(Path(data.root) / STORE_NAME) if data.root else "")
         if not store:
             raise ValueError("data.format=zarr needs data.root (a prepare --format zarr folder) or data.zarr_store")
+        if is_whole_image_store(store, split):  # prepare --format zarr --whole-images
+            return ZarrImages(store, split, checks, data.tiles_per_image)
         return ZarrTiles(store, split, checks)
     pattern = data.train_shards if split == "train" else data.val_shards
     if shards is None:
@@ -152,9 +154,10 @@ class TrainStream(IterableDataset):
         """This rank's micro-batch ``micro_index``: a pure function of the arguments and the data."""
         positions = self.layout.micro_batch_positions(micro_index)
         epochs, units, indices = self.sequence.locate(positions)
-        read = _read(self.source, units, indices)
-        samples, skipped = _replace_bad(read, self.options.on_error, f"micro-batch {micro_index}")
         words = sample_words(self.sequence.seed, positions)  # this batch's random numbers, per position
+        read_windows = getattr(self.source, "read_windows", None)  # whole images: the window is read
+        read = read_windows(units, indices, words) if read_windows else _read(self.source, units, indices)
+        samples, skipped = _replace_bad(read, self.options.on_error, f"micro-batch {micro_index}")
         spec, size = self.options.spec, self.options.tile_size
         windows = crop_windows([s.mask for s in samples], size, words, self.options.foreground_fraction)
         batch = collate(samples, windows, self.options)

@@ -249,7 +249,21 @@ class _ZarrSplitWriter:
         self.writer.close()
 
 
-def _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts):
+class _ZarrImageSplitWriter(_ZarrSplitWriter):
+    """Whole images (``--whole-images``): tiles are sampled from them when training."""
+
+    def __init__(self, out_dir: Path, split: str) -> None:
+        from unetdist.data.zarr import ZarrImageWriter
+
+        self.writer = ZarrImageWriter(out_dir / STORE_NAME, split)
+
+    def write_image(self, stem: str, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None) -> None:
+        self.writer.write_image(stem, image, mask, weight)
+
+
+def _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts, whole_images=False):
+    if whole_images:
+        return _ZarrImageSplitWriter(out_dir, split)
     if output_format == "zarr":
         return _ZarrSplitWriter(out_dir, split)
     return _TarSplitWriter(out_dir, split, shard_size, shards[split], shard_counts[split])
@@ -282,11 +296,14 @@ def prepare_dataset(
     source: dict | None = None,
     output_format: str = "webdataset",
     context_margin: int = 0,
+    whole_images: bool = False,
 ) -> dict:
     """Write tiled shards and ``dataset.json`` to ``out_dir``; returns the dataset.json content.
 
     ``weight_map`` applies to instance masks only (class masks have no instances to
     separate). ``source`` is extra provenance merged into dataset.json's "source".
+    ``whole_images`` (zarr only) stores each image whole, chunked in 2-D squares; training
+    samples tiles from it, validation reads a fixed grid (the tile counts are the grid's).
     """
     from unetdist.losses import border_weight_map
 
@@ -294,6 +311,8 @@ def prepare_dataset(
         raise PrepareError(f"mask kind must be 'instances' or 'classes', got {mask_kind!r}")
     if output_format not in ("webdataset", "zarr"):
         raise PrepareError(f"format must be 'webdataset' or 'zarr', got {output_format!r}")
+    if whole_images and (output_format != "zarr" or context_margin):
+        raise PrepareError("--whole-images needs --format zarr and no --context-for")
     if context_margin < 0 or tile_size - 2 * context_margin <= 0:
         raise PrepareError(f"context margin {context_margin} leaves no output window in a {tile_size} tile")
     if tile_size <= 0 or shard_size <= 0:
@@ -316,7 +335,7 @@ def prepare_dataset(
     for split, stems in (("train", train_stems), ("val", val_stems)):
         if not stems:
             continue
-        with _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts) as writer:
+        with _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts, whole_images) as writer:
             for stem in stems:
                 image_path, mask_path = pairs[stem]
                 image, labels = _load_pair(image_path, mask_path, mask_kind, tile_size - 2 * context_margin)
@@ -336,6 +355,11 @@ def prepare_dataset(
                 else:
                     mask = labels.astype(np.uint8)
                 max_class = max(max_class, int(mask.max()))
+                if whole_images:
+                    writer.write_image(stem, image, mask, weight)
+                    counts[split] += len(tile_origins(mask.shape[0], tile_size)) * len(tile_origins(mask.shape[1], tile_size))
+                    log.info("%s: %s stored whole", split, stem)
+                    continue
                 for sample in _tiles(stem, image, mask, weight, tile_size, context_margin):
                     writer.write(stem, sample)
                     counts[split] += 1
@@ -349,6 +373,7 @@ def prepare_dataset(
         "train_counts": shard_counts["train"],
         "val_counts": shard_counts["val"],
         **({"store": STORE_NAME} if output_format == "zarr" else {}),
+        **({"layout": "whole-images"} if whole_images else {}),
         "context_margin": context_margin,
         "num_train_tiles": counts["train"],
         "num_val_tiles": counts["val"],
@@ -422,6 +447,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=256, help="size of the --synthetic images")
     parser.add_argument("--format", choices=("webdataset", "zarr"), default="webdataset",
                         help="tar shards, or one Zarr v3 store (data.zarr, ~1 MiB chunks of whole tiles)")
+    parser.add_argument("--whole-images", action="store_true",
+                        help="with --format zarr: store whole images in 256x256 chunks; training samples "
+                             "data.tiles_per_image random tiles per image, validation a fixed grid")
     parser.add_argument("--context-for", metavar="PRESET[:DEPTH]",
                         help="overlap-tile: store --tile inputs whose valid-conv output windows cover the "
                              "image, with mirrored context (e.g. paper, paper:4, article:3)")
@@ -470,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             source=source,
             output_format=args.format,
             context_margin=context_margin(args.context_for, args.tile),
+            whole_images=args.whole_images,
         )
     except (PrepareError, OSError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)
