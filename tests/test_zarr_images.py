@@ -143,7 +143,7 @@ def test_val_grid_covers_each_image_once_across_two_ranks(root):
 
 def test_tile_reads_touch_only_overlapped_chunks_and_bad_chunks_are_named(tmp_path):
     from unetdist.data.samples import DataError, SampleChecks
-    from unetdist.data.zarr import ZarrImages, ZarrImageWriter
+    from unetdist.data.zarr_images import ZarrImages, ZarrImageWriter
 
     store = tmp_path / "data.zarr"
     writer = ZarrImageWriter(store, "val", chunk=32)

@@ -44,7 +44,8 @@ from unetdist.data.augment import AugmentSpec, crop_windows, draw_params, sample
 from unetdist.data.samples import DataError, Sample, SampleChecks
 from unetdist.data.sequence import Blocks, GlobalSequence, RankLayout
 from unetdist.data.webdataset import TarShards, list_shards, shard_counts
-from unetdist.data.zarr import STORE_NAME, ZarrImages, ZarrTiles, is_whole_image_store
+from unetdist.data.zarr import STORE_NAME, ZarrTiles
+from unetdist.data.zarr_images import ZarrImages, is_whole_image_store
 
 log = logging.getLogger(__name__)
 

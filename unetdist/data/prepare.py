@@ -253,7 +253,7 @@ class _ZarrImageSplitWriter(_ZarrSplitWriter):
     """Whole images (``--whole-images``): tiles are sampled from them when training."""
 
     def __init__(self, out_dir: Path, split: str) -> None:
-        from unetdist.data.zarr import ZarrImageWriter
+        from unetdist.data.zarr_images import ZarrImageWriter
 
         self.writer = ZarrImageWriter(out_dir / STORE_NAME, split)
 
