@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# GPU checks for issue 9, as one short script for a session with a lent H100/H200:
-#   the CUDA tests (pytest -m gpu) and the bench rows of the issue, then a compact summary.
+# GPU checks for issues 4 and 9, as one short script for a session with a lent H100/H200:
+#   the CUDA tests (pytest -m gpu), the bench rows of issue 9 (most important first), and the
+#   data bench with the GPU-side augmentation rate (issue 4), then a compact summary.
 #
-#   bash tests/gpu_bench.sh                 # from the repository root; ~6-7 min on one H100/H200
-#   QUICK=1 bash tests/gpu_bench.sh         # tests + the two eager paper rows only (~3 min)
+#   bash tests/gpu_bench.sh                 # from the repository root; ~7 min on one H100/H200
+#   QUICK=1 bash tests/gpu_bench.sh         # tests + the paper rows only
 #   EXTRA=1 bash tests/gpu_bench.sh         # also fp16+fused and activation checkpointing rows
+#   DEADLINE_S=400 bash tests/gpu_bench.sh  # rows not started by then are skipped (default 420)
 #   DRY_RUN=1 PY=.venv/bin/python bash tests/gpu_bench.sh   # the plumbing, on CPU with tiny rows
 #
-# The device machine has python3 + torch (CUDA) preinstalled and no network. unetdist runs from
-# the work tree (PYTHONPATH); its other imports (numpy, scipy, pyyaml, pytest) are installed
-# from local wheels when missing: make them here first and carry the folder, e.g.
-#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d .wheels pyyaml scipy pytest
-#   then run with  carry=[".wheels"]  (WHEELS=.wheels is the default).
+# The device machine has python3 + torch (CUDA), numpy, scipy, pyyaml, pytest and pillow, and no
+# network. unetdist runs from the work tree (PYTHONPATH); the data bench also needs webdataset
+# and zarr, installed from local wheels (Python 3.12) when missing: make them here first, e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl webdataset==1.0.2 braceexpand==0.1.7 zarr==3.1.6 \
+#       numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
+#   then run with  carry=[".whl"]  (WHEELS=.whl is the default).
 # Every row has its own time limit, so one slow compile cannot eat the whole budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-WHEELS=${WHEELS:-.wheels}
+WHEELS=${WHEELS:-.whl}
+DEADLINE_S=${DEADLINE_S:-420}
 ROW_TIMEOUT_S=${ROW_TIMEOUT_S:-150}
 OUT=${OUT:-${TMPDIR:-/tmp}/unetdist-gpu-bench}
 mkdir -p "$OUT"
@@ -27,14 +31,15 @@ START=$SECONDS
 
 missing=$("$PY" - <<'EOF'
 import importlib.util
-print(" ".join(pip for module, pip in [("numpy", "numpy"), ("scipy", "scipy"), ("yaml", "pyyaml"),
-                                       ("pytest", "pytest")] if importlib.util.find_spec(module) is None))
+print(" ".join(module for module in ("numpy", "scipy", "yaml", "pytest", "PIL", "webdataset", "zarr")
+               if importlib.util.find_spec(module) is None))
 EOF
 )
 if [ -n "$missing" ]; then
-  echo "installing missing: $missing (from $WHEELS)"
-  "$PY" -m pip install -q --no-index --find-links "$WHEELS" $missing || "$PY" -m pip install -q $missing \
-    || echo "WARNING: could not install $missing; the steps that need them will fail"
+  echo "missing: $missing; installing the wheels in $WHEELS"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/unetdist-site \
+      "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/unetdist-site" \
+    || echo "WARNING: could not install the wheels; the data bench will fail"
 fi
 DEVICE=cuda
 if [ -n "${DRY_RUN:-}" ]; then
@@ -47,7 +52,7 @@ fi
 
 # --- 1. the CUDA tests ------------------------------------------------------------------------
 echo "== pytest -m gpu"
-timeout 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_fast_paths.py \
+timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_fast_paths.py \
   2>&1 | tail -n 15 | tee "$OUT/pytest.txt"
 tests_status=${PIPESTATUS[0]}
 
@@ -56,6 +61,9 @@ SUMMARY="$OUT/summary.tsv"
 printf 'row\ttrainer_tiles_s\tbare_tiles_s\ttrainer_vs_bare\ttrainer_mfu\tpeak_mem_mb\tgflop_per_tile\n' > "$SUMMARY"
 row() {  # row NAME bench-train-args...   (a --compile row gets twice the time: two compiles)
   local name=$1; shift
+  if [ $(( SECONDS - START )) -gt "$DEADLINE_S" ]; then
+    printf '%s\tSKIPPED(deadline)\n' "$name" >> "$SUMMARY"; return
+  fi
   local limit=$ROW_TIMEOUT_S
   case " $* " in *" --compile "*) limit=$(( 2 * ROW_TIMEOUT_S ));; esac
   echo "== $name: bench train $*"
@@ -83,15 +91,26 @@ if [ -n "${DRY_RUN:-}" ]; then
   PADDED=(--preset padded --base-width 4 --depth 2 --tile 32 --batch 2 --steps 2 --warmup 1 --rounds 1)
   PAPER=(--preset paper --base-width 4 --depth 2 --tile 60 --batch 2 --steps 2 --warmup 1 --rounds 1)
 fi
+# the issue's acceptance rows first, so a short lease still gets them
 row paper-fp32 "${PAPER[@]}" --precision fp32
+[ -z "${DRY_RUN:-}" ] && row paper-bf16-cl-compile "${PAPER[@]}" --precision bf16 --channels-last --compile
 row paper-bf16-cl "${PAPER[@]}" --precision bf16 --channels-last
+
+# --- 3. data: loader tiles/s per CPU core and the GPU-side augmentation rate (issue 4) ------------
+if [ $(( SECONDS - START )) -le "$DEADLINE_S" ]; then
+  DATA=(--format webdataset --workers 8 --tiles 1024 --batch 32 --batches 48 --repeats 3)
+  [ -n "${DRY_RUN:-}" ] && DATA=(--format webdataset --workers 1 --tiles 64 --tile 64 --batch 8 --batches 4 --repeats 1)
+  echo "== bench data ${DATA[*]} --device $DEVICE"
+  timeout "$ROW_TIMEOUT_S" "$PY" -m unetdist.bench data "${DATA[@]}" --device "$DEVICE" > "$OUT/data.txt" 2> "$OUT/data.err" \
+    || { echo "bench data FAILED"; tail -n 5 "$OUT/data.err"; }
+fi
+
 if [ -z "${QUICK:-}" ]; then
   row padded-fp32 "${PADDED[@]}" --precision fp32
-  row padded-bf16 "${PADDED[@]}" --precision bf16
+  [ -z "${DRY_RUN:-}" ] && row padded-bf16-cl-compile "${PADDED[@]}" --precision bf16 --channels-last --compile
   row padded-bf16-cl "${PADDED[@]}" --precision bf16 --channels-last
   row padded-fp16-cl "${PADDED[@]}" --precision fp16 --channels-last
-  [ -z "${DRY_RUN:-}" ] && row padded-bf16-cl-compile "${PADDED[@]}" --precision bf16 --channels-last --compile
-  [ -z "${DRY_RUN:-}" ] && row paper-bf16-cl-compile "${PAPER[@]}" --precision bf16 --channels-last --compile
+  row padded-bf16 "${PADDED[@]}" --precision bf16
 fi
 if [ -n "${EXTRA:-}" ]; then
   row padded-fp16-cl-fused "${PADDED[@]}" --precision fp16 --channels-last --fused
@@ -103,3 +122,4 @@ echo "== summary ($(( SECONDS - START )) s; tests exit $tests_status; files in $
 "$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (dry run)", "| torch", torch.__version__)'
 tail -n 1 "$OUT/pytest.txt"
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
+[ -f "$OUT/data.txt" ] && echo "data: $(tail -n 1 "$OUT/data.txt")"

@@ -9,7 +9,10 @@ on the PNGs (the obvious pipeline). The loader and the ceiling are timed in alte
 windows (``--repeats`` each) so that load from other processes hits both alike;
 ``loader_vs_ceiling`` is the median of the windows' ratios. Also reported: a bare copy of random tiles out of an array (no
 sequence, no augmentation parameters, no keys) as the floor of the per-batch cost, and the
-device-side augmentation (``to_model_input``) on the CPU.
+augmentation that runs in the training process (``to_model_input``: uint16 -> float, flips,
+intensity, noise, elastic deformation through ``grid_sample``, normalisation) on one CPU thread
+(per core) and, with ``--device cuda``, on the GPU (host-to-device copy included), so the
+cores per GPU that a training rate needs can be read off.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=96, help="micro-batches timed per window")
     parser.add_argument("--repeats", type=int, default=5, help="alternating timing windows of loader and ceiling")
     parser.add_argument("--dir", default="", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--device", default="cpu", help="also time the augmentation on this device (e.g. cuda)")
 
 
 def _write(folder: Path, tiles: int, size: int) -> None:
@@ -93,6 +97,20 @@ class _BareCopy(torch.utils.data.IterableDataset):
             yield {"image": torch.from_numpy(self.images[chosen]), "mask": torch.from_numpy(self.masks[chosen])}
 
 
+def _augment_rate(to_model_input, batch: dict, device: str, repeats: int) -> float:
+    """Tiles/s of ``to_model_input`` (copy to ``device`` + augmentation + normalisation)."""
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        batch = {**batch, **{key: batch[key].pin_memory() for key in ("image", "mask") if key in batch}}
+    to_model_input(batch, device)  # warm-up: kernels, allocator
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        to_model_input(batch, device)
+    synchronize()
+    return repeats * len(batch["image"]) / (time.perf_counter() - start)
+
+
 def run(args) -> dict[str, float | int | str]:
     import webdataset as wds
     from torch.utils.data import DataLoader
@@ -124,10 +142,11 @@ def run(args) -> dict[str, float | int | str]:
         ratio = float(np.median(np.divide(loader_rates, ceiling_rates)))
         sample = next(loader)
         del loader, memory  # their workers stop
-        start = time.perf_counter()
-        for _ in range(4):
-            to_model_input(sample, "cpu")
-        augment_rate = 4 * args.batch / (time.perf_counter() - start)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        augment_rate = _augment_rate(to_model_input, sample, "cpu", 4)
+        torch.set_num_threads(threads)
+        device_rate = _augment_rate(to_model_input, sample, args.device, 50) if args.device != "cpu" else None
 
         bare = DataLoader(_BareCopy(images, masks, args.batch), batch_size=None, num_workers=args.workers,
                           persistent_workers=args.workers > 0, prefetch_factor=data.prefetch_factor if args.workers else None)
@@ -152,4 +171,5 @@ def run(args) -> dict[str, float | int | str]:
         "loader_vs_png_wds": round(loader_rate / png_rate, 2),
         "tiles_per_s_per_core": round(loader_rate / cores, 1),
         "cpu_augment_tiles_per_s_per_core": round(augment_rate, 1),
+        **({} if device_rate is None else {"device": args.device, "device_augment_tiles_per_s": round(device_rate, 1)}),
     }
