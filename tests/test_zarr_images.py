@@ -67,8 +67,9 @@ def test_prepare_writes_whole_images_in_2d_chunks(root):
     assert mask.dtype == np.uint8 and weight.dtype == np.float32 and mask.shape == weight.shape == (SIZE, SIZE)
 
 
-def test_train_tiles_are_sampled_windows_independent_of_ranks_and_workers(root):
-    data = config(root)
+@pytest.mark.parametrize("foreground_fraction", [0.0, 0.5])
+def test_train_tiles_are_sampled_windows_independent_of_ranks_and_workers(root, foreground_fraction):
+    data = config(root, foreground_fraction=foreground_fraction)
     reference = global_steps(data, 1, 3)
     images = stored(root, "train")
     origins = set()
@@ -159,3 +160,137 @@ def test_tile_reads_touch_only_overlapped_chunks_and_bad_chunks_are_named(tmp_pa
     assert all(not isinstance(s, DataError) for s in samples[:8])
     assert np.array_equal(samples[0].image, image[:, :32, :32])
     assert isinstance(samples[8], DataError) and "big_y64_x64: cannot decode" in str(samples[8])
+
+
+# ---------------------------------------------------------------- foreground oversampling
+
+
+SPARSE_H, SPARSE_W = 160, 224
+
+
+def cells(centres: list[tuple[int, int]]) -> np.ndarray:
+    """A sparse mask: 3 x 3 cells (class 1) around ``centres``, background elsewhere."""
+    mask = np.zeros((SPARSE_H, SPARSE_W), np.uint8)
+    for y, x in centres:
+        mask[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = 1
+    return mask
+
+
+SPARSE = [cells([(40, 50), (100, 170), (120, 60)]),  # away from the edges: centred tiles are not clamped
+          cells([(1, 1), (SPARSE_H - 2, SPARSE_W - 2)])]  # in the corners: clamped to the image
+
+
+def write_store(store: Path, masks: list[np.ndarray], **writer_args) -> None:
+    from unetdist.data.zarr_images import ZarrImageWriter
+
+    writer = ZarrImageWriter(store, "train", **writer_args)
+    for i, mask in enumerate(masks):
+        image = (mask * 200 + i).astype(np.uint8)[None]
+        writer.write_image(f"sparse{i}", image, mask, np.ones(mask.shape, np.float32))
+    writer.close()
+
+
+def images_source(store: Path, foreground_fraction: float):
+    from unetdist.data.samples import SampleChecks
+    from unetdist.data.zarr_images import ZarrImages
+
+    return ZarrImages(store, "train", SampleChecks(TILE, 1, 2, True), tiles_per_image=6, sampled=True,
+                      foreground_fraction=foreground_fraction)
+
+
+def random_words(count: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    from unetdist.data.augment import sample_words
+
+    units = np.arange(count) % len(SPARSE)
+    return units, sample_words(seed, np.arange(count))
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sparse")
+    write_store(out / "data.zarr", SPARSE)
+    return out
+
+
+def test_writer_keeps_every_foreground_pixel_in_raster_order_up_to_the_cap(sparse, tmp_path):
+    from unetdist.data.zarr_images import FOREGROUND_CAP, foreground_points
+
+    group = zarr.open_group(str(sparse / "data.zarr"), mode="r", path="train")
+    assert group.attrs["foreground"] == {"cap": FOREGROUND_CAP, "seed": 0, "counts": [27, 18]}
+    for i, mask in enumerate(SPARSE):
+        table = group["foreground"][str(i)][...]
+        assert table.dtype == np.int32 and np.array_equal(table, np.argwhere(mask > 0))
+    block = np.zeros((64, 64), np.uint8)
+    block[10:30, 20:40] = 2  # 400 foreground pixels, any class
+    capped = foreground_points(block, cap=50)
+    assert capped.shape == (50, 2) and len({tuple(p) for p in capped}) == 50
+    assert (block[capped[:, 0], capped[:, 1]] > 0).all()
+    assert (np.diff(capped[:, 0] * 64 + capped[:, 1]) > 0).all()  # raster order
+    write_store(tmp_path / "a.zarr", [block], foreground_cap=50)
+    write_store(tmp_path / "b.zarr", [block], foreground_cap=50)
+    tables = [zarr.open_array(str(tmp_path / name), mode="r", path="train/foreground/0")[...]
+              for name in ("a.zarr", "b.zarr")]
+    assert np.array_equal(tables[0], capped) and np.array_equal(tables[1], capped)  # a fixed seed
+
+
+def test_foreground_fraction_one_centres_every_training_tile_on_foreground(sparse):
+    source = images_source(sparse / "data.zarr", 1.0)
+    units, words = random_words(40)
+    samples = source.read_windows(units, np.zeros_like(units), words)
+    for unit, window, sample in zip(units, source.windows(units, words), samples, strict=True):
+        top, left = window
+        assert np.array_equal(sample.mask, SPARSE[unit][top : top + TILE, left : left + TILE])
+        assert sample.mask.any()
+        if unit == 0:
+            assert sample.mask[TILE // 2, TILE // 2] == 1  # the tile's centre pixel is a foreground pixel
+    loader_data = config(sparse, foreground_fraction=1.0)
+    for step in global_steps(loader_data, 1, 2):  # through open_source and the loader
+        assert all(mask.any() for mask in step["mask"])
+
+
+def test_windows_match_crop_windows_on_the_whole_mask(sparse):
+    from unetdist.data.augment import crop_windows
+
+    for fraction in (0.0, 0.5, 1.0):
+        units, words = random_words(64, seed=int(fraction * 10))
+        windows = images_source(sparse / "data.zarr", fraction).windows(units, words)
+        assert windows == crop_windows([SPARSE[u] for u in units], TILE, words, fraction)
+
+
+def test_foreground_share_without_oversampling_is_the_images(sparse):
+    def share(fraction: float) -> float:
+        source = images_source(sparse / "data.zarr", fraction)
+        units, words = random_words(4000)
+        tiles = [SPARSE[u][top : top + TILE, left : left + TILE] for u, (top, left) in
+                 zip(units, source.windows(units, words), strict=True)]
+        return float(np.mean([tile.mean() for tile in tiles]))
+
+    image_share = float(np.mean([mask.mean() for mask in SPARSE]))
+    assert 0.5 * image_share < share(0.0) < 2 * image_share
+    assert share(1.0) > 10 * image_share and share(0.5) > 5 * image_share
+
+
+def test_an_image_without_foreground_gets_uniform_windows(tmp_path):
+    write_store(tmp_path / "data.zarr", [np.zeros((SPARSE_H, SPARSE_W), np.uint8)] * 2)
+    group = zarr.open_group(str(tmp_path / "data.zarr"), mode="r", path="train")
+    assert group.attrs["foreground"]["counts"] == [0, 0] and group["foreground"]["0"].shape == (0, 2)
+    units, words = random_words(32)
+    assert images_source(tmp_path / "data.zarr", 1.0).windows(units, words) == \
+        images_source(tmp_path / "data.zarr", 0.0).windows(units, words)
+
+
+def test_a_store_without_foreground_tables_loads_and_warns(tmp_path, caplog):
+    import shutil
+
+    store = tmp_path / "data.zarr"
+    write_store(store, SPARSE)
+    del zarr.open_group(str(store), mode="a", path="train").attrs["foreground"]  # as written before the tables
+    shutil.rmtree(store / "train" / "foreground")
+    with caplog.at_level("WARNING", logger="unetdist.data.zarr_images"):
+        source = images_source(store, 0.5)
+    assert str(store) in caplog.text and "re-run" in caplog.text
+    units, words = random_words(32)
+    assert source.windows(units, words) == images_source(store, 0.0).windows(units, words)
+    samples = source.read_windows(units, np.zeros_like(units), words)
+    assert [s.mask.shape for s in samples] == [(TILE, TILE)] * 32
+    assert len([r for r in caplog.records if r.name == "unetdist.data.zarr_images"]) == 1  # one warning

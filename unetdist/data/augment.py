@@ -91,17 +91,29 @@ def crop_windows(
 ) -> list[tuple[int, int]]:
     """(top, left) of each sample's ``size`` window: centred on a random foreground pixel with
     probability ``foreground_fraction`` (when the mask has any), else uniform."""
+    def foreground(i: int) -> np.ndarray:  # (y, x) of every foreground pixel, in raster order
+        return np.argwhere(masks[i])
+
+    return point_windows([mask.shape for mask in masks], foreground, size, words, foreground_fraction)
+
+
+def point_windows(
+    shapes: list[tuple[int, int]], points, size: int, words: np.ndarray, foreground_fraction: float
+) -> list[tuple[int, int]]:
+    """:func:`crop_windows` for samples known by their image's (height, width) and foreground
+    pixels ``points(i)`` int [K, 2] (y, x) (a sample of them, in whole-image stores), asked for
+    only when sample i's toss falls under the fraction. An image with no points gets a uniform
+    window."""
     toss = _unit_floats(words[:, _TOSS])
     windows = []
-    for mask, toss_i, (top_word, left_word, pick) in zip(
-        masks, toss.tolist(), words[:, _TOP : _PICK + 1].tolist(), strict=True
-    ):
-        height, width = mask.shape
+    for i, ((height, width), toss_i, (top_word, left_word, pick)) in enumerate(zip(
+        shapes, toss.tolist(), words[:, _TOP : _PICK + 1].tolist(), strict=True
+    )):
         top, left = top_word % (height - size + 1), left_word % (width - size + 1)
         if toss_i < foreground_fraction and (height > size or width > size):
-            foreground = np.flatnonzero(mask)
-            if foreground.size:
-                y, x = divmod(int(foreground[pick % foreground.size]), width)
+            yx = points(i)
+            if len(yx):
+                y, x = (int(v) for v in yx[pick % len(yx)])
                 top = min(max(y - size // 2, 0), height - size)
                 left = min(max(x - size // 2, 0), width - size)
         windows.append((top, left))

@@ -60,7 +60,8 @@ def open_source(data: DataConfig, split: str, checks: SampleChecks, shards: list
         if not store:
             raise ValueError("data.format=zarr needs data.root (a prepare --format zarr folder) or data.zarr_store")
         if is_whole_image_store(store, split):  # prepare --format zarr --whole-images
-            return ZarrImages(store, split, checks, data.tiles_per_image)
+            return ZarrImages(store, split, checks, data.tiles_per_image,
+                              foreground_fraction=data.foreground_fraction if split == "train" else 0.0)
         return ZarrTiles(store, split, checks)
     pattern = data.train_shards if split == "train" else data.val_shards
     if shards is None:

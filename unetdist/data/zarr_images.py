@@ -5,14 +5,19 @@ Layout of a split (``ROOT/data.zarr/SPLIT``)::
     images/<i>   [C, H, W]  the stored dtype, chunked in IMAGE_CHUNK squares (all channels per chunk)
     masks/<i>    [H, W]     uint8 class ids
     weights/<i>  [H, W]     float32 border weights (when prepared with them)
+    foreground/<i> [K, 2]   int32 (y, x) of up to FOREGROUND_CAP mask > 0 pixels, raster order
 
-The group attributes list the stems and shapes. Training samples random tile positions,
-validation a fixed grid; like :mod:`unetdist.data.zarr`, stores are opened lazily in the
-process that reads.
+The group attributes list the stems and shapes, and ``foreground`` {cap, seed, counts}
+(absent in stores written before the tables existed). Training samples random tile
+positions, a ``data.foreground_fraction`` share of them centred on a pixel of the image's
+foreground table (precomputed at prepare, like nnU-Net's foreground locations, since
+reading a whole mask per sample would be far too slow); validation reads a fixed grid.
+Like :mod:`unetdist.data.zarr`, stores are opened lazily in the process that reads.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +27,12 @@ from unetdist.data.samples import DataError, Sample, SampleChecks, check_sample
 
 IMAGE_CHUNK = 256  # pixels per side of a whole image's 2-D chunks
 WHOLE_IMAGES = "whole-images"  # the split group's "layout" attribute
+# Foreground pixels kept per image for centred training tiles (nnU-Net keeps 10,000 per
+# class): 80 kB per image, read once per process; a tile centre needs no more variety.
+FOREGROUND_CAP = 10_000
+FOREGROUND_SEED = 0  # fixed: re-running prepare writes the same tables
+
+log = logging.getLogger(__name__)
 
 
 def is_whole_image_store(store: str | Path, split: str) -> bool:
@@ -29,17 +40,28 @@ def is_whole_image_store(store: str | Path, split: str) -> bool:
     return (Path(store) / split / "images").is_dir()
 
 
+def foreground_points(mask: np.ndarray, cap: int = FOREGROUND_CAP, seed: int = FOREGROUND_SEED) -> np.ndarray:
+    """int32 [K, 2] (y, x) of the ``mask > 0`` pixels in raster order: all of them, or, when
+    there are more than ``cap``, ``cap`` of them drawn without replacement with a fixed seed."""
+    flat = np.flatnonzero(mask)
+    if flat.size > cap:
+        flat = flat[np.sort(np.random.default_rng(seed).choice(flat.size, cap, replace=False))]
+    return np.stack(np.divmod(flat, mask.shape[1]), axis=1).astype(np.int32)
+
+
 class ZarrImageWriter:
     """Whole images of one split: ``SPLIT/images/<i>`` [C,H,W], ``masks/<i>`` [H,W] uint8,
     ``weights/<i>`` [H,W] float32, chunked in ``chunk`` x ``chunk`` pixel squares (all channels
-    in a chunk), so a tile read decodes only the chunks it overlaps. The group attributes list
-    the stems and the [C,H,W] shape of each image."""
+    in a chunk), so a tile read decodes only the chunks it overlaps, and ``foreground/<i>``
+    (:func:`foreground_points`). The group attributes list the stems, the [C,H,W] shape of
+    each image and the foreground tables' cap, seed and row counts."""
 
-    def __init__(self, store: Path, split: str, chunk: int = IMAGE_CHUNK) -> None:
-        self.store, self.split, self.chunk = store, split, chunk
+    def __init__(self, store: Path, split: str, chunk: int = IMAGE_CHUNK, foreground_cap: int = FOREGROUND_CAP) -> None:
+        self.store, self.split, self.chunk, self.foreground_cap = store, split, chunk, foreground_cap
         self.group = None
         self.stems: list[str] = []
         self.shapes: list[list[int]] = []
+        self.foreground_counts: list[int] = []
 
     def write_image(self, stem: str, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None) -> None:
         import zarr
@@ -48,12 +70,14 @@ class ZarrImageWriter:
         if self.group is None:
             root = zarr.open_group(str(self.store), mode="a")
             self.group = root.create_group(self.split, overwrite=True)
-            for name in ("images", "masks") + (("weights",) if weight is not None else ()):
+            for name in ("images", "masks", "foreground") + (("weights",) if weight is not None else ()):
                 self.group.create_group(name)
         index, zstd = str(len(self.stems)), [ZstdCodec(level=1)]
         channels, height, width = image.shape
         ch, cw = min(self.chunk, height), min(self.chunk, width)
-        fields = [("images", image, (channels, ch, cw)), ("masks", mask.astype(np.uint8), (ch, cw))]
+        points = foreground_points(mask, self.foreground_cap)
+        fields = [("images", image, (channels, ch, cw)), ("masks", mask.astype(np.uint8), (ch, cw)),
+                  ("foreground", points, (max(len(points), 1), 2))]
         if weight is not None:
             fields.append(("weights", weight.astype(np.float32), (ch, cw)))
         for name, array, chunks in fields:
@@ -62,11 +86,13 @@ class ZarrImageWriter:
             out[...] = array
         self.stems.append(stem)
         self.shapes.append([int(channels), int(height), int(width)])
+        self.foreground_counts.append(len(points))
 
     def close(self) -> None:
         if self.group is not None:
+            foreground = {"cap": self.foreground_cap, "seed": FOREGROUND_SEED, "counts": self.foreground_counts}
             self.group.attrs.update({"layout": WHOLE_IMAGES, "images": self.stems, "shapes": self.shapes,
-                                     "chunk": self.chunk})
+                                     "chunk": self.chunk, "foreground": foreground})
 
 
 def grid_windows(height: int, width: int, tile: int) -> list[tuple[int, int]]:
@@ -85,12 +111,14 @@ class ZarrImages:
     the sample at global position p comes from p's random words
     (:func:`unetdist.data.augment.sample_words`, the same words that seed its augmentation),
     so it is a pure function of (seed, p), whatever the ranks and workers; the loader calls
-    :meth:`read_windows`. Validation: unit i's samples are the tiles of the fixed grid
-    (:func:`grid_windows`) over image i, read by :meth:`read`.
+    :meth:`read_windows`. With ``foreground_fraction`` that share of the windows is centred on
+    a pixel of the image's foreground table (:func:`unetdist.data.augment.point_windows`).
+    Validation: unit i's samples are the tiles of the fixed grid (:func:`grid_windows`) over
+    image i, read by :meth:`read`.
     """
 
     def __init__(self, store: str | Path, split: str, checks: SampleChecks, tiles_per_image: int,
-                 sampled: bool | None = None) -> None:
+                 sampled: bool | None = None, foreground_fraction: float = 0.0) -> None:
         import zarr
 
         self.store, self.split, self.checks = str(store), split, checks
@@ -98,6 +126,8 @@ class ZarrImages:
         self.sampled = split == "train" if sampled is None else sampled
         if tiles_per_image < 1:
             raise ValueError(f"data.tiles_per_image={tiles_per_image}: expected a positive number")
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ValueError(f"data.foreground_fraction={foreground_fraction}: expected a fraction in [0, 1]")
         group = zarr.open_group(self.store, mode="r", path=split)
         attrs = dict(group.attrs)
         if attrs.get("layout") != WHOLE_IMAGES:
@@ -105,6 +135,16 @@ class ZarrImages:
         self.stems = list(attrs["images"])
         self.shapes = [tuple(int(v) for v in shape) for shape in attrs["shapes"]]
         self.has_weight = "weights" in group
+        # Row counts of the foreground tables; None: a store written before they existed.
+        self.foreground_counts = [int(n) for n in attrs["foreground"]["counts"]] if "foreground" in attrs else None
+        self.foreground_fraction = foreground_fraction if self.sampled else 0.0
+        if self.foreground_fraction > 0 and self.foreground_counts is None:
+            # Building the tables here would read every mask whole, in every rank at every start.
+            log.warning("zarr store %s/%s has no foreground tables (written before whole-image stores kept "
+                        "them): data.foreground_fraction=%s is ignored and training tiles are uniform; re-run "
+                        "python -m unetdist.prepare --format zarr --whole-images to write them",
+                        self.store, split, foreground_fraction)
+            self.foreground_fraction = 0.0
         size = checks.tile_size
         small = [stem for stem, (_, h, w) in zip(self.stems, self.shapes, strict=True) if min(h, w) < size]
         if small:
@@ -115,9 +155,10 @@ class ZarrImages:
             self.grids = [grid_windows(h, w, size) for _, h, w in self.shapes]
             self.counts = [len(grid) for grid in self.grids]
         self._pid, self._arrays = -1, {}
+        self._points: dict[int, np.ndarray] = {}  # foreground tables read so far (plain arrays)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pid": -1, "_arrays": {}}
+        return {**self.__dict__, "_pid": -1, "_arrays": {}, "_points": {}}
 
     @property
     def names(self) -> list[str]:
@@ -133,12 +174,25 @@ class ZarrImages:
             self._pid = os.getpid()
         return self._arrays
 
-    def windows(self, units: np.ndarray, words: np.ndarray) -> list[tuple[int, int]]:
-        """Training windows of samples in ``units`` from their positions' random words (uniform)."""
-        from unetdist.data.augment import crop_windows
+    def foreground(self, unit: int) -> np.ndarray:
+        """int32 [K, 2] (y, x): image ``unit``'s foreground table, read once per process."""
+        import zarr
 
-        stand_ins = [np.broadcast_to(np.uint8(0), self.shapes[int(u)][1:]) for u in units]
-        return crop_windows(stand_ins, self.checks.tile_size, words, 0.0)
+        if unit not in self._points:
+            if not self.foreground_counts or not self.foreground_counts[unit]:
+                self._points[unit] = np.zeros((0, 2), np.int32)
+            else:
+                self._points[unit] = zarr.open_array(self.store, mode="r", path=f"{self.split}/foreground/{unit}")[...]
+        return self._points[unit]
+
+    def windows(self, units: np.ndarray, words: np.ndarray) -> list[tuple[int, int]]:
+        """Training windows of samples in ``units`` from their positions' random words: uniform, or
+        with probability ``foreground_fraction`` centred on a pixel of the image's foreground table."""
+        from unetdist.data.augment import point_windows
+
+        shapes = [self.shapes[int(u)][1:] for u in units]
+        return point_windows(shapes, lambda i: self.foreground(int(units[i])), self.checks.tile_size, words,
+                             self.foreground_fraction)
 
     def read_windows(self, units: np.ndarray, indices: np.ndarray, words: np.ndarray) -> list[Sample | DataError]:
         """Training samples: image ``units[i]``'s tile at the window drawn from ``words[i]``."""
