@@ -20,7 +20,7 @@ def make_trainer(tmp_path: Path, *overrides: str) -> Trainer:
                               "model.norm=group", "train.global_batch_size=4", "train.device=cpu", *overrides])
     ctx = distributed.init_distributed("cpu", "gloo")
     torch.manual_seed(0)
-    model = build_unet("padded", 1, 2, base_width=4, depth=2, norm="group")
+    model = build_unet("padded", 1, 2, base_width=4, depth=2, norm=config.model.norm)
     raw, wrapped = wrap_model(model, config, ctx)
     optimizer = build_optimizer(raw.parameters(), config.optim, "padded", "cpu")
     outputs = RunOutputs.null(tmp_path)
@@ -68,3 +68,16 @@ def test_validation_counts_every_tile(tmp_path):
     metrics = trainer.validate([batch(3), batch(2)])
     assert metrics["val/tiles"] == 5
     assert 0.0 <= metrics["val/fg_dice"] <= 1.0 and metrics["val/loss"] > 0
+
+
+def test_training_after_validation_updates_batchnorm_statistics(tmp_path):
+    """train_step switches modes only when needed: after validation every module trains again."""
+    trainer = make_trainer(tmp_path, "model.norm=batch")
+    trainer.train_step([batch()])
+    trainer.validate([batch(2)])
+    assert not any(module.training for module in trainer.raw_model.modules())
+    norm = next(m for m in trainer.raw_model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = norm.running_mean.clone()
+    trainer.train_step([batch()])
+    assert all(module.training for module in trainer.raw_model.modules())
+    assert not torch.equal(norm.running_mean, before)
