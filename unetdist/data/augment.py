@@ -26,6 +26,7 @@ noise are not.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,60 @@ def _flip_rot90(array: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
     return array.flip(-1) if flip else array
 
 
+_SYMMETRY_SOURCES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _symmetries(arrays: list[torch.Tensor | None], params: torch.Tensor) -> list[torch.Tensor | None]:
+    """Each sample's flip/rot90 (params[:, 0] quarter turns, params[:, 1] flip) applied to every
+    array [B, ..., S, S] with one gather: per sample, the source pixel of each output pixel, so
+    the batch costs a few kernels whatever its size and the host never waits for the device."""
+    size = arrays[0].shape[-1]
+    key = (size, str(arrays[0].device))
+    if key not in _SYMMETRY_SOURCES:  # [8, S*S] for code 2 * turns + flip
+        pixels = torch.arange(size * size).view(size, size)
+        _SYMMETRY_SOURCES[key] = torch.stack(
+            [_flip_rot90(pixels, turns, bool(flip)).reshape(-1) for turns in range(4) for flip in (0, 1)]
+        ).to(arrays[0].device)
+    codes = (params[:, 0] * 2 + params[:, 1]).long()
+    sources = _SYMMETRY_SOURCES[key][codes]  # [B, S*S]
+    out: list[torch.Tensor | None] = []
+    for array in arrays:
+        if array is None:
+            out.append(None)
+            continue
+        flat = array.reshape(array.shape[0], -1, size * size)
+        index = sources[:, None, :].expand(-1, flat.shape[1], -1)
+        out.append(torch.gather(flat, 2, index).view(array.shape))
+    return out
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function on int64 tensors holding values in [0, 2**32).
+
+    The multiplier is below 2**31, so no product leaves int64 (no overflow on any device)."""
+    x = x.clone()
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(0xFFFFFFFF)
+    return x.bitwise_xor_(x >> 16)
+
+
+def seeded_normal(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise [B, *shape]; sample b is a pure function of ``seeds[b]`` alone
+    (counter-based: a hash of (seed, element) through Box-Muller), so it is the same in any
+    batch, on any number of ranks and workers, drawn for the whole batch at once."""
+    count = math.prod(shape)
+    pairs = torch.arange((count + 1) // 2, device=device, dtype=torch.int64)
+    seeds = seeds.to(device, torch.int64)
+    key = _hash32(_hash32(seeds & 0xFFFFFFFF) ^ (seeds >> 32) & 0xFFFFFFFF)[:, None]
+    first = _hash32((key + 2 * pairs * 0x9E3779B) & 0xFFFFFFFF)
+    second = _hash32((key + (2 * pairs + 1) * 0x9E3779B) & 0xFFFFFFFF)
+    uniform = ((first >> 8).float() + 0.5) * 2.0**-24  # 24 bits, exact in float32; in (0, 1): the log stays finite
+    angle = (second >> 8).float() * (2 * math.pi * 2.0**-24)
+    radius = torch.sqrt(-2.0 * torch.log(uniform))
+    normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :count]
+    return normal.to(dtype).view(len(seeds), *shape)
+
+
 def elastic_grid(displacement: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``grid_sample`` grid [B,H,W,2] for coarse (dy, dx) pixel displacements [B, 2*G*G]."""
     batch = displacement.shape[0]
@@ -180,11 +235,9 @@ def apply(
     """Augment a batch: image float [B,C,H,W] in unit range, mask [B,H,W], weight [B,H,W] or None."""
     params = params.to(image.device, torch.float32)
     if spec.flips:
-        host = params[:, :2].cpu().tolist()  # a few numbers; decides shapes, so needed on the host
-        image = torch.stack([_flip_rot90(x, int(t), bool(f)) for x, (t, f) in zip(image, host, strict=False)])
-        mask = torch.stack([_flip_rot90(x, int(t), bool(f)) for x, (t, f) in zip(mask, host, strict=False)])
-        if weight is not None:
-            weight = torch.stack([_flip_rot90(x, int(t), bool(f)) for x, (t, f) in zip(weight, host, strict=False)])
+        if image.shape[-1] != image.shape[-2]:
+            raise ValueError(f"flips/rot90 augmentation needs square tiles, got {tuple(image.shape[-2:])}")
+        image, mask, weight = _symmetries([image, mask, weight], params)
     if spec.elastic:
         grid = elastic_grid(params[:, 5:], image.shape[-2], image.shape[-1])
         image = F.grid_sample(image, grid, mode="bicubic", padding_mode="reflection", align_corners=True)
@@ -201,11 +254,7 @@ def apply(
         image = image.clamp(0.0, 1.0).pow(gamma)
         image = image * (1.0 + SCALE_RANGE * params[:, 3]).view(view) + (SHIFT_RANGE * params[:, 4]).view(view)
     if spec.noise_std > 0:
-        noise = torch.empty_like(image)
-        for index, seed in enumerate(noise_seeds.tolist()):
-            generator = torch.Generator(device=image.device).manual_seed(int(seed))
-            noise[index] = torch.randn(image.shape[1:], generator=generator, device=image.device, dtype=image.dtype)
-        image = image + spec.noise_std * noise
+        image = image + spec.noise_std * seeded_normal(noise_seeds, tuple(image.shape[1:]), image.device, image.dtype)
     return image, mask, weight
 
 
