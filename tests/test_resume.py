@@ -170,6 +170,7 @@ def test_stop_signal_to_one_rank_stops_all_at_the_same_step(cell_shards, tmp_pat
     log_text = (tmp_path / "torchrun.log").read_text()
     assert f"exitcode  : {EXIT_PREEMPTED}" in log_text or f"exit code {EXIT_PREEMPTED}" in log_text, log_text[-3000:]
     step = int((tmp_path / "run" / "PREEMPTED").read_text())
+    assert step % 5 == 0  # the ranks agree on a stop every train.stop_check_every (5) steps
     saved = ckpt.latest_good_checkpoint(tmp_path / "run" / "checkpoints")
     assert saved.name == ckpt.step_name(step)
     manifest = json.loads((saved / "MANIFEST.json").read_text())

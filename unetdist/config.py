@@ -124,6 +124,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute activations in backward: larger tiles, more compute
     record_samples: bool = False  # append each step's sample keys to output_dir/samples/rank-R.jsonl
     watchdog_s: int = 0  # dump all stacks and exit when no step finishes for this long; 0: off
+    stop_check_every: int = 5  # steps between the ranks' agreement on a stop signal (a host-side all-reduce)
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,7 @@ def validate(config: Config) -> None:
         "train.global_batch_size": config.train.global_batch_size,
         "train.log_every": config.train.log_every,
         "train.timeout_s": config.train.timeout_s,
+        "train.stop_check_every": config.train.stop_check_every,
         "data.tile_size": config.data.tile_size,
         "model.in_channels": config.model.in_channels,
         "checkpoint.keep": config.checkpoint.keep,

@@ -1,7 +1,7 @@
 """Stop requests by signal: SIGTERM (scheduler, torchrun) and SIGUSR1 (Slurm's ``--signal``).
 
-The handler only sets a flag. The trainer asks ``should_stop()`` at each step boundary, where
-all ranks agree through one tiny all-reduce, so a signal that reached one rank stops them all
+The handler only sets a flag. The trainer asks ``should_stop()`` every ``train.stop_check_every``
+steps, where all ranks agree through one tiny all-reduce, so a signal that reached one rank stops them all
 at the same step: they save a checkpoint together and exit with ``EXIT_PREEMPTED``. Nothing
 is saved inside the handler and no rank waits in a collective the others never enter.
 """

@@ -224,7 +224,10 @@ class Trainer:
                     log.info("step %d val loss %.4f fg dice %.4f", self.step, val_metrics["val/loss"],
                              val_metrics["val/fg_dice"])
                     window.exclude(val_start)
-                stop = self.stop_signal is not None and self.stop_signal.should_stop()
+                # a collective over all ranks' host threads: not every step, so that a host that
+                # queues GPU work ahead is not held in lock-step with the slowest rank
+                stop = (self.stop_signal is not None and (self.step % config.stop_check_every == 0 or is_last)
+                        and self.stop_signal.should_stop())
                 every = self.config.checkpoint.every
                 if (every and self.step % every == 0) or is_last or stop:
                     save_start = time.perf_counter()
