@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from unetdist.data.zarr import CODECS as ZARR_CODECS
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".tif", ".tiff", ".png")
@@ -233,10 +235,10 @@ class _TarSplitWriter:
 
 
 class _ZarrSplitWriter:
-    def __init__(self, out_dir: Path, split: str) -> None:
-        from unetdist.data.zarr import ZarrWriter
+    def __init__(self, out_dir: Path, split: str, codec: str | None = None) -> None:
+        from unetdist.data.zarr import DEFAULT_CODEC, ZarrWriter
 
-        self.writer = ZarrWriter(out_dir / STORE_NAME, split)
+        self.writer = ZarrWriter(out_dir / STORE_NAME, split, codec=codec or DEFAULT_CODEC)
 
     def write(self, stem: str, sample: dict) -> None:
         _, top, left = sample["__origin__"]
@@ -261,11 +263,11 @@ class _ZarrImageSplitWriter(_ZarrSplitWriter):
         self.writer.write_image(stem, image, mask, weight)
 
 
-def _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts, whole_images=False):
+def _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts, whole_images=False, zarr_codec=None):
     if whole_images:
         return _ZarrImageSplitWriter(out_dir, split)
     if output_format == "zarr":
-        return _ZarrSplitWriter(out_dir, split)
+        return _ZarrSplitWriter(out_dir, split, zarr_codec)
     return _TarSplitWriter(out_dir, split, shard_size, shards[split], shard_counts[split])
 
 
@@ -297,6 +299,7 @@ def prepare_dataset(
     output_format: str = "webdataset",
     context_margin: int = 0,
     whole_images: bool = False,
+    zarr_codec: str | None = None,
 ) -> dict:
     """Write tiled shards and ``dataset.json`` to ``out_dir``; returns the dataset.json content.
 
@@ -304,6 +307,8 @@ def prepare_dataset(
     separate). ``source`` is extra provenance merged into dataset.json's "source".
     ``whole_images`` (zarr only) stores each image whole, chunked in 2-D squares; training
     samples tiles from it, validation reads a fixed grid (the tile counts are the grid's).
+    ``zarr_codec`` (pre-tiled zarr only) compresses the tiles; None: uncompressed, the fastest
+    to read (see :mod:`unetdist.data.zarr`).
     """
     from unetdist.losses import border_weight_map
 
@@ -313,6 +318,9 @@ def prepare_dataset(
         raise PrepareError(f"format must be 'webdataset' or 'zarr', got {output_format!r}")
     if whole_images and (output_format != "zarr" or context_margin):
         raise PrepareError("--whole-images needs --format zarr and no --context-for")
+    if zarr_codec is not None and (output_format != "zarr" or whole_images or zarr_codec not in ZARR_CODECS):
+        raise PrepareError(f"--zarr-codec {zarr_codec}: needs --format zarr without --whole-images, "
+                           f"and one of {', '.join(ZARR_CODECS)}")
     if context_margin < 0 or tile_size - 2 * context_margin <= 0:
         raise PrepareError(f"context margin {context_margin} leaves no output window in a {tile_size} tile")
     if tile_size <= 0 or shard_size <= 0:
@@ -335,7 +343,8 @@ def prepare_dataset(
     for split, stems in (("train", train_stems), ("val", val_stems)):
         if not stems:
             continue
-        with _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts, whole_images) as writer:
+        with _writer(output_format, out_dir, split, shard_size, shards, shard_counts, counts, whole_images,
+                     zarr_codec) as writer:
             for stem in stems:
                 image_path, mask_path = pairs[stem]
                 image, labels = _load_pair(image_path, mask_path, mask_kind, tile_size - 2 * context_margin)
@@ -450,6 +459,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--whole-images", action="store_true",
                         help="with --format zarr: store whole images in 256x256 chunks; training samples "
                              "data.tiles_per_image random tiles per image, validation a fixed grid")
+    parser.add_argument("--zarr-codec", choices=ZARR_CODECS,
+                        help="with --format zarr (tiles): compress the tiles; default none, the fastest to read "
+                             "(lz4 and zstd save disk and cost reading time: see unetdist/data/zarr.py)")
     parser.add_argument("--context-for", metavar="PRESET[:DEPTH]",
                         help="overlap-tile: store --tile inputs whose valid-conv output windows cover the "
                              "image, with mirrored context (e.g. paper, paper:4, article:3)")
@@ -499,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             output_format=args.format,
             context_margin=context_margin(args.context_for, args.tile),
             whole_images=args.whole_images,
+            zarr_codec=args.zarr_codec,
         )
     except (PrepareError, OSError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)

@@ -9,19 +9,52 @@ Layout of a store (``ROOT/data.zarr``)::
     val/...                     the same; the group attribute "images" lists the stems
 
 Chunking: ``chunk_tiles`` whole tiles per chunk along N (default: ~1 MiB of image per
-chunk), no sharding, zstd. Measured here (2 cores, 256x256 uint16, local disk, zarr 3.1):
-a read of 8 consecutive tiles is ~6,400 tiles/s with 8-tile chunks vs ~2,000 with 1-tile
+chunk), no sharding. Measured here (2 cores, 256x256 uint16, local disk, zarr 3.1): a
+read of 8 consecutive tiles is ~6,400 tiles/s with 8-tile chunks vs ~2,000 with 1-tile
 chunks (zarr's per-call overhead is ~0.7 ms), and the sharding codec costs 2-3x on reads;
 larger chunks gain little more while every chunk is a block the sequence keeps together
 (see :mod:`unetdist.data.sequence`), so ~1 MiB keeps the shuffle fine and reads cheap.
 
+Codecs (``ZarrWriter(codec=...)``, ``prepare --zarr-codec``): ``none`` (the default),
+``lz4`` (Blosc lz4, integers bit-shuffled) or ``zstd`` (level 1; the earlier default,
+and such stores still read). A worker pays the decoding of every chunk it reads, and
+that is what kept Zarr loading behind: with 2 workers on 2 cores a 16-tile batch costs
+a worker ~9 ms in all (mostly the hand-over to the training process), of which zstd took
+~4 ms (1.4 ms per 1 MiB image chunk, 0.7 per mask chunk). ``python -m unetdist.bench
+data --workers 2``, loader vs in-memory ceiling, interleaved runs here (other load on
+the cores moves single runs by +-0.1): zstd 0.55-0.72, lz4 0.57-0.79, none 0.79-0.98
+(median 0.88 of 14), the (uncompressed) tar shards 0.83-0.98 (median 0.90 of 11).
+Stored/raw size and single-core read speed (decoded MB/s, file read and copy into the
+batch included) of 256x256 tiles::
+
+                                            none          lz4             zstd
+    bench: random 12-bit uint16             1.00  5 GB/s  0.75  0.9-1.8   0.86  0.75
+           its masks (random 0/1)           1.00  5.5     0.13  1.0       0.19  0.73
+    synthetic cells (prepare --synthetic)   1.00  7       0.98  1.2       0.93  0.71
+    the same as 12-bit uint16, shot noise   1.00  7       0.72  1.7       0.80  0.76
+           cell masks                       1.00  7.5     0.10  1.3       0.08  0.78
+           border weights (float32)         1.00  6       0.43  2.0       0.26  1.1
+
+Camera-like images hardly compress (their low bits are noise); masks and weights do, so
+a 12-bit store with weights shrinks to 0.47 (lz4) or 0.39 (zstd) of its raw size, the
+trade to make where disk space or a slow file system, not the CPU, limits. Uncompressed
+chunks are memory-mapped, so, as with tar shards, a store must not be rewritten in place
+while a run reads it; like the shards' npy members they carry no checksum: a chunk cut
+short is a DataError, damaged bytes in a whole-length one go unnoticed.
+
 Reading opens the store lazily in the process that reads (never in the parent before a
 fork), which avoids the deadlocks reported for zarr v3's event loop under forked workers.
+Blosc chunks are decoded on the reading thread, never by Blosc's global thread pool, which
+forked workers cannot use: numcodecs keeps the pool out of child processes, and
+``numcodecs.blosc.use_threads = False`` keeps it out of a main process that reads
+(``num_workers=0``) too, where it would add threads beside training's own.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +65,25 @@ STORE_NAME = "data.zarr"
 TARGET_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_TILES = 64
 _CACHED_ORIGIN_CHUNKS = 64  # of the origin table's (1 << 16)-row chunks: ~50 MB at most
+_CACHED_CHUNK_MAPS = 256  # per array: uncompressed chunk files kept mapped (page cache, not private memory)
+CODECS = ("none", "lz4", "zstd")
+DEFAULT_CODEC = "none"
+
+
+def compressors(codec: str, dtype: np.dtype) -> list:
+    """The zarr compressors of ``codec`` (:data:`CODECS`) for an array of ``dtype``."""
+    from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+    if codec == "none":
+        return []
+    if codec == "zstd":
+        return [ZstdCodec(level=1)]
+    if codec == "lz4":
+        # bit-shuffling packs the unused high bits of 12-bit images and of class ids into
+        # zero runs; it only costs on float weight maps (ratio 0.78 vs 0.43 unshuffled)
+        shuffle = BloscShuffle.noshuffle if dtype.kind == "f" else BloscShuffle.bitshuffle
+        return [BloscCodec(cname="lz4", clevel=5, shuffle=shuffle, typesize=dtype.itemsize)]
+    raise ValueError(f"zarr codec {codec!r}: expected one of {', '.join(CODECS)}")
 
 
 def chunk_tiles_for(channels: int, tile_size: int, itemsize: int) -> int:
@@ -41,10 +93,16 @@ def chunk_tiles_for(channels: int, tile_size: int, itemsize: int) -> int:
 
 
 class ZarrWriter:
-    """Appends tiles of one split to a store in whole chunks (chunk-aligned writes)."""
+    """Appends tiles of one split to a store in whole chunks (chunk-aligned writes).
 
-    def __init__(self, store: Path, split: str, chunk_tiles: int = 0) -> None:
-        self.store, self.split, self.chunk_tiles = store, split, chunk_tiles
+    ``codec`` (one of :data:`CODECS`) compresses the image, mask and weight arrays; see the
+    module docstring for what each costs in reading speed and saves on disk.
+    """
+
+    def __init__(self, store: Path, split: str, chunk_tiles: int = 0, codec: str = DEFAULT_CODEC) -> None:
+        if codec not in CODECS:
+            raise ValueError(f"zarr codec {codec!r}: expected one of {', '.join(CODECS)}")
+        self.store, self.split, self.chunk_tiles, self.codec = store, split, chunk_tiles, codec
         self.group = None
         self.pending: list[dict] = []
         self.count = 0
@@ -60,15 +118,17 @@ class ZarrWriter:
             self.chunk_tiles = chunk_tiles_for(channels, size, image.dtype.itemsize)
         root = zarr.open_group(str(self.store), mode="a")
         self.group = root.create_group(self.split, overwrite=True)
-        zstd = [ZstdCodec(level=1)]
         n = self.chunk_tiles
         self.group.create_array("image", shape=(0, channels, size, size), dtype=image.dtype,
-                                chunks=(n, channels, size, size), compressors=zstd)
-        self.group.create_array("mask", shape=(0, size, size), dtype=np.uint8, chunks=(n, size, size), compressors=zstd)
+                                chunks=(n, channels, size, size), compressors=compressors(self.codec, image.dtype))
+        self.group.create_array("mask", shape=(0, size, size), dtype=np.uint8, chunks=(n, size, size),
+                                compressors=compressors(self.codec, np.dtype(np.uint8)))
         if sample.get("weight") is not None:
-            self.group.create_array("weight", shape=(0, size, size), dtype=np.float32,
-                                    chunks=(n, size, size), compressors=zstd)
-        self.group.create_array("origin", shape=(0, 3), dtype=np.int32, chunks=(1 << 16, 3), compressors=zstd)
+            self.group.create_array("weight", shape=(0, size, size), dtype=np.float32, chunks=(n, size, size),
+                                    compressors=compressors(self.codec, np.dtype(np.float32)))
+        # read once per 65,536 tiles and cached: its codec costs nothing per batch
+        self.group.create_array("origin", shape=(0, 3), dtype=np.int32, chunks=(1 << 16, 3),
+                                compressors=[ZstdCodec(level=1)])
 
     def write(self, stem: str, top: int, left: int, image: np.ndarray, mask: np.ndarray, weight) -> None:
         if not self.stems or self.stems[-1] != stem:
@@ -97,14 +157,28 @@ class ZarrWriter:
             self.group.attrs.update({"images": self.stems, "chunk_tiles": self.chunk_tiles})
 
 
+def _blosc_decompress(data: bytes) -> bytes:
+    """A Blosc chunk decompressed, after checking its length against its header: Blosc 1 trusts
+    the header's size and reads past the end of a cut-short chunk (garbage, or a crash)."""
+    import numcodecs.blosc
+
+    header_bytes = int.from_bytes(data[12:16], "little") if len(data) >= 16 else -1
+    if header_bytes != len(data):
+        raise ValueError(f"Blosc chunk of {len(data)} bytes, its header says {header_bytes}")
+    return numcodecs.blosc.decompress(data)
+
+
 class _ChunkFiles:
-    """Whole chunks of one local, unsharded array read straight from their files and decompressed.
+    """Whole chunks of one local, unsharded array read straight from their files.
 
     zarr's own path costs ~1 ms of CPU per chunk here in asyncio tasks and thread hand-offs,
     several times the decompression, and that set the pace of Zarr loading. This covers the
-    layout ``ZarrWriter`` writes (chunks split axis 0 only; bytes codec + at most a Zstd
-    compressor, self-describing); :meth:`for_array` returns None for anything else,
-    and the caller then reads through zarr.
+    layout ``ZarrWriter`` writes (chunks split axis 0 only; bytes codec + at most one Zstd or
+    Blosc compressor, both self-describing); :meth:`for_array` returns None for anything
+    else, and the caller then reads through zarr. Uncompressed chunks are memory-mapped, as
+    tar shards are (:mod:`unetdist.data.webdataset`): tiles are views of the page cache and
+    the batch is the first copy; the most recent maps are kept, which halves the cost of a
+    read again (~110 vs ~210 us per 1 MiB chunk, copy into the batch included).
     """
 
     def __init__(self, folder: Path, array, decompress) -> None:
@@ -112,11 +186,13 @@ class _ChunkFiles:
         self.rows = array.chunks[0]
         self.dtype = array.dtype.newbyteorder("<")
         self.chunk_shape = array.chunks
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     @classmethod
     def for_array(cls, folder: Path, array) -> _ChunkFiles | None:
         import numcodecs
-        from zarr.codecs import BytesCodec, ZstdCodec
+        import numcodecs.blosc
+        from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
         metadata = array.metadata
         codecs = getattr(metadata, "codecs", None)
@@ -126,20 +202,39 @@ class _ChunkFiles:
             return None
         if len(codecs) == 1:
             return cls(folder, array, None)
-        # Not Blosc: called here, on the worker's main thread, it would start Blosc's global
-        # thread pool, which is unsafe across the forks that start DataLoader workers.
         if len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
             return cls(folder, array, numcodecs.Zstd().decode)
+        if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
+            # Called on a main process's main thread, numcodecs would decode with Blosc's global
+            # thread pool (see the module docstring); single-threaded instead, through the one
+            # switch numcodecs offers, process-wide.
+            numcodecs.blosc.use_threads = False
+            return cls(folder, array, _blosc_decompress)
         return None
 
+    def _chunk(self, chunk: int) -> np.ndarray:
+        """One whole chunk: a view of its mapped file, or decompressed."""
+        block = self._maps.get(chunk)
+        if block is not None:
+            self._maps.move_to_end(chunk)
+            return block
+        key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (len(self.chunk_shape) - 1))
+        if self.decompress:
+            raw = self.decompress((self.folder / key).read_bytes())
+            return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
+        with open(self.folder / key, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        block = np.frombuffer(mapped, dtype=self.dtype).reshape(self.chunk_shape)  # a short file fails here
+        self._maps[chunk] = block
+        if len(self._maps) > _CACHED_CHUNK_MAPS:
+            self._maps.popitem(last=False)
+        return block
+
     def read(self, begin: int, end: int) -> np.ndarray:
-        """Rows ``[begin, end)``: views of the decompressed chunk (a copy only across chunks)."""
+        """Rows ``[begin, end)``: views of the chunk (a copy only across chunks)."""
         parts = []
         for chunk in range(begin // self.rows, (end - 1) // self.rows + 1):
-            key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (len(self.chunk_shape) - 1))
-            data = (self.folder / key).read_bytes()
-            raw = self.decompress(data) if self.decompress else data
-            block = np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
+            block = self._chunk(chunk)
             first = chunk * self.rows
             parts.append(block[max(begin, first) - first : min(end, first + self.rows) - first])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -188,13 +283,16 @@ class ZarrTiles:
         return self._arrays["group"]
 
     def _key(self, origin: np.ndarray, index: int) -> str:
-        image, top, left = (int(v) for v in origin)
+        image, top, left = origin.tolist()  # Python ints: cheaper than int() of each numpy scalar
         stem = self.stems[image] if 0 <= image < len(self.stems) else f"image{image}"
         return f"{stem.replace('.', '_')}_y{top}_x{left}" if self.stems else f"{self.split}#{index}"
 
     def _read_runs(self, runs: list[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
         """The fields of each ``[begin, end)`` run: from the chunk files directly where the layout
-        allows (:class:`_ChunkFiles`), else fetched through zarr's event loop in one trip."""
+        allows (:class:`_ChunkFiles`), else fetched through zarr's event loop in one trip.
+
+        A chunk the direct path cannot decode raises; it is not handed to zarr, whose Blosc
+        codec would read past the end of a cut-short chunk."""
         names = ["image", "mask"] + (["weight"] if self.checks.use_weight_map and "weight" in self._arrays else [])
         direct = [self._chunk_files.get(name) for name in names]
         if all(direct):
@@ -204,7 +302,7 @@ class ZarrTiles:
                      "origin": self._origins(begin, end)}
                     for begin, end in runs
                 ]
-            except Exception:  # noqa: BLE001 - a missing or bad chunk: zarr's own path decides
+            except FileNotFoundError:  # a chunk never written: zarr's fill value
                 pass
         return self._read_runs_with_zarr(runs, names)
 
