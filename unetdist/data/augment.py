@@ -195,16 +195,21 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
+_NOISE_COUNTERS: dict[tuple[int, str], torch.Tensor] = {}
+
+
 def seeded_normal(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise [B, *shape]; sample b is a pure function of ``seeds[b]`` alone
     (counter-based: a hash of (seed, element) through Box-Muller), so it is the same in any
     batch, on any number of ranks and workers, drawn for the whole batch at once."""
     count = math.prod(shape)
-    pairs = torch.arange((count + 1) // 2, device=device, dtype=torch.int64)
-    seeds = seeds.to(device, torch.int64)
-    key = _hash32(_hash32(seeds & 0xFFFFFFFF) ^ (seeds >> 32) & 0xFFFFFFFF)[:, None]
-    first = _hash32((key + 2 * pairs * 0x9E3779B) & 0xFFFFFFFF)
-    second = _hash32((key + (2 * pairs + 1) * 0x9E3779B) & 0xFFFFFFFF)
+    key = (count, str(device))
+    if key not in _NOISE_COUNTERS:  # [2, 1, count/2]: the two uniforms' counters of each pair
+        pairs = torch.arange((count + 1) // 2, dtype=torch.int64)
+        _NOISE_COUNTERS[key] = torch.stack([2 * pairs, 2 * pairs + 1])[:, None].mul_(0x9E3779B).to(device)
+    seeds = seeds.detach().cpu().to(torch.int64)  # a few numbers, mixed on the host
+    keys = _hash32(_hash32(seeds & 0xFFFFFFFF) ^ (seeds >> 32) & 0xFFFFFFFF)[:, None].to(device)
+    first, second = _hash32((keys + _NOISE_COUNTERS[key]) & 0xFFFFFFFF).unbind(0)
     uniform = ((first >> 8).float() + 0.5) * 2.0**-24  # 24 bits, exact in float32; in (0, 1): the log stays finite
     angle = (second >> 8).float() * (2 * math.pi * 2.0**-24)
     radius = torch.sqrt(-2.0 * torch.log(uniform))
