@@ -60,6 +60,24 @@ def test_sequence_and_augmentation_independent_of_ranks_and_workers(roots, fmt):
             assert torch.equal(a["image"], b["image"]), (world_size, workers)
 
 
+def test_workers_hand_over_groups_of_prefetch_factor_micro_batches_in_order(roots):
+    """A worker's item holds data.prefetch_factor micro-batches in one shared block; unpacked,
+    the sequence is the in-process one, also resumed mid-group and with several workers."""
+    data = config(roots, "webdataset", augment_elastic=False)
+    for start_sample in (0, GLOBAL):
+        reference = global_steps(data, 2, 4, start_sample=start_sample)
+        grouped = global_steps(dataclasses.replace(data, num_workers=2, prefetch_factor=3), 2, 4, start_sample=start_sample)
+        for a, b in zip(reference, grouped, strict=True):
+            assert a["key"] == b["key"]
+            assert torch.equal(a["image"], b["image"])
+    loader = build_train_loader(dataclasses.replace(data, num_workers=1, prefetch_factor=3), rank=0, world_size=1, **ARGS)
+    assert loader.loader.prefetch_factor == 1  # one item (3 micro-batches) in flight per worker
+    batches = iter(loader)
+    first = [next(batches) for _ in range(4)]
+    assert [b["image"].untyped_storage().data_ptr() for b in first[:3]] == [first[0]["image"].untyped_storage().data_ptr()] * 3
+    assert loader.state_dict()["start_sample"] == GLOBAL  # counted as handed out, not as received
+
+
 def test_each_sample_once_per_epoch_two_ranks_two_workers(roots):
     data = config(roots, "webdataset", num_workers=2, augment=False, augment_elastic=False,
                   augment_intensity=False, augment_noise_std=0.0)
@@ -200,3 +218,26 @@ def test_sample_words_are_a_function_of_seed_and_position_only():
     assert np.array_equal(words[2:3], sample_words(3, positions[2:3]))  # batch composition does not matter
     assert not np.array_equal(words, sample_words(4, positions))
     assert len({int(w) for w in words.ravel()}) == words.size
+
+
+CRASH_WITH_LIVE_WORKERS = """
+import sys
+from unetdist.config import DataConfig
+from unetdist.data import build_train_loader
+data = DataConfig(root=sys.argv[1], tile_size=32, num_workers=1)
+batches = iter(build_train_loader(data, rank=0, world_size=1, seed=0, micro_batch_size=2, in_channels=1,
+                                  num_classes=2, use_weight_map=True))
+next(batches)
+raise RuntimeError("crash in training")
+"""
+
+
+def test_an_uncaught_error_ends_the_process_although_workers_ignore_sigterm(roots):
+    """Workers ignore SIGTERM (Slurm signals every process); multiprocessing's exit handler
+    relies on it, so without stopping them first a crashed run waited for them forever."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CRASH_WITH_LIVE_WORKERS, str(roots["webdataset"])],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "crash in training" in done.stderr

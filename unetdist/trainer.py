@@ -183,8 +183,7 @@ class Trainer:
     def fit(self, train_loader: Iterable[dict[str, Any]], val_loader: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Train to ``train.max_steps``; raises ``Preempted`` after saving when a stop signal arrives."""
         config = self.config.train
-        batches = iter(train_loader)
-        window = _ThroughputWindow(self.ctx.device)
+        batches = iter(train_loader)  # the loader's workers start now, while the step-0 validation runs
         val_metrics: dict[str, float] = {}
         log.info(
             "training steps %d..%d: global batch %d = %d ranks x %d micro-batches x %d tiles",
@@ -197,6 +196,7 @@ class Trainer:
         )
         if config.val_at_start and self.step == 0:
             self.outputs.tracker.log_metrics(self.validate(val_loader), step=0)
+        window = _ThroughputWindow(self.ctx.device)  # after the step-0 validation: it is not training time
         sample_log = self._open_sample_log()
         watchdog = Watchdog(config.watchdog_s, self.ctx.rank)  # a dead peer must not hang the job
         try:
@@ -252,6 +252,7 @@ class Trainer:
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/samples_per_s": window.steps * self.layout.global_batch_size / elapsed,
             "train/step_time_s": elapsed / window.steps,
+            # waiting for the next micro-batches: a worker behind, and the DataLoader's hand-over of each item
             "train/data_wait_pct": 100.0 * window.data_wait_s / elapsed,
             "data/skipped_samples": totals[1].item(),
         }

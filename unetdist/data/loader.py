@@ -9,15 +9,19 @@ Usage (what ``unetdist.train`` does)::
         batch = to_model_input(micro_batch, device)   # data.augment_on=device: augment + normalise here
     train.state_dict()  # {"start_sample": ..., "epoch": ..., "skipped_samples": ...}
 
-Which sample each micro-batch holds is defined in :mod:`unetdist.data.sequence`; a worker
-produces the rank's micro-batches ``q`` with ``q % W == worker`` (the DataLoader returns
-them round-robin, in order; each batch carries its index and :class:`TrainLoader` checks
-it). A worker reads its samples (:mod:`unetdist.data.webdataset` / :mod:`unetdist.data.zarr`),
-crops them (random window, or centred on foreground with ``data.foreground_fraction``),
-draws each sample's augmentation parameters from (seed, position) and builds, in shared
-memory (handing it over copies nothing), a batch of ``{"image": [B,C,T,T] stored dtype,
-"mask": [B,T,T] uint8, "weight": [B,T,T] f32, "key": [...], "augment": ..., "normalize": ...}`` — or, with ``data.augment_on=worker``,
-the model-ready float32 batch (:func:`unetdist.data.augment.to_model_input` already run).
+Which sample each micro-batch holds is defined in :mod:`unetdist.data.sequence`. A worker
+hands over ``k = data.prefetch_factor`` consecutive micro-batches at a time, in one
+shared-memory block (each hand-over has a fixed cost on the training thread, see
+:func:`_pack`): worker ``w`` makes the rank's items ``i`` with ``i % W == w``, holding
+micro-batches ``[i*k, (i+1)*k)`` from the start position, and the DataLoader keeps one item
+per worker in flight and returns them round-robin, in order; each micro-batch carries its
+index and :class:`TrainLoader` checks it. A worker reads its samples
+(:mod:`unetdist.data.webdataset` / :mod:`unetdist.data.zarr`), crops them (random window,
+or centred on foreground with ``data.foreground_fraction``), draws each sample's
+augmentation parameters from (seed, position) and builds a batch of ``{"image": [B,C,T,T]
+stored dtype, "mask": [B,T,T] uint8, "weight": [B,T,T] f32, "key": [...], "augment": ...,
+"normalize": ...}`` — or, with ``data.augment_on=worker``, the model-ready float32 batch
+(:func:`unetdist.data.augment.to_model_input` already run).
 
 Bad samples: ``data.on_error=raise`` stops with the :class:`DataError` naming store, key
 and problem; ``skip`` logs it, counts it (``batch["skipped"]``, ``TrainLoader.skipped_samples``)
@@ -27,9 +31,12 @@ the positions of all other samples stay as they were.
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import math
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from unetdist.config import DataConfig
+from unetdist.config import ConfigError, DataConfig
 from unetdist.data.augment import AugmentSpec, crop_windows, draw_params, sample_words, to_model_input
 from unetdist.data.samples import DataError, Sample, SampleChecks
 from unetdist.data.sequence import Blocks, GlobalSequence, RankLayout
@@ -125,6 +132,52 @@ def collate(samples: list[Sample], windows: list[tuple[int, int]], options: Batc
     return batch
 
 
+_PACK_ALIGN_BYTES = 64
+
+
+def _pack(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """A worker's micro-batches as one hand-over: all their tensors in one shared-memory block.
+
+    Why: the training process fetches a file descriptor from the worker for every shared
+    block it unpickles, over a socket with an authentication handshake (several round trips,
+    each a wake-up of another process), and each DataLoader item costs it a few more
+    wake-ups (the index queue's feeder thread, the result pipe). That is fixed per item and
+    paid on the training thread: ~4 ms per item with three blocks (image, mask, weight) on
+    the quickstart's 2 cores shared by 2 ranks and 2 workers, ~5% of its step. One block
+    per item, and ``data.prefetch_factor`` micro-batches per item, divide it accordingly.
+    :func:`_unpack` gives the micro-batches back, their tensors as views of the block.
+    """
+    layouts, size = [], 0
+    for batch in batches:
+        layout = []
+        for name, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                layout.append((name, value.dtype, tuple(value.shape), size))
+                size += -(-value.numel() * value.element_size() // _PACK_ALIGN_BYTES) * _PACK_ALIGN_BYTES
+        layouts.append(layout)
+    block, _ = _batch_array((max(size, 1),), np.dtype(np.uint8))
+    rest = []
+    for batch, layout in zip(batches, layouts, strict=True):
+        for name, dtype, shape, offset in layout:
+            _view(block, dtype, shape, offset).copy_(batch[name])
+        rest.append({name: value for name, value in batch.items() if not isinstance(value, torch.Tensor)})
+    return {"packed": block, "layouts": layouts, "batches": rest}
+
+
+def _unpack(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """The micro-batches of a DataLoader item: a :func:`_pack` item, or one plain batch."""
+    if "packed" not in item:
+        return [item]
+    for batch, layout in zip(item["batches"], item["layouts"], strict=True):
+        for name, dtype, shape, offset in layout:
+            batch[name] = _view(item["packed"], dtype, shape, offset)
+    return item["batches"]
+
+
+def _view(block: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:
+    return block[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+
+
 def _reader_slot(num_workers: int) -> tuple[int, int]:
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -140,17 +193,21 @@ class TrainStream(IterableDataset):
     """Endless micro-batches of one rank, from ``start_micro`` on (see the module docstring)."""
 
     def __init__(self, source, sequence: GlobalSequence, layout: RankLayout, options: BatchOptions, *,
-                 num_workers: int, start_micro: int = 0) -> None:
+                 num_workers: int, start_micro: int = 0, group: int = 1) -> None:
         super().__init__()
         self.source, self.sequence, self.layout, self.options = source, sequence, layout, options
-        self.num_workers, self.start_micro = num_workers, start_micro
+        self.num_workers, self.start_micro, self.group = num_workers, start_micro, group
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = _reader_slot(self.num_workers)
-        micro_index = self.start_micro + worker
+        in_worker = get_worker_info() is not None
+        group = self.group if in_worker else 1  # in the training process there is nothing to hand over
+        item = worker  # items of `group` consecutive micro-batches; worker w makes items i with i % W == w
         while True:
-            yield self.micro_batch(micro_index)
-            micro_index += workers
+            first = self.start_micro + item * group
+            batches = [self.micro_batch(first + offset) for offset in range(group)]
+            yield _pack(batches) if in_worker else batches[0]
+            item += workers
 
     def micro_batch(self, micro_index: int) -> dict[str, Any]:
         """This rank's micro-batch ``micro_index``: a pure function of the arguments and the data."""
@@ -202,7 +259,7 @@ class TrainLoader:
         self.layout, self.sequence = stream.layout, stream.sequence
         self.next_micro = stream.start_micro
         self.skipped_samples = 0
-        self.loader = DataLoader(stream, batch_size=None, **loader_kwargs)
+        self.loader = _worker_loader(stream, loader_kwargs)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -217,12 +274,18 @@ class TrainLoader:
         return self.state_dict()["start_sample"] // self.sequence.epoch_length
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
-            if batch["index"] != self.next_micro:
-                raise RuntimeError(f"data loader out of order: micro-batch {batch['index']}, expected {self.next_micro}")
-            self.next_micro += 1
-            self.skipped_samples += int(batch.pop("skipped"))
-            yield batch
+        # The workers start here, not at the first next(): Trainer.fit calls iter() before its
+        # step-0 validation, which so overlaps their start-up and first items.
+        return self._in_order(iter(self.loader))
+
+    def _in_order(self, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for item in items:
+            for batch in _unpack(item):
+                if batch["index"] != self.next_micro:
+                    raise RuntimeError(f"data loader out of order: micro-batch {batch['index']}, expected {self.next_micro}")
+                self.next_micro += 1
+                self.skipped_samples += int(batch.pop("skipped"))
+                yield batch
 
     def state_dict(self) -> dict[str, int]:
         steps = self.next_micro // self.layout.accumulation_steps
@@ -233,7 +296,7 @@ class TrainLoader:
         start_micro = self.layout.first_micro_batch(int(state["start_sample"]))
         self.stream.start_micro = self.next_micro = start_micro
         self.skipped_samples = int(state.get("skipped_samples", 0))
-        self.loader = DataLoader(self.stream, batch_size=None, **self.loader_kwargs)
+        self.loader = _worker_loader(self.stream, self.loader_kwargs)
 
 
 # ---------------------------------------------------------------- validation
@@ -289,6 +352,31 @@ def _init_worker(worker_id: int) -> None:
     # fail the step before the trainer can save. The training process stops its workers itself.
     for stop_signal in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(stop_signal, signal.SIG_IGN)
+
+
+_LIVE_LOADERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()
+
+
+def _worker_loader(stream: IterableDataset, loader_kwargs: dict[str, Any]) -> DataLoader:
+    """A DataLoader over ``stream`` whose workers :func:`_stop_workers_at_exit` stops."""
+    loader = DataLoader(stream, batch_size=None, **loader_kwargs)
+    _LIVE_LOADERS.add(loader)
+    return loader
+
+
+@atexit.register  # registered after multiprocessing's exit handler, so it runs before it
+def _stop_workers_at_exit() -> None:
+    """Stop the workers the DataLoader's own way (done event, join) at interpreter exit.
+
+    Our workers ignore SIGTERM (:func:`_init_worker`), and multiprocessing's exit handler
+    ends daemonic children with SIGTERM and then joins them: after an uncaught error, while
+    the traceback still holds the loader's iterator, a run would wait for its workers forever
+    instead of exiting and letting torchrun or Slurm act.
+    """
+    for loader in list(_LIVE_LOADERS):
+        iterator = getattr(loader, "_iterator", None)  # persistent workers: the DataLoader keeps it
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def _loader_kwargs(data: DataConfig, pin_memory: bool, multiprocessing_context: str | None) -> dict[str, Any]:
@@ -365,7 +453,9 @@ def build_train_loader(
     elif legacy:
         raise TypeError(f"unexpected keyword argument(s) {sorted(legacy)} next to a DataConfig")
     checks = SampleChecks(data.tile_size, in_channels, num_classes, use_weight_map)
-    source = source if source is not None else open_source(data, "train", checks, shards)
+    if source is None:
+        check_tile_size(data)
+        source = open_source(data, "train", checks, shards)
     layout = RankLayout(global_batch_size or micro_batch_size * world_size, world_size, rank, micro_batch_size)
     block_size = data.block_size or getattr(source, "chunk_tiles", 1)
     sequence = GlobalSequence(
@@ -376,26 +466,75 @@ def build_train_loader(
     )
     if rank == 0:
         log_topology(data, source, sequence, layout, block_size)
+    # A worker hands over its data.prefetch_factor micro-batches in flight as one item (see _pack),
+    # so the DataLoader keeps one item per worker in flight.
+    group = data.prefetch_factor if data.num_workers > 0 else 1
     stream = TrainStream(
         source, sequence, layout, _options(data, train=True),
-        num_workers=data.num_workers, start_micro=layout.first_micro_batch(start_sample),
+        num_workers=data.num_workers, start_micro=layout.first_micro_batch(start_sample), group=group,
     )
-    return TrainLoader(stream, _loader_kwargs(data, data.pin_memory, multiprocessing_context))
+    loader_kwargs = _loader_kwargs(data, data.pin_memory, multiprocessing_context)
+    if data.num_workers > 0:
+        loader_kwargs["prefetch_factor"] = 1
+    return TrainLoader(stream, loader_kwargs)
+
+
+def _unit_name(source) -> str:
+    """What one unit of ``source`` is: a tar shard, a whole image, a pre-tiled Zarr array."""
+    if isinstance(source, TarShards):
+        return "shard"
+    if isinstance(source, ZarrImages):
+        return "image"
+    return "array" if isinstance(source, ZarrTiles) else "unit"
 
 
 def log_topology(data: DataConfig, source, sequence: GlobalSequence, layout: RankLayout, block_size: int) -> None:
+    """The start-up line: ranks x workers x units, and how the global batch and the epoch are cut.
+
+    Workers are not tied to units: a worker makes every W-th item of its rank's endless
+    micro-batch sequence by random access, so no count of workers, shards or images leaves
+    one without work. What cannot run is refused where it is built: an epoch of no step
+    (:func:`unetdist.data.sequence.epoch_length`), tiles smaller than ``data.tile_size``
+    (:func:`check_tile_size`), fewer validation samples than ranks (:func:`build_val_loader`).
+    """
     samples, length = sequence.blocks.num_samples, sequence.epoch_length
     change = (
         f"pads {length - samples} repeated sample(s)" if length > samples else
         f"drops {samples - length} sample(s)" if length < samples else "neither pads nor drops"
     )
+    workers, units = max(1, data.num_workers), len(source.counts)
+    handover = f"; a worker hands over {data.prefetch_factor} micro-batches at a time" if data.num_workers > 0 else ""
     log.info(
-        "data: %s, %d unit(s), %d train samples in blocks of %d; %d rank(s) x %d worker(s); global batch %d "
-        "= %d x %d per rank; epoch of %d steps (epoch_end=%s %s)",
-        data.format, len(source.counts), samples, block_size, layout.world_size, max(1, data.num_workers),
-        layout.global_batch_size, layout.accumulation_steps, layout.micro_batch_size,
-        length // layout.global_batch_size, data.epoch_end, change,
+        "data: %d rank(s) x %d worker(s) x %d %s(s) (%s, %d train samples in blocks of %d); global batch %d "
+        "= %d rank(s) x %d x %d; epoch of %d steps (epoch_end=%s %s)%s",
+        layout.world_size, workers, units, _unit_name(source), data.format, samples, block_size,
+        layout.global_batch_size, layout.world_size, layout.accumulation_steps, layout.micro_batch_size,
+        length // layout.global_batch_size, data.epoch_end, change, handover,
     )
+
+
+def check_tile_size(data: DataConfig) -> None:
+    """Refuse a ``data.tile_size`` larger than the tiles of the prepare folder ``data.root``.
+
+    Otherwise every sample fails its check in the workers, after the start-up. Stores of
+    whole images check their images themselves; explicit shard lists are checked per sample.
+    """
+    explicit = data.train_shards if data.format == "webdataset" else data.zarr_store
+    if not data.root or explicit:
+        return
+    try:
+        meta = json.loads((Path(data.root) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return  # the source names a missing or unreadable dataset.json itself
+    if not isinstance(meta, dict) or meta.get("layout") == "whole-images" or meta.get("format") != data.format:
+        return
+    stored = meta.get("tile_size")
+    if isinstance(stored, int) and data.tile_size > stored:
+        raise ConfigError(
+            f"data.tile_size={data.tile_size} is larger than the {stored}x{stored} tiles stored in {data.root} "
+            f"(its dataset.json): set data.tile_size to at most {stored}, or prepare the data again with "
+            f"--tile {data.tile_size} or more"
+        )
 
 
 def build_val_loader(
@@ -420,8 +559,19 @@ def build_val_loader(
     source = open_source(data, "val", checks, shards)
     if sum(source.counts) == 0:
         raise ValueError("no validation samples: prepare with --val-fraction > 0")
+    samples = sum(source.counts)
+    if samples < world_size:
+        # A rank without a validation batch makes no forward pass there, so it skips the buffer
+        # broadcast (BatchNorm statistics) that DDP makes at each rank's first forward after
+        # training, and the other ranks wait for it until train.timeout_s.
+        idle = f"rank {samples}" if samples == world_size - 1 else f"ranks {samples}..{world_size - 1}"
+        raise ConfigError(
+            f"the validation split has {samples} sample(s) for {world_size} ranks: {idle} would get none "
+            "and validation would hang; hold out more validation data (prepare --val-fraction, or a larger "
+            "split in data.val_shards / data.root) or run fewer ranks (--nproc_per_node)"
+        )
     stream = ValStream(
         source, _options(data, train=False), rank=rank, world_size=world_size,
         num_workers=data.num_workers, micro_batch_size=micro_batch_size,
     )
-    return DataLoader(stream, batch_size=None, **_loader_kwargs(data, False, multiprocessing_context))
+    return _worker_loader(stream, _loader_kwargs(data, False, multiprocessing_context))

@@ -19,7 +19,8 @@ Design (exactness first, then streaming):
   consumes positions ``[s*G, (s+1)*G)``; rank ``r`` takes the contiguous slice
   ``[s*G + r*B, s*G + (r+1)*B)`` (B = G / world size), cut into micro-batches of ``micro``
   in order. A rank's micro-batch ``q`` (counted from the start of training) is read by its
-  DataLoader worker ``q % W``.
+  DataLoader worker ``(q // k) % W``, which hands over k = ``data.prefetch_factor``
+  consecutive micro-batches at a time (see :mod:`unetdist.data.loader`).
 
 So the sequence, and (with augmentation seeded by the position) every tile the model
 sees, depends only on (seed, data set, G, block_size, epoch_end), never on the world size
