@@ -26,7 +26,6 @@ noise are not.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,38 +184,6 @@ def _symmetries(arrays: list[torch.Tensor | None], params: torch.Tensor) -> list
     return out
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixing function on int64 tensors holding values in [0, 2**32).
-
-    The multiplier is below 2**31, so no product leaves int64 (no overflow on any device)."""
-    x = x.clone()
-    for _ in range(2):
-        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(0xFFFFFFFF)
-    return x.bitwise_xor_(x >> 16)
-
-
-_NOISE_COUNTERS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def seeded_normal(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise [B, *shape]; sample b is a pure function of ``seeds[b]`` alone
-    (counter-based: a hash of (seed, element) through Box-Muller), so it is the same in any
-    batch, on any number of ranks and workers, drawn for the whole batch at once."""
-    count = math.prod(shape)
-    key = (count, str(device))
-    if key not in _NOISE_COUNTERS:  # [2, 1, count/2]: the two uniforms' counters of each pair
-        pairs = torch.arange((count + 1) // 2, dtype=torch.int64)
-        _NOISE_COUNTERS[key] = torch.stack([2 * pairs, 2 * pairs + 1])[:, None].mul_(0x9E3779B).to(device)
-    seeds = seeds.detach().cpu().to(torch.int64)  # a few numbers, mixed on the host
-    keys = _hash32(_hash32(seeds & 0xFFFFFFFF) ^ (seeds >> 32) & 0xFFFFFFFF)[:, None].to(device)
-    first, second = _hash32((keys + _NOISE_COUNTERS[key]) & 0xFFFFFFFF).unbind(0)
-    uniform = ((first >> 8).float() + 0.5) * 2.0**-24  # 24 bits, exact in float32; in (0, 1): the log stays finite
-    angle = (second >> 8).float() * (2 * math.pi * 2.0**-24)
-    radius = torch.sqrt(-2.0 * torch.log(uniform))
-    normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :count]
-    return normal.to(dtype).view(len(seeds), *shape)
-
-
 def elastic_grid(displacement: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``grid_sample`` grid [B,H,W,2] for coarse (dy, dx) pixel displacements [B, 2*G*G]."""
     batch = displacement.shape[0]
@@ -259,7 +226,14 @@ def apply(
         image = image.clamp(0.0, 1.0).pow(gamma)
         image = image * (1.0 + SCALE_RANGE * params[:, 3]).view(view) + (SHIFT_RANGE * params[:, 4]).view(view)
     if spec.noise_std > 0:
-        image = image + spec.noise_std * seeded_normal(noise_seeds, tuple(image.shape[1:]), image.device, image.dtype)
+        # one generator per sample, not one hashed draw for the batch: Box-Muller's log/cos on
+        # CPU round the last bit differently with the batch's size, and a sample's noise must
+        # not depend on the samples beside it
+        noise = torch.empty_like(image)
+        for index, seed in enumerate(noise_seeds.tolist()):
+            generator = torch.Generator(device=image.device).manual_seed(int(seed))
+            noise[index] = torch.randn(image.shape[1:], generator=generator, device=image.device, dtype=image.dtype)
+        image = image + spec.noise_std * noise
     return image, mask, weight
 
 
