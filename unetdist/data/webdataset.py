@@ -19,11 +19,11 @@ import json
 import mmap
 import os
 import tarfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from unetdist.data.cache import LruCache
 from unetdist.data.samples import DataError, Sample, SampleChecks, check_sample, decode_sample
 
 _CACHED_SHARD_INDEXES = 256
@@ -174,39 +174,24 @@ class TarShards:
         self.paths = [_local_path(path) for path in paths]
         self.checks = checks
         self.counts = list(counts) if counts is not None else count_samples(self.paths)
-        self._indexes: OrderedDict[int, TarIndex] = OrderedDict()
-        self._maps: OrderedDict[int, memoryview] = OrderedDict()
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_indexes": OrderedDict(), "_maps": OrderedDict()}
+        self._indexes = LruCache(_CACHED_SHARD_INDEXES)
+        self._maps = LruCache(_CACHED_SHARD_INDEXES)
 
     @property
     def names(self) -> list[str]:
         return self.paths
 
     def _index(self, unit: int) -> TarIndex:
-        index = self._indexes.get(unit)
-        if index is None:
-            index = index_tar(self.paths[unit])
-            self._indexes[unit] = index
-            if len(self._indexes) > _CACHED_SHARD_INDEXES:
-                self._indexes.popitem(last=False)
-        else:
-            self._indexes.move_to_end(unit)
-        return index
+        return self._indexes.get(unit, lambda: index_tar(self.paths[unit]))
 
     def _mapped(self, unit: int) -> memoryview:
         """The whole shard file, memory-mapped: samples are views of the page cache, read without copies."""
-        view = self._maps.get(unit)
-        if view is None:
+
+        def map_file() -> memoryview:
             with open(self.paths[unit], "rb") as file:
-                view = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
-            self._maps[unit] = view
-            if len(self._maps) > _CACHED_SHARD_INDEXES:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(unit)
-        return view
+                return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+
+        return self._maps.get(unit, map_file)
 
     def read(self, unit: int, indices: list[int]) -> list[Sample | DataError]:
         """Samples ``indices`` of shard ``unit``, in that order."""

@@ -54,11 +54,11 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
+from unetdist.data.cache import LruCache
 from unetdist.data.samples import DataError, Sample, SampleChecks, check_sample
 
 STORE_NAME = "data.zarr"
@@ -186,7 +186,7 @@ class _ChunkFiles:
         self.rows = array.chunks[0]
         self.dtype = array.dtype.newbyteorder("<")
         self.chunk_shape = array.chunks
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._maps = LruCache(_CACHED_CHUNK_MAPS)
 
     @classmethod
     def for_array(cls, folder: Path, array) -> _ChunkFiles | None:
@@ -214,21 +214,19 @@ class _ChunkFiles:
 
     def _chunk(self, chunk: int) -> np.ndarray:
         """One whole chunk: a view of its mapped file, or decompressed."""
-        block = self._maps.get(chunk)
-        if block is not None:
-            self._maps.move_to_end(chunk)
-            return block
-        key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (len(self.chunk_shape) - 1))
+        def path() -> Path:
+            return self.folder / self.array.metadata.encode_chunk_key((chunk,) + (0,) * (len(self.chunk_shape) - 1))
+
         if self.decompress:
-            raw = self.decompress((self.folder / key).read_bytes())
+            raw = self.decompress(path().read_bytes())
             return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
-        with open(self.folder / key, "rb") as file:
-            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        block = np.frombuffer(mapped, dtype=self.dtype).reshape(self.chunk_shape)  # a short file fails here
-        self._maps[chunk] = block
-        if len(self._maps) > _CACHED_CHUNK_MAPS:
-            self._maps.popitem(last=False)
-        return block
+
+        def map_chunk() -> np.ndarray:
+            with open(path(), "rb") as file:
+                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            return np.frombuffer(mapped, dtype=self.dtype).reshape(self.chunk_shape)  # a short file fails here
+
+        return self._maps.get(chunk, map_chunk)
 
     def read(self, begin: int, end: int) -> np.ndarray:
         """Rows ``[begin, end)``: views of the chunk (a copy only across chunks)."""

@@ -1,0 +1,29 @@
+"""A small least-recently-used cache for per-process read state (shard indexes, mapped files)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+
+class LruCache:
+    """At most ``size`` values, the least recently used dropped first. Pickles empty: every
+    process (a DataLoader worker) fills its own, never inheriting another's maps or handles."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size, "_items": OrderedDict()}
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value of ``key``, made by ``make()`` when it is not held."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = make()
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
