@@ -99,11 +99,13 @@ class BatchOptions:
     spec: AugmentSpec | None  # None: no augmentation (validation, or data.augment off)
 
 
-def _batch_array(shape: tuple[int, ...], dtype: np.dtype) -> tuple[torch.Tensor, np.ndarray]:
-    """An empty batch tensor and its numpy view; in a DataLoader worker it lives in shared
-    memory (as ``default_collate`` does), so handing it to the training process copies nothing."""
+def _batch_array(shape: tuple[int, ...], dtype: np.dtype, shared: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+    """An empty batch tensor and its numpy view; in a DataLoader worker, when ``shared``, it
+    lives in shared memory (as ``default_collate`` does), so handing it to the training process
+    copies nothing. Not ``shared``: the tensor is copied on before the hand-over (packed, or
+    converted to model input in the worker) and only needs to be ordinary memory."""
     dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-    if get_worker_info() is None:
+    if not shared or get_worker_info() is None:
         tensor = torch.empty(shape, dtype=dtype)
     else:
         storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
@@ -111,15 +113,18 @@ def _batch_array(shape: tuple[int, ...], dtype: np.dtype) -> tuple[torch.Tensor,
     return tensor, tensor.numpy()
 
 
-def collate(samples: list[Sample], windows: list[tuple[int, int]], options: BatchOptions) -> dict[str, Any]:
-    """Crop each sample to its window, copied straight into the compact batch (stored dtypes)."""
+def collate(samples: list[Sample], windows: list[tuple[int, int]], options: BatchOptions,
+            shared: bool = True) -> dict[str, Any]:
+    """Crop each sample to its window, copied straight into the compact batch (stored dtypes);
+    ``shared``: see :func:`_batch_array`."""
     size, count = options.tile_size, len(samples)
     channels = samples[0].image.shape[0]
-    image, image_out = _batch_array((count, channels, size, size), np.result_type(*(s.image for s in samples)))
-    mask, mask_out = _batch_array((count, size, size), np.dtype(np.uint8))
+    image_dtype = np.result_type(*(s.image for s in samples))
+    image, image_out = _batch_array((count, channels, size, size), image_dtype, shared)
+    mask, mask_out = _batch_array((count, size, size), np.dtype(np.uint8), shared)
     weight, weight_out = (None, None)
     if samples[0].weight is not None:
-        weight, weight_out = _batch_array((count, size, size), np.dtype(np.float32))
+        weight, weight_out = _batch_array((count, size, size), np.dtype(np.float32), shared)
     for slot, (sample, (top, left)) in enumerate(zip(samples, windows, strict=True)):
         ys, xs = slice(top, top + size), slice(left, left + size)
         image_out[slot] = sample.image[:, ys, xs]
@@ -219,7 +224,7 @@ class TrainStream(IterableDataset):
         samples, skipped = _replace_bad(read, self.options.on_error, f"micro-batch {micro_index}")
         spec, size = self.options.spec, self.options.tile_size
         windows = crop_windows([s.mask for s in samples], size, words, self.options.foreground_fraction)
-        batch = collate(samples, windows, self.options)
+        batch = collate(samples, windows, self.options, shared=False)  # a worker packs it (see _pack)
         if spec is not None:
             params, noise_seeds = draw_params(words, spec)
             # numpy, not tensors: small arrays travel pickled inline, while every tensor costs
@@ -338,7 +343,7 @@ class ValStream(IterableDataset):
             if not samples:
                 continue
             windows = [((s.mask.shape[0] - size) // 2, (s.mask.shape[1] - size) // 2) for s in samples]
-            batch = collate(samples, windows, self.options)
+            batch = collate(samples, windows, self.options, shared=self.options.augment_on != "worker")
             yield to_model_input(batch, "cpu") if self.options.augment_on == "worker" else batch
 
 
