@@ -97,8 +97,10 @@ class _BareCopy(torch.utils.data.IterableDataset):
             yield {"image": torch.from_numpy(self.images[chosen]), "mask": torch.from_numpy(self.masks[chosen])}
 
 
-def _augment_rate(to_model_input, batch: dict, device: str, repeats: int) -> float:
+def _augment_rate(batch: dict, device: str, repeats: int) -> float:
     """Tiles/s of ``to_model_input`` (copy to ``device`` + augmentation + normalisation)."""
+    from unetdist.data import to_model_input
+
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if device.startswith("cuda"):
         batch = {**batch, **{key: batch[key].pin_memory() for key in ("image", "mask") if key in batch}}
@@ -116,7 +118,7 @@ def run(args) -> dict[str, float | int | str]:
     from torch.utils.data import DataLoader
 
     from unetdist.config import DataConfig
-    from unetdist.data import build_train_loader, to_model_input
+    from unetdist.data import build_train_loader
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.dir or scratch)
@@ -147,9 +149,9 @@ def run(args) -> dict[str, float | int | str]:
         del loader, memory  # their workers stop
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        augment_rate = _augment_rate(to_model_input, sample, "cpu", 4)
+        augment_rate = _augment_rate(sample, "cpu", 4)
         torch.set_num_threads(threads)
-        device_rate = _augment_rate(to_model_input, sample, args.device, 50) if args.device != "cpu" else None
+        device_rate = _augment_rate(sample, args.device, 50) if args.device != "cpu" else None
 
         bare = DataLoader(_BareCopy(images, masks, args.batch), batch_size=None, num_workers=args.workers,
                           persistent_workers=args.workers > 0, prefetch_factor=data.prefetch_factor if args.workers else None)
