@@ -21,7 +21,7 @@ from unetdist.data.prepare import (
     tile_origins,
 )
 from unetdist.data.synthetic import synthetic_cells
-from unetdist.losses import border_weight_map
+from unetdist.weight_map import border_weight_map
 
 TILE = 40  # does not divide 96: the last row/column of tiles is shifted inwards
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from unetdist.losses import crop_to_logits
+from unetdist.geometry import crop_to_logits
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

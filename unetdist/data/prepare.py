@@ -310,7 +310,7 @@ def prepare_dataset(
     ``zarr_codec`` (pre-tiled zarr only) compresses the tiles; None: uncompressed, the fastest
     to read (see :mod:`unetdist.data.zarr`).
     """
-    from unetdist.losses import border_weight_map
+    from unetdist.weight_map import border_weight_map
 
     if mask_kind not in ("instances", "classes"):
         raise PrepareError(f"mask kind must be 'instances' or 'classes', got {mask_kind!r}")
