@@ -339,7 +339,7 @@ def validate(config: Config) -> None:
 
 
 def _validate_tile_size(model: ModelConfig, tile_size: int) -> None:
-    from unetdist.model import check_input_size, default_depth
+    from unetdist.model.sizes import check_input_size, default_depth  # torch-free arithmetic, imported late
 
     depth = model.depth or default_depth(model.preset)
     try:

@@ -4,11 +4,12 @@ from unetdist.model.blocks import NORMS, DoubleConv, Down, OutConv, Up, make_nor
 from unetdist.model.sizes import (
     PRESETS,
     check_input_size,
+    default_depth,
     nearest_valid_input_sizes,
     output_size,
     valid_input_sizes,
 )
-from unetdist.model.unet import UNet, build_unet, default_depth
+from unetdist.model.unet import UNet, build_unet
 
 __all__ = [
     "NORMS",

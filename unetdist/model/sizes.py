@@ -21,6 +21,7 @@ from __future__ import annotations
 PRESETS: tuple[str, ...] = ("paper", "article", "padded")
 
 _CONV_PADDING = {"paper": 0, "article": 0, "padded": 1}
+_DEFAULT_DEPTH = {"paper": 4, "article": 3, "padded": 4}
 _CONVS_PER_BLOCK = 2
 
 
@@ -28,6 +29,12 @@ def conv_padding(preset: str) -> int:
     """Padding of the preset's 3x3 convolutions (0: valid, 1: same)."""
     _check_preset(preset)
     return _CONV_PADDING[preset]
+
+
+def default_depth(preset: str) -> int:
+    """The preset's own number of pooling levels (paper 4, article 3, padded 4)."""
+    _check_preset(preset)
+    return _DEFAULT_DEPTH[preset]
 
 
 def output_size(preset: str, depth: int, input_size: int) -> int:

@@ -39,7 +39,6 @@ from unetdist.model.blocks import NORMS, DoubleConv, Down, OutConv, Up, run_chec
 @dataclass(frozen=True)
 class _Preset:
     base_width: int
-    depth: int
     norm: str | None  # None: the caller's norm argument
     norm_after_relu: bool
     up_kernel_size: int
@@ -48,13 +47,13 @@ class _Preset:
 
 _PRESETS = {
     "paper": _Preset(
-        base_width=64, depth=4, norm="none", norm_after_relu=False, up_kernel_size=2, he_init=True
+        base_width=64, norm="none", norm_after_relu=False, up_kernel_size=2, he_init=True
     ),
     "article": _Preset(
-        base_width=64, depth=3, norm="batch", norm_after_relu=True, up_kernel_size=3, he_init=False
+        base_width=64, norm="batch", norm_after_relu=True, up_kernel_size=3, he_init=False
     ),
     "padded": _Preset(
-        base_width=32, depth=4, norm=None, norm_after_relu=False, up_kernel_size=2, he_init=True
+        base_width=32, norm=None, norm_after_relu=False, up_kernel_size=2, he_init=True
     ),
 }
 
@@ -140,12 +139,6 @@ def _run(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     return block(*inputs)
 
 
-def default_depth(preset: str) -> int:
-    """The preset's own number of pooling levels (paper 4, article 3, padded 4)."""
-    _check_choice("preset", preset, sizes.PRESETS)
-    return _PRESETS[preset].depth
-
-
 def build_unet(
     preset: str,
     in_channels: int,
@@ -168,7 +161,7 @@ def build_unet(
         in_channels,
         num_classes,
         base_width=spec.base_width if base_width is None else base_width,
-        depth=spec.depth if depth is None else depth,
+        depth=sizes.default_depth(preset) if depth is None else depth,
         norm=norm,
         activation_checkpointing=activation_checkpointing,
     )
