@@ -9,7 +9,7 @@ from unetdist import distributed
 from unetdist.config import batch_layout, load_config
 from unetdist.model import build_unet
 from unetdist.optim import build_optimizer
-from unetdist.rank_zero import RunOutputs
+from unetdist.tracking.run_outputs import RunOutputs
 from unetdist.trainer import Trainer, wrap_model
 
 pytestmark = pytest.mark.gpu

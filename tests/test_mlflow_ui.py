@@ -9,7 +9,7 @@ from services.browser import BrowserError, find_chromium, screenshot
 
 from unetdist.config import Config, DataConfig, TrackingConfig, TrainConfig
 from unetdist.distributed import DistributedContext
-from unetdist.rank_zero import RunOutputs
+from unetdist.tracking.run_outputs import RunOutputs
 
 pytestmark = pytest.mark.slow
 

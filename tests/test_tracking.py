@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from unetdist.tracking import (
-    REDACTED,
     MLflowTracker,
     NullTracker,
     default_tracking_uri,
     flatten_config,
     make_tracker,
 )
+from unetdist.tracking.mlflow_setup import REDACTED
 
 NESTED_CONFIG = {
     "model": {"preset": "tiny", "channels": [8, 16], "dropout": 0.1},

@@ -14,7 +14,8 @@ import time
 import pytest
 from services.mlflow_server import free_port
 
-from unetdist.tracking import MLflowTracker, main, read_unsent
+from unetdist.tracking import MLflowTracker, read_unsent
+from unetdist.tracking.replay import main
 
 pytestmark = pytest.mark.slow
 

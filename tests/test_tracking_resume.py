@@ -18,7 +18,7 @@ import torch
 from unetdist.config import Config, DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from unetdist.distributed import DistributedContext
 from unetdist.model import build_unet
-from unetdist.rank_zero import RunOutputs
+from unetdist.tracking.run_outputs import RunOutputs
 
 pytestmark = pytest.mark.slow
 

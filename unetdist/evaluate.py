@@ -137,7 +137,7 @@ def score_image(pred_instances: np.ndarray, truth_instances: np.ndarray) -> Coun
 
 
 def _read(path: Path) -> np.ndarray:
-    from unetdist.data.prepare import read_array
+    from unetdist.data.imageio import read_array
 
     try:
         array = read_array(path)

@@ -27,10 +27,11 @@ from unetdist import distributed, preemption
 from unetdist.config import BatchLayout, Config, ConfigError, TrackingConfig, batch_layout, load_config
 from unetdist.data import build_train_loader, build_val_loader
 from unetdist.distributed import DistributedContext
+from unetdist.logs import setup_logging
 from unetdist.optim import build_optimizer
 from unetdist.preemption import Preempted, StopSignal
-from unetdist.rank_zero import RunOutputs, error_summary, setup_logging
 from unetdist.seeding import seed_everything
+from unetdist.tracking.run_outputs import RunOutputs, error_summary
 from unetdist.trainer import Trainer, build_model
 
 log = logging.getLogger("unetdist.train")

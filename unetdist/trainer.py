@@ -31,15 +31,13 @@ from unetdist.losses import SegmentationLoss
 from unetdist.metrics import confusion_from_logits, metric_dict
 from unetdist.model import build_unet
 from unetdist.optim import lr_at, set_lr
+from unetdist.precision import autocast, grad_scaler
 from unetdist.preemption import Preempted, StopSignal
-from unetdist.rank_zero import RunOutputs
 from unetdist.seeding import rng_state, set_rng_state
+from unetdist.tracking.run_outputs import RunOutputs
 from unetdist.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def build_model(config: Config, ctx: DistributedContext) -> tuple[nn.Module, nn.Module]:
     """The configured U-Net on this rank's device, wrapped for DDP/compile: (raw_model, wrapped)."""
@@ -100,8 +98,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.stop_signal = stop_signal
         self.loss_fn = SegmentationLoss(config.loss.kind, config.model.num_classes, config.loss.dice_weight)
-        self.autocast_dtype = AUTOCAST_DTYPES[config.train.precision]
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.train.precision == "fp16")
+        self.scaler = grad_scaler(ctx.device.type, config.train.precision)
         self.step = 0  # optimizer steps taken
         self.best_fg_dice = float("-inf")  # best validation foreground Dice of this job
         self.best_checkpoint: Path | None = None
@@ -117,7 +114,7 @@ class Trainer:
         return image, batch["mask"], weight
 
     def _forward(self, image: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with autocast(self.ctx.device.type, self.config.train.precision):
             return self.model(image)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unetdist.data.sources.base import StoredSamples
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("webdataset", "zarr"), default="webdataset")
@@ -42,7 +44,7 @@ def _write(folder: Path, tiles: int, size: int) -> None:
     import webdataset as wds
     from PIL import Image
 
-    from unetdist.data.zarr import ZarrWriter
+    from unetdist.data.writers import ZarrWriter
 
     rng = np.random.default_rng(0)
     zarr_writer = ZarrWriter(folder / "data.zarr", "train")
@@ -74,7 +76,7 @@ def _rate(iterator, batches: int, batch: int, buffered: int) -> float:
     return batches * batch / (time.perf_counter() - start)
 
 
-class _InMemoryTiles:
+class _InMemoryTiles(StoredSamples):
     """Decoded tiles in memory as a loader source: the ceiling (no I/O, no decoding)."""
 
     def __init__(self, images: np.ndarray, masks: np.ndarray) -> None:

@@ -25,15 +25,11 @@ scaling efficiency (``--batch`` is then the per-rank batch). On CPU every rank g
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +38,12 @@ import torch
 from torch import nn
 
 from unetdist.bench import Figures
+from unetdist.bench.scaling import run_scaling
+from unetdist.bench.timing import Clocks, TimedStream, Window, peak_mb, reset_peak, synchronize, window_of
+from unetdist.precision import PRECISIONS, autocast, grad_scaler
 
 SMALL_ARGS = ["--preset", "padded", "--base-width", "8", "--depth", "3", "--tile", "64", "--batch", "4",
               "--steps", "4", "--warmup", "1", "--rounds", "1"]
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and data")
@@ -58,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--tile", type=int, default=128, help="input tile side (paper: 572)")
     model.add_argument("--batch", type=int, default=8, help="tiles per step per rank")
     fast = parser.add_argument_group("fast paths")
-    fast.add_argument("--precision", default="fp32", choices=tuple(AUTOCAST_DTYPES))
+    fast.add_argument("--precision", default="fp32", choices=PRECISIONS)
     fast.add_argument("--channels-last", action="store_true")
     fast.add_argument("--compile", action="store_true", help="torch.compile the model (both loops)")
     fast.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
@@ -81,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Figures:
     _check_args(args)
     if args.nproc > 1:
-        return _run_scaling(args)
+        return run_scaling(args)
     return _run_in_process(args)
 
 
@@ -172,76 +168,21 @@ def _host_batch(args: argparse.Namespace, pin: bool) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- the two loops
 
 
-@dataclass(frozen=True)
-class _Clocks:
-    """Wall time and this process's CPU time (all threads), in seconds."""
-
-    wall_s: float
-    cpu_s: float
-
-    @staticmethod
-    def now() -> _Clocks:
-        return _Clocks(time.perf_counter(), time.process_time())
-
-    def __sub__(self, other: _Clocks) -> _Clocks:
-        return _Clocks(self.wall_s - other.wall_s, self.cpu_s - other.cpu_s)
-
-
-@dataclass(frozen=True)
-class _Window:
-    """One timed run of ``steps`` steps: the total, and each step's wall time (CPU device only:
-    on CUDA a step's host time says nothing until the device is synchronised)."""
-
-    total: _Clocks
-    step_wall_s: list[float]
-
-
-def _window(stamps: list[_Clocks], device: torch.device) -> _Window:
-    per_step = [b.wall_s - a.wall_s for a, b in itertools.pairwise(stamps)] if device.type == "cpu" else []
-    return _Window(stamps[-1] - stamps[0], per_step)
-
-
-class _TimedStream:
-    """The same batch forever; reads the clocks as each step from ``first`` to ``stop`` begins.
-
-    The device is synchronised at ``first`` and ``stop`` only, so the trainer's own host syncs
-    (or their absence) are what is measured.
-    """
-
-    def __init__(self, batch: dict[str, torch.Tensor], first: int, stop: int, device: torch.device) -> None:
-        self.batch = batch
-        self.first, self.stop = first, stop
-        self.device = device
-        self.stamps: list[_Clocks] = []
-        self.calls = 0
-
-    def __iter__(self) -> _TimedStream:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self.first <= self.calls <= self.stop:
-            if self.calls in (self.first, self.stop):
-                _synchronize(self.device)
-            self.stamps.append(_Clocks.now())
-        self.calls += 1
-        return self.batch
-
-
-def _time_trainer(parts: _Parts, args: argparse.Namespace) -> _Window:
+def _time_trainer(parts: _Parts, args: argparse.Namespace) -> Window:
     """``args.steps`` steps of ``Trainer.fit`` after ``args.warmup`` untimed ones.
 
     ``fit`` runs one step more than that and ends with a validation over nothing: neither is timed.
     """
-    from unetdist.rank_zero import RunOutputs
+    from unetdist.tracking.run_outputs import RunOutputs
     from unetdist.trainer import Trainer
 
     outputs = RunOutputs.null(Path(parts.config.train.output_dir))
     # as train.main builds it, less the checkpoint writer (a benchmark keeps no checkpoints)
     trainer = Trainer(parts.config, parts.ctx, parts.layout, parts.raw_model, parts.model, parts.optimizer, outputs,
                       None, parts.stop_signal)
-    stream = _TimedStream(parts.batch, args.warmup, args.warmup + args.steps, parts.ctx.device)
+    stream = TimedStream(parts.batch, args.warmup, args.warmup + args.steps, parts.ctx.device)
     trainer.fit(stream, [])
-    return _window(stream.stamps, parts.ctx.device)
+    return window_of(stream.stamps, parts.ctx.device)
 
 
 class _BareLoop:
@@ -262,8 +203,8 @@ class _BareLoop:
         self.model = torch.compile(model, mode=args.compile_mode) if args.compile else model
         self.optimizer = parts.optimizer
         self.loss_fn = SegmentationLoss(config.loss.kind, config.model.num_classes, config.loss.dice_weight)
-        self.autocast_dtype = AUTOCAST_DTYPES[args.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
+        self.precision = args.precision
+        self.scaler = grad_scaler(self.device.type, args.precision)
         self.batch = parts.batch
 
     def step(self, step: int) -> None:
@@ -275,7 +216,7 @@ class _BareLoop:
             image = image.contiguous(memory_format=torch.channels_last)
         mask = self.batch["mask"].to(self.device, non_blocking=True)
         weight = self.batch["weight"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with autocast(self.device.type, self.precision):
             logits = self.model(image)
         loss = self.loss_fn(logits, mask, weight)
         self.scaler.scale(loss).backward()
@@ -283,34 +224,18 @@ class _BareLoop:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def time(self, warmup: int, steps: int) -> _Window:
+    def time(self, warmup: int, steps: int) -> Window:
         self.model.train()  # the trainer's validation at the end of each fit leaves the model in eval mode
         for step in range(warmup):
             self.step(step)
-        _synchronize(self.device)
-        stamps = [_Clocks.now()]
+        synchronize(self.device)
+        stamps = [Clocks.now()]
         for step in range(warmup, warmup + steps):
             self.step(step)
             if step == warmup + steps - 1:
-                _synchronize(self.device)
-            stamps.append(_Clocks.now())
-        return _window(stamps, self.device)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+                synchronize(self.device)
+            stamps.append(Clocks.now())
+        return window_of(stamps, self.device)
 
 
 # ---------------------------------------------------------------- one process: trainer vs bare
@@ -338,19 +263,19 @@ def _run_in_process(args: argparse.Namespace) -> Figures:
 def _trainer_vs_bare(parts: _Parts, args: argparse.Namespace) -> Figures:
     device = parts.ctx.device
     bare = _BareLoop(parts, args)
-    trainer_runs: list[_Window] = []
-    bare_runs: list[_Window] = []
+    trainer_runs: list[Window] = []
+    bare_runs: list[Window] = []
     trainer_peak = bare_peak = 0.0
     for round_index in range(args.rounds):
         # alternate the order so that neither loop always runs on a warmer (or busier) machine
         for which in (("bare", "trainer") if round_index % 2 == 0 else ("trainer", "bare")):
-            _reset_peak(device)
+            reset_peak(device)
             if which == "bare":
                 bare_runs.append(bare.time(args.warmup, args.steps))
-                bare_peak = max(bare_peak, _peak_mb(device))
+                bare_peak = max(bare_peak, peak_mb(device))
             else:
                 trainer_runs.append(_time_trainer(parts, args))
-                trainer_peak = max(trainer_peak, _peak_mb(device))
+                trainer_peak = max(trainer_peak, peak_mb(device))
     trainer_rate = args.steps / statistics.median(run.total.wall_s for run in trainer_runs)
     bare_rate = args.steps / statistics.median(run.total.wall_s for run in bare_runs)
     # paired per round: a busy spell of the machine slows both halves of a pair alike
@@ -386,7 +311,7 @@ def _trainer_only(parts: _Parts, args: argparse.Namespace) -> Figures:
     """Per-rank trainer timing under torchrun (the --nproc launcher reads rank 0's figures)."""
     device = parts.ctx.device
     times = []
-    _reset_peak(device)
+    reset_peak(device)
     for _ in range(args.rounds):
         times.append(_time_trainer(parts, args).total.wall_s)
     rate = args.steps / statistics.median(times)
@@ -394,7 +319,7 @@ def _trainer_only(parts: _Parts, args: argparse.Namespace) -> Figures:
     figures.update(
         trainer_steps_per_s=rate,
         global_samples_per_s=rate * parts.layout.global_batch_size,
-        peak_mem_mb=_peak_mb(device),
+        peak_mem_mb=peak_mb(device),
         threads_per_rank=torch.get_num_threads() if device.type == "cpu" else 0,
     )
     return figures
@@ -434,60 +359,6 @@ def _flops_figures(parts: _Parts, args: argparse.Namespace, samples_per_s: dict[
         utilisation = mfu(flops, rate, peak)
         figures[f"{name}_mfu"] = utilisation if utilisation is not None else "unknown"
     return figures
-
-
-# ---------------------------------------------------------------- N ranks: torchrun
-
-
-def _run_scaling(args: argparse.Namespace) -> Figures:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = args.threads or max(1, cores // args.nproc)
-    single = _launch(args, nproc=1, threads=threads)
-    multi = _launch(args, nproc=args.nproc, threads=threads)
-    figures = {key: multi[key] for key in multi if key not in ("trainer_steps_per_s", "global_samples_per_s")}
-    figures.update(
-        samples_per_s_1rank=single["global_samples_per_s"],
-        global_samples_per_s=multi["global_samples_per_s"],
-        speedup_vs_1rank=multi["global_samples_per_s"] / single["global_samples_per_s"],
-        scaling_efficiency=multi["global_samples_per_s"] / (args.nproc * single["global_samples_per_s"]),
-        steps_per_s=multi["trainer_steps_per_s"],
-    )
-    if args.vs_all_threads and multi["device"] == "cpu":
-        # the same machine as one rank using every core: is splitting it into ranks worth it?
-        whole = _launch(args, nproc=1, threads=threads * args.nproc)
-        figures["samples_per_s_1rank_all_threads"] = whole["global_samples_per_s"]
-        figures["speedup_vs_1rank_all_threads"] = multi["global_samples_per_s"] / whole["global_samples_per_s"]
-    return figures
-
-
-def _launch(args: argparse.Namespace, nproc: int, threads: int) -> Figures:
-    with tempfile.TemporaryDirectory(prefix="unetdist-bench-") as scratch:
-        result = Path(scratch) / "result.json"
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "unetdist.bench.train", *_worker_argv(args, threads), "--worker-result", str(result),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        # captured, so that nothing torchrun prints lands after the bench's final line
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0 or not result.exists():
-            tail = (done.stdout + done.stderr)[-4000:]
-            raise RuntimeError(f"torchrun with {nproc} rank(s) failed (exit {done.returncode}):\n{tail}")
-        return json.loads(result.read_text())
-
-
-def _worker_argv(args: argparse.Namespace, threads: int) -> list[str]:
-    argv = [
-        "--preset", args.preset, "--base-width", str(args.base_width), "--depth", str(args.depth),
-        "--norm", args.norm, "--tile", str(args.tile), "--batch", str(args.batch),
-        "--precision", args.precision, "--compile-mode", args.compile_mode, "--optim", args.optim,
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
-        "--log-every", str(args.log_every), "--device", args.device, "--threads", str(threads),
-    ]
-    for flag in ("channels_last", "compile", "activation_checkpointing", "fused"):
-        if getattr(args, flag):
-            argv.append("--" + flag.replace("_", "-"))
-    return argv
 
 
 def _worker_main(argv: list[str] | None = None) -> int:

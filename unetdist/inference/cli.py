@@ -32,7 +32,6 @@ import torch
 
 from unetdist import distributed
 from unetdist.inference.engine import (
-    PRECISIONS,
     ChannelStats,
     InputError,
     TilePredictor,
@@ -42,6 +41,7 @@ from unetdist.inference.engine import (
 from unetdist.inference.loading import ModelLoadError, load_model
 from unetdist.inference.zarr_io import DEFAULT_BLOCK, open_zarr_inputs, predict_zarr
 from unetdist.instances import DEFAULT_MIN_DISTANCE, instances_from_labels
+from unetdist.precision import PRECISIONS
 
 log = logging.getLogger("unetdist.predict")
 
@@ -100,7 +100,7 @@ def list_inputs(paths: list[Path]) -> list[InputItem]:
 
 def read_image_for_model(path: Path, in_channels: int | None) -> np.ndarray:
     """``[C, H, W]`` from a TIFF/PNG: HxW, CxHxW or HxWxC (decided by the model's channel count)."""
-    from unetdist.data.prepare import read_array
+    from unetdist.data.imageio import read_array
 
     try:
         image = read_array(path)
@@ -225,7 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ctx = distributed.init_distributed(args.device)
-    from unetdist.rank_zero import setup_logging
+    from unetdist.logs import setup_logging
 
     setup_logging(ctx.is_main)
     args.device_resolved = ctx.device

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from unetdist.data.transforms import NORMALISATION_EPSILON
+from unetdist.data.augment import NORMALISATION_EPSILON
 from unetdist.inference import tiling
+from unetdist.precision import autocast, check_precision
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_PADDED_TILE = 512
 DEFAULT_VALID_TILE = 572  # the paper's input tile
 # Largest tile searched for when choosing a valid-conv tile that covers a small image in one pass.
@@ -259,8 +259,7 @@ class TilePredictor:
         device: str | torch.device | None = None,
         flips: bool = False,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        check_precision(precision)
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.model = model
@@ -278,13 +277,9 @@ class TilePredictor:
     def num_classes(self) -> int | None:
         return self.geometry.num_classes
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """float32 softmax probabilities of a normalised batch, averaged over flips if enabled."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device.type, self.precision):
             probabilities = torch.softmax(self.model(batch).float(), dim=1)
             if self.flips:
                 for dims in ((-1,), (-2,), (-2, -1)):

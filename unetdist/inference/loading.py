@@ -114,7 +114,7 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[UNet
 
 
 def _load_mlflow(uri: str, map_location: str | torch.device) -> tuple[UNet, dict[str, Any]]:
-    """The network inside a model logged by a training run (``unetdist.pyfunc_model``)."""
+    """The network inside a model logged by a training run (``unetdist.inference.pyfunc``)."""
     try:
         import mlflow.pyfunc
 

@@ -40,55 +40,11 @@ import torch
 from unetdist import preemption
 from unetdist.config import Config, TrackingConfig, save_config
 from unetdist.distributed import DistributedContext
-from unetdist.tracking import LEAVE_RUNNING, MLflowTracker, NullTracker, make_tracker
+from unetdist.logs import NullProgress, RichProgress
+from unetdist.tracking.base import LEAVE_RUNNING, NullTracker
+from unetdist.tracking.tracker import MLflowTracker, make_tracker
 
 log = logging.getLogger("unetdist")
-
-
-def setup_logging(is_main: bool) -> None:
-    """INFO on rank 0, warnings only elsewhere, so N ranks do not print N copies."""
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    for noisy in ("mlflow", "alembic", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-class NullProgress:
-    def update(self, step: int, **fields: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class RichProgress:
-    """A rank-0 progress bar: step, loss, samples/s."""
-
-    def __init__(self, total_steps: int, start_step: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._task = self._bar.add_task("train", total=total_steps, completed=start_step, status="")
-        self._bar.start()
-
-    def update(self, step: int, **fields: Any) -> None:
-        status = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        self._bar.update(self._task, completed=step, status=status)
-
-    def close(self) -> None:
-        self._bar.stop()
-
 
 RUN_STATUSES = {"FINISHED": "FINISHED", "FAILED": "FAILED", "KILLED": "KILLED", "PREEMPTED": LEAVE_RUNNING}
 MAX_ERROR_TAG_CHARS = 4000
@@ -204,7 +160,8 @@ class RunOutputs:
         """
         if not self.active or not self.tracking.log_model:
             return
-        from unetdist.pyfunc_model import save_model_files
+        # imported here: the model's code (and mlflow) are needed only when a model is logged
+        from unetdist.inference.pyfunc import save_model_files
 
         kind = "best" if best else "final"
         files = save_model_files(model, config, self.run_dir / "mlflow-model" / kind)
