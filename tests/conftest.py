@@ -73,7 +73,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def cell_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real data set of synthetic cells as WebDataset shards (prepare's own CLI path)."""
-    from unetdist.data.prepare import main as prepare_main
+    from unetdist.prepare import main as prepare_main
 
     out = tmp_path_factory.mktemp("cells")
     code = prepare_main(

@@ -11,8 +11,9 @@ import torch
 
 from unetdist.config import DataConfig
 from unetdist.data import build_train_loader, build_val_loader, to_model_input
-from unetdist.data.prepare import prepare_dataset, write_synthetic
+from unetdist.data.prepare import prepare_dataset
 from unetdist.data.samples import DataError
+from unetdist.data.synthetic import write_synthetic
 
 TILE, GLOBAL, MICRO = 32, 8, 2
 ARGS = dict(seed=3, global_batch_size=GLOBAL, micro_batch_size=MICRO, in_channels=1, num_classes=2, use_weight_map=True)
@@ -194,7 +195,7 @@ def test_zarr_chunk_files_read_what_zarr_reads(roots):
     import numpy as np
 
     from unetdist.data.samples import SampleChecks
-    from unetdist.data.zarr import ZarrTiles
+    from unetdist.data.sources.zarr_tiles import ZarrTiles
 
     tiles = ZarrTiles(roots["zarr"] / "data.zarr", "train", SampleChecks(TILE, 1, 2, True))
     tiles._open()
@@ -206,6 +207,21 @@ def test_zarr_chunk_files_read_what_zarr_reads(roots):
         for name in [*names, "origin"]:
             assert direct[name].dtype == through_zarr[name].dtype
             assert np.array_equal(direct[name], through_zarr[name])
+
+
+@pytest.mark.parametrize(("fmt", "unit_name", "block_size"), [("webdataset", "shard", 1), ("zarr", "array", None)])
+def test_open_source_returns_a_declared_source(roots, fmt, unit_name, block_size):
+    import numpy as np
+
+    from unetdist.data.samples import SampleChecks
+    from unetdist.data.sources import Source, open_source
+
+    source = open_source(config(roots, fmt), "train", SampleChecks(TILE, 1, 2, True))
+    assert isinstance(source, Source) and source.unit_name == unit_name
+    assert source.block_size == (block_size or source.chunk_tiles) and len(source.names) == len(source.counts)
+    units, indices = np.array([0, 0]), np.array([1, 0])
+    by_window = source.read_windows(units, indices, np.zeros((2, 1), np.uint64))  # stored tiles ignore the words
+    assert [s.key for s in by_window] == [s.key for s in source.read(0, [1, 0])]
 
 
 def test_sample_words_are_a_function_of_seed_and_position_only():

@@ -16,7 +16,7 @@ import tifffile
 import torch
 from torch import nn
 
-from unetdist.data.transforms import NORMALISATION_EPSILON
+from unetdist.data.augment import NORMALISATION_EPSILON
 from unetdist.inference import ChannelStats, InputError, ModelGeometry, engine, predict_array, tiling
 from unetdist.inference.loading import ModelLoadError, load_model
 from unetdist.inference.zarr_io import predict_zarr

@@ -9,7 +9,8 @@ import pytest
 
 from unetdist.config import ConfigError, DataConfig
 from unetdist.data import build_train_loader, build_val_loader
-from unetdist.data.prepare import prepare_dataset, write_synthetic
+from unetdist.data.prepare import prepare_dataset
+from unetdist.data.synthetic import write_synthetic
 
 TILE = 32
 MODEL = dict(in_channels=1, num_classes=2, use_weight_map=True)
@@ -28,13 +29,13 @@ def roots(tmp_path_factory) -> dict[str, Path]:
 
 def test_topology_line_names_ranks_workers_and_units(roots, caplog):
     data = DataConfig(root=str(roots["webdataset"]), tile_size=TILE, num_workers=1)
-    with caplog.at_level(logging.INFO, logger="unetdist.data.loader"):
+    with caplog.at_level(logging.INFO, logger="unetdist.data.preflight"):
         build_train_loader(data, rank=0, world_size=2, seed=0, global_batch_size=4, micro_batch_size=2, **MODEL)
     assert "data: 2 rank(s) x 1 worker(s) x 3 shard(s) (webdataset, 5 train samples" in caplog.text
     assert "hands over 2 micro-batches at a time" in caplog.text
     caplog.clear()
     zarr = DataConfig(format="zarr", root=str(roots["zarr"]), tile_size=TILE, num_workers=0)
-    with caplog.at_level(logging.INFO, logger="unetdist.data.loader"):
+    with caplog.at_level(logging.INFO, logger="unetdist.data.preflight"):
         build_train_loader(zarr, rank=0, world_size=1, seed=0, micro_batch_size=2, **MODEL)
     assert "data: 1 rank(s) x 1 worker(s) x 1 array(s) (zarr, 5 train samples" in caplog.text
 

@@ -12,15 +12,11 @@ import pytest
 import tifffile
 from PIL import Image
 
-from unetdist.data.prepare import (
-    PrepareError,
-    main,
-    prepare_dataset,
-    sample_key,
-    split_by_image,
-    tile_origins,
-)
+from unetdist.data.imageio import PrepareError
+from unetdist.data.layout import sample_key, tile_origins
+from unetdist.data.prepare import prepare_dataset, split_by_image
 from unetdist.data.synthetic import synthetic_cells
+from unetdist.prepare import main
 from unetdist.weight_map import border_weight_map
 
 TILE = 40  # does not divide 96: the last row/column of tiles is shifted inwards

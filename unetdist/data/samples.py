@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+from unetdist.data.layout import IMAGE_DTYPES
+
 IMAGE_SUFFIXES = ("npy", "png", "tif", "tiff")
 NPY_MAGIC = b"\x93NUMPY"
 

@@ -4,14 +4,19 @@ Used for smoke tests, demos and benchmarks when no real data is at hand. The ima
 made to look like the hard part of the U-Net paper's task: cells that touch or nearly
 touch, so a network must learn the dim seams between them, and a background whose
 illumination varies enough that a single global threshold does not separate the cells.
+:func:`write_synthetic` writes a set of them as image and mask folders for prepare
+(``python -m unetdist.prepare --synthetic N``).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from unetdist.data.imageio import PrepareError
 
 # Cell semi-axes in pixels; fixed in pixels (not relative to the image) like a microscope's
 # magnification, so larger images hold more cells rather than larger ones.
@@ -43,6 +48,25 @@ def synthetic_cells(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np
     edge_depth[instances == 0] = 1.0
     image = _render(instances, edge_depth, rng)
     return image, instances
+
+
+def write_synthetic(out_dir: str | Path, count: int, image_size: int, seed: int) -> tuple[Path, Path]:
+    """``count`` toy images + instance masks as TIFFs under ``out_dir/raw``; returns (images, masks) dirs."""
+    import tifffile
+
+    if count <= 0:
+        raise PrepareError(f"--synthetic needs a positive number of images, got {count}")
+    if image_size < 16:
+        raise PrepareError(f"--image-size must be at least 16 pixels, got {image_size}")
+    images_dir, masks_dir = Path(out_dir) / "raw" / "images", Path(out_dir) / "raw" / "masks"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        image, instances = synthetic_cells(image_size, rng)
+        tifffile.imwrite(images_dir / f"cells_{index:04d}.tif", image)
+        tifffile.imwrite(masks_dir / f"cells_{index:04d}.tif", instances)
+    return images_dir, masks_dir
 
 
 def _place_cells(size: int, rng: np.random.Generator) -> list[dict]:

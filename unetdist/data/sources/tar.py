@@ -1,4 +1,4 @@
-"""WebDataset tar shards as a random-access sample source.
+"""WebDataset tar shards as a random-access :class:`~unetdist.data.sources.base.Source`.
 
 ``list_shards`` resolves a data root or a brace pattern to shard paths; :class:`TarShards`
 reads any sample of any shard by index: a shard's member table is built on first use by
@@ -24,7 +24,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from unetdist.data.cache import LruCache
+from unetdist.data.layout import DATASET_JSON
 from unetdist.data.samples import DataError, Sample, SampleChecks, check_sample, decode_sample
+from unetdist.data.sources.base import StoredSamples
 
 _CACHED_SHARD_INDEXES = 256
 
@@ -64,7 +66,7 @@ def list_shards(root: str | None, split: str, pattern: str | None = None) -> lis
         raise ValueError(
             f"no {split} shard pattern and no data root: set data.root (a prepare output folder)"
         )
-    meta_path = Path(root) / "dataset.json"
+    meta_path = Path(root) / DATASET_JSON
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
@@ -89,7 +91,7 @@ def shard_counts(root: str | None, split: str, shards: list[str]) -> list[int] |
     """Per-shard sample counts from ``ROOT/dataset.json`` (``"<split>_counts"``), or None if absent."""
     if not root:
         return None
-    meta = json.loads((Path(root) / "dataset.json").read_text())
+    meta = json.loads((Path(root) / DATASET_JSON).read_text())
     counts = meta.get(f"{split}_counts")
     if counts is None:
         return None
@@ -155,13 +157,15 @@ def count_samples(paths: list[str]) -> list[int]:
     return [len(index_tar(path).samples) for path in paths]
 
 
-class TarShards:
+class TarShards(StoredSamples):
     """Random access to the samples of local tar shards; safe to pickle into DataLoader workers.
 
     ``counts`` (from dataset.json) fixes the sample count of each shard, so a shard that
     turns out shorter (truncated) yields a :class:`DataError` per missing sample instead of
     shifting every later position. Without counts the shards' headers are read once here.
     """
+
+    unit_name = "shard"
 
     def __init__(self, paths: list[str], checks: SampleChecks, counts: list[int] | None = None) -> None:
         streams = [path for path in paths if urlparse(path).scheme not in ("", "file")]
@@ -204,10 +208,13 @@ class TarShards:
         results: list[Sample | DataError] = []
         for i in indices:
             if i >= len(index.samples):
-                results.append(DataError(
-                    f"shard {path} sample #{i}: missing; the shard holds {len(index.samples)} complete "
-                    f"sample(s) of {self.counts[unit]}" + (" (the tar file is truncated)" if index.truncated else "")
-                ))
+                results.append(
+                    DataError(
+                        f"shard {path} sample #{i}: missing; the shard holds {len(index.samples)} complete "
+                        f"sample(s) of {self.counts[unit]}"
+                        + (" (the tar file is truncated)" if index.truncated else "")
+                    )
+                )
                 continue
             try:
                 data = self._mapped(unit)
@@ -228,4 +235,3 @@ class TarShards:
     def key(self, unit: int, index: int) -> str:
         samples = self._index(unit).samples
         return samples[index].key if index < len(samples) else f"#{index}"
-

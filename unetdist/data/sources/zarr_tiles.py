@@ -1,46 +1,13 @@
-"""Zarr v3 stores of pre-tiled samples: writing (``prepare --format zarr``) and random-access reading.
+"""Zarr v3 stores of pre-tiled samples (``prepare --format zarr``) as a random-access
+:class:`~unetdist.data.sources.base.Source`.
 
-Layout of a store (``ROOT/data.zarr``)::
+The store's arrays are described in :mod:`unetdist.data.layout`, and how its chunks and
+codecs were chosen in :mod:`unetdist.data.writers`. One unit: the split's arrays; blocks
+default to the chunk length, so a block read is one chunk decode per array.
 
-    train/image   [N, C, T, T]  the stored dtype (uint8/uint16/float32)
-    train/mask    [N, T, T]     uint8 class ids
-    train/weight  [N, T, T]     float32 border weights (when prepared with them)
-    train/origin  [N, 3]        int32 (image number, top, left) -> the key "{stem}_y{top}_x{left}"
-    val/...                     the same; the group attribute "images" lists the stems
-
-Chunking: ``chunk_tiles`` whole tiles per chunk along N (default: ~1 MiB of image per
-chunk), no sharding. Measured here (2 cores, 256x256 uint16, local disk, zarr 3.1): a
-read of 8 consecutive tiles is ~6,400 tiles/s with 8-tile chunks vs ~2,000 with 1-tile
-chunks (zarr's per-call overhead is ~0.7 ms), and the sharding codec costs 2-3x on reads;
-larger chunks gain little more while every chunk is a block the sequence keeps together
-(see :mod:`unetdist.data.sequence`), so ~1 MiB keeps the shuffle fine and reads cheap.
-
-Codecs (``ZarrWriter(codec=...)``, ``prepare --zarr-codec``): ``none`` (the default),
-``lz4`` (Blosc lz4, integers bit-shuffled) or ``zstd`` (level 1; the earlier default,
-and such stores still read). A worker pays the decoding of every chunk it reads, and
-that is what kept Zarr loading behind: with 2 workers on 2 cores a 16-tile batch costs
-a worker ~9 ms in all (mostly the hand-over to the training process), of which zstd took
-~4 ms (1.4 ms per 1 MiB image chunk, 0.7 per mask chunk). ``python -m unetdist.bench
-data --workers 2``, loader vs in-memory ceiling, interleaved runs here (other load on
-the cores moves single runs by +-0.1): zstd 0.55-0.72, lz4 0.57-0.79, none 0.79-0.98
-(median 0.88 of 14), the (uncompressed) tar shards 0.83-0.98 (median 0.90 of 11).
-Stored/raw size and single-core read speed (decoded MB/s, file read and copy into the
-batch included) of 256x256 tiles::
-
-                                            none          lz4             zstd
-    bench: random 12-bit uint16             1.00  5 GB/s  0.75  0.9-1.8   0.86  0.75
-           its masks (random 0/1)           1.00  5.5     0.13  1.0       0.19  0.73
-    synthetic cells (prepare --synthetic)   1.00  7       0.98  1.2       0.93  0.71
-    the same as 12-bit uint16, shot noise   1.00  7       0.72  1.7       0.80  0.76
-           cell masks                       1.00  7.5     0.10  1.3       0.08  0.78
-           border weights (float32)         1.00  6       0.43  2.0       0.26  1.1
-
-Camera-like images hardly compress (their low bits are noise); masks and weights do, so
-a 12-bit store with weights shrinks to 0.47 (lz4) or 0.39 (zstd) of its raw size, the
-trade to make where disk space or a slow file system, not the CPU, limits. Uncompressed
-chunks are memory-mapped, so, as with tar shards, a store must not be rewritten in place
-while a run reads it; like the shards' npy members they carry no checksum: a chunk cut
-short is a DataError, damaged bytes in a whole-length one go unnoticed.
+Uncompressed chunks are memory-mapped, so, as with tar shards, a store must not be rewritten
+in place while a run reads it; like the shards' npy members they carry no checksum: a chunk
+cut short is a DataError, damaged bytes in a whole-length one go unnoticed.
 
 Reading opens the store lazily in the process that reads (never in the parent before a
 fork), which avoids the deadlocks reported for zarr v3's event loop under forked workers.
@@ -59,102 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from unetdist.data.cache import LruCache
+from unetdist.data.layout import sample_key
 from unetdist.data.samples import DataError, Sample, SampleChecks, check_sample
+from unetdist.data.sources.base import StoredSamples
 
-STORE_NAME = "data.zarr"
-TARGET_CHUNK_BYTES = 1 << 20
-MAX_CHUNK_TILES = 64
 _CACHED_ORIGIN_CHUNKS = 64  # of the origin table's (1 << 16)-row chunks: ~50 MB at most
 _CACHED_CHUNK_MAPS = 256  # per array: uncompressed chunk files kept mapped (page cache, not private memory)
-CODECS = ("none", "lz4", "zstd")
-DEFAULT_CODEC = "none"
-
-
-def compressors(codec: str, dtype: np.dtype) -> list:
-    """The zarr compressors of ``codec`` (:data:`CODECS`) for an array of ``dtype``."""
-    from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
-
-    if codec == "none":
-        return []
-    if codec == "zstd":
-        return [ZstdCodec(level=1)]
-    if codec == "lz4":
-        # bit-shuffling packs the unused high bits of 12-bit images and of class ids into
-        # zero runs; it only costs on float weight maps (ratio 0.78 vs 0.43 unshuffled)
-        shuffle = BloscShuffle.noshuffle if dtype.kind == "f" else BloscShuffle.bitshuffle
-        return [BloscCodec(cname="lz4", clevel=5, shuffle=shuffle, typesize=dtype.itemsize)]
-    raise ValueError(f"zarr codec {codec!r}: expected one of {', '.join(CODECS)}")
-
-
-def chunk_tiles_for(channels: int, tile_size: int, itemsize: int) -> int:
-    """Tiles per chunk: about ``TARGET_CHUNK_BYTES`` of image, between 1 and ``MAX_CHUNK_TILES``."""
-    tile_bytes = channels * tile_size * tile_size * itemsize
-    return int(min(MAX_CHUNK_TILES, max(1, round(TARGET_CHUNK_BYTES / tile_bytes))))
-
-
-class ZarrWriter:
-    """Appends tiles of one split to a store in whole chunks (chunk-aligned writes).
-
-    ``codec`` (one of :data:`CODECS`) compresses the image, mask and weight arrays; see the
-    module docstring for what each costs in reading speed and saves on disk.
-    """
-
-    def __init__(self, store: Path, split: str, chunk_tiles: int = 0, codec: str = DEFAULT_CODEC) -> None:
-        if codec not in CODECS:
-            raise ValueError(f"zarr codec {codec!r}: expected one of {', '.join(CODECS)}")
-        self.store, self.split, self.chunk_tiles, self.codec = store, split, chunk_tiles, codec
-        self.group = None
-        self.pending: list[dict] = []
-        self.count = 0
-        self.stems: list[str] = []
-
-    def _create(self, sample: dict) -> None:
-        import zarr
-        from zarr.codecs import ZstdCodec
-
-        image = sample["image"]
-        channels, size = image.shape[0], image.shape[-1]
-        if not self.chunk_tiles:
-            self.chunk_tiles = chunk_tiles_for(channels, size, image.dtype.itemsize)
-        root = zarr.open_group(str(self.store), mode="a")
-        self.group = root.create_group(self.split, overwrite=True)
-        n = self.chunk_tiles
-        self.group.create_array("image", shape=(0, channels, size, size), dtype=image.dtype,
-                                chunks=(n, channels, size, size), compressors=compressors(self.codec, image.dtype))
-        self.group.create_array("mask", shape=(0, size, size), dtype=np.uint8, chunks=(n, size, size),
-                                compressors=compressors(self.codec, np.dtype(np.uint8)))
-        if sample.get("weight") is not None:
-            self.group.create_array("weight", shape=(0, size, size), dtype=np.float32, chunks=(n, size, size),
-                                    compressors=compressors(self.codec, np.dtype(np.float32)))
-        # read once per 65,536 tiles and cached: its codec costs nothing per batch
-        self.group.create_array("origin", shape=(0, 3), dtype=np.int32, chunks=(1 << 16, 3),
-                                compressors=[ZstdCodec(level=1)])
-
-    def write(self, stem: str, top: int, left: int, image: np.ndarray, mask: np.ndarray, weight) -> None:
-        if not self.stems or self.stems[-1] != stem:
-            self.stems.append(stem)
-        sample = {"image": image, "mask": mask, "weight": weight, "origin": (len(self.stems) - 1, top, left)}
-        if self.group is None:
-            self._create(sample)
-        self.pending.append(sample)
-        if len(self.pending) == self.chunk_tiles:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        self.group["image"].append(np.stack([s["image"] for s in self.pending]))
-        self.group["mask"].append(np.stack([s["mask"] for s in self.pending]).astype(np.uint8))
-        if "weight" in self.group:
-            self.group["weight"].append(np.stack([s["weight"] for s in self.pending]).astype(np.float32))
-        self.group["origin"].append(np.asarray([s["origin"] for s in self.pending], dtype=np.int32))
-        self.count += len(self.pending)
-        self.pending = []
-
-    def close(self) -> None:
-        self._flush()
-        if self.group is not None:
-            self.group.attrs.update({"images": self.stems, "chunk_tiles": self.chunk_tiles})
 
 
 def _blosc_decompress(data: bytes) -> bytes:
@@ -173,10 +50,10 @@ class _ChunkFiles:
 
     zarr's own path costs ~1 ms of CPU per chunk here in asyncio tasks and thread hand-offs,
     several times the decompression, and that set the pace of Zarr loading. This covers the
-    layout ``ZarrWriter`` writes (chunks split axis 0 only; bytes codec + at most one Zstd or
+    layout :class:`~unetdist.data.writers.ZarrWriter` writes (chunks split axis 0 only; bytes codec + at most one Zstd or
     Blosc compressor, both self-describing); :meth:`for_array` returns None for anything
     else, and the caller then reads through zarr. Uncompressed chunks are memory-mapped, as
-    tar shards are (:mod:`unetdist.data.webdataset`): tiles are views of the page cache and
+    tar shards are (:mod:`unetdist.data.sources.tar`): tiles are views of the page cache and
     the batch is the first copy; the most recent maps are kept, which halves the cost of a
     read again (~110 vs ~210 us per 1 MiB chunk, copy into the batch included).
     """
@@ -198,7 +75,10 @@ class _ChunkFiles:
         codecs = getattr(metadata, "codecs", None)
         if getattr(metadata, "zarr_format", None) != 3 or not codecs or not isinstance(codecs[0], BytesCodec):
             return None
-        if tuple(array.chunks[1:]) != tuple(array.shape[1:]) or getattr(codecs[0].endian, "value", "little") != "little":
+        if (
+            tuple(array.chunks[1:]) != tuple(array.shape[1:])
+            or getattr(codecs[0].endian, "value", "little") != "little"
+        ):
             return None
         if len(codecs) == 1:
             return cls(folder, array, None)
@@ -214,8 +94,11 @@ class _ChunkFiles:
 
     def _chunk(self, chunk: int) -> np.ndarray:
         """One whole chunk: a view of its mapped file, or decompressed."""
+
         def path() -> Path:
-            return self.folder / self.array.metadata.encode_chunk_key((chunk,) + (0,) * (len(self.chunk_shape) - 1))
+            return self.folder / self.array.metadata.encode_chunk_key(
+                (chunk,) + (0,) * (len(self.chunk_shape) - 1)
+            )
 
         if self.decompress:
             raw = self.decompress(path().read_bytes())
@@ -224,7 +107,9 @@ class _ChunkFiles:
         def map_chunk() -> np.ndarray:
             with open(path(), "rb") as file:
                 mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-            return np.frombuffer(mapped, dtype=self.dtype).reshape(self.chunk_shape)  # a short file fails here
+            return np.frombuffer(mapped, dtype=self.dtype).reshape(
+                self.chunk_shape
+            )  # a short file fails here
 
         return self._maps.get(chunk, map_chunk)
 
@@ -238,24 +123,30 @@ class _ChunkFiles:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-class ZarrTiles:
+class ZarrTiles(StoredSamples):
     """Random access to one split of a pre-tiled store; picklable, opened lazily per process.
 
     One unit (the split's arrays); blocks default to the chunk length, so a block read is
     one chunk decode per array.
     """
 
+    unit_name = "array"
+
     def __init__(self, store: str | Path, split: str, checks: SampleChecks) -> None:
         self.store, self.split, self.checks = str(store), split, checks
         if not Path(self.store).is_dir():
-            raise ValueError(f"zarr store {self.store} not found: prepare it with `python -m unetdist.prepare --format zarr`")
+            raise ValueError(
+                f"zarr store {self.store} not found: prepare it with `python -m unetdist.prepare --format zarr`"
+            )
         self._pid = -1
         self._arrays: dict = {}
         self._origin_chunks: dict[int, np.ndarray] = {}
         self._chunk_files: dict[str, _ChunkFiles | None] = {}
         group = self._open()
         if "image" not in group or "mask" not in group:
-            raise ValueError(f"zarr store {self.store}/{split}: expected arrays image and mask, found {sorted(group.keys())}")
+            raise ValueError(
+                f"zarr store {self.store}/{split}: expected arrays image and mask, found {sorted(group.keys())}"
+            )
         self.counts = [int(group["image"].shape[0])]
         self.chunk_tiles = int(group["image"].chunks[0])
         self.stems = list(group.attrs.get("images", []))
@@ -263,6 +154,10 @@ class ZarrTiles:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pid": -1, "_arrays": {}, "_origin_chunks": {}, "_chunk_files": {}}
+
+    @property
+    def block_size(self) -> int:
+        return self.chunk_tiles
 
     @property
     def names(self) -> list[str]:
@@ -273,17 +168,23 @@ class ZarrTiles:
 
         if self._pid != os.getpid():
             group = zarr.open_group(self.store, mode="r", path=self.split)
-            self._arrays = {"group": group, **{name: group[name] for name in ("image", "mask", "weight", "origin") if name in group}}
+            self._arrays = {
+                "group": group,
+                **{name: group[name] for name in ("image", "mask", "weight", "origin") if name in group},
+            }
             folder = Path(self.store) / self.split
-            self._chunk_files = {name: _ChunkFiles.for_array(folder / name, self._arrays[name])
-                                 for name in ("image", "mask", "weight") if name in self._arrays}
+            self._chunk_files = {
+                name: _ChunkFiles.for_array(folder / name, self._arrays[name])
+                for name in ("image", "mask", "weight")
+                if name in self._arrays
+            }
             self._pid = os.getpid()
         return self._arrays["group"]
 
     def _key(self, origin: np.ndarray, index: int) -> str:
         image, top, left = origin.tolist()  # Python ints: cheaper than int() of each numpy scalar
         stem = self.stems[image] if 0 <= image < len(self.stems) else f"image{image}"
-        return f"{stem.replace('.', '_')}_y{top}_x{left}" if self.stems else f"{self.split}#{index}"
+        return sample_key(stem, top, left) if self.stems else f"{self.split}#{index}"
 
     def _read_runs(self, runs: list[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
         """The fields of each ``[begin, end)`` run: from the chunk files directly where the layout
@@ -291,27 +192,36 @@ class ZarrTiles:
 
         A chunk the direct path cannot decode raises; it is not handed to zarr, whose Blosc
         codec would read past the end of a cut-short chunk."""
-        names = ["image", "mask"] + (["weight"] if self.checks.use_weight_map and "weight" in self._arrays else [])
+        names = ["image", "mask"] + (
+            ["weight"] if self.checks.use_weight_map and "weight" in self._arrays else []
+        )
         direct = [self._chunk_files.get(name) for name in names]
         if all(direct):
             try:
                 return [
-                    {**{name: files.read(begin, end) for name, files in zip(names, direct, strict=True)},
-                     "origin": self._origins(begin, end)}
+                    {
+                        **{name: files.read(begin, end) for name, files in zip(names, direct, strict=True)},
+                        "origin": self._origins(begin, end),
+                    }
                     for begin, end in runs
                 ]
             except FileNotFoundError:  # a chunk never written: zarr's fill value
                 pass
         return self._read_runs_with_zarr(runs, names)
 
-    def _read_runs_with_zarr(self, runs: list[tuple[int, int]], names: list[str]) -> list[dict[str, np.ndarray]]:
+    def _read_runs_with_zarr(
+        self, runs: list[tuple[int, int]], names: list[str]
+    ) -> list[dict[str, np.ndarray]]:
         import asyncio
 
         from zarr.core.sync import sync
 
-
         async def fetch() -> list:
-            reads = (self._arrays[name].async_array.getitem(slice(begin, end)) for begin, end in runs for name in names)
+            reads = (
+                self._arrays[name].async_array.getitem(slice(begin, end))
+                for begin, end in runs
+                for name in names
+            )
             return await asyncio.gather(*reads)
 
         arrays = iter(sync(fetch()))
@@ -361,7 +271,9 @@ class ZarrTiles:
                         one = self._read_run(i, i + 1)
                     except Exception as err:  # noqa: BLE001 - any decode failure is bad data
                         chunk = i // self.chunk_tiles
-                        results[i] = DataError(f"{where} sample #{i} (chunk {chunk}): cannot decode: {type(err).__name__}: {err}")
+                        results[i] = DataError(
+                            f"{where} sample #{i} (chunk {chunk}): cannot decode: {type(err).__name__}: {err}"
+                        )
                         continue
                     at = 0
                 else:
@@ -369,7 +281,9 @@ class ZarrTiles:
                 key = self._key(one["origin"][at], i)
                 weight = one["weight"][at] if "weight" in one else None
                 try:
-                    results[i] = check_sample(key, where, one["image"][at], one["mask"][at], weight, self.checks)
+                    results[i] = check_sample(
+                        key, where, one["image"][at], one["mask"][at], weight, self.checks
+                    )
                 except DataError as err:
                     results[i] = err
         return [results[i] for i in indices]

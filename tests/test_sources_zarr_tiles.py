@@ -11,10 +11,12 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset
 
-from unetdist.data.prepare import main as prepare_main
-from unetdist.data.prepare import write_synthetic
+from unetdist.data.layout import CODECS
 from unetdist.data.samples import DataError, SampleChecks
-from unetdist.data.zarr import CODECS, ZarrTiles, ZarrWriter
+from unetdist.data.sources.zarr_tiles import ZarrTiles
+from unetdist.data.synthetic import write_synthetic
+from unetdist.data.writers import ZarrWriter
+from unetdist.prepare import main as prepare_main
 
 TILE, TILES, CHUNK = 32, 10, 4  # 10 tiles in chunks of 4: the last chunk is partly filled
 DTYPES = ("uint8", "uint16", "float32")

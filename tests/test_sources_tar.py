@@ -10,9 +10,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from unetdist.data.prepare import prepare_dataset, write_synthetic
+from unetdist.data.prepare import prepare_dataset
 from unetdist.data.samples import DataError, SampleChecks, decode_field
-from unetdist.data.webdataset import TarShards, index_tar, list_shards
+from unetdist.data.sources.tar import TarShards, index_tar, list_shards
+from unetdist.data.synthetic import write_synthetic
 
 TILE = 32
 CHECKS = SampleChecks(tile_size=TILE, in_channels=1, num_classes=2, use_weight_map=True)

@@ -13,8 +13,8 @@ import zarr
 
 from unetdist.config import DataConfig
 from unetdist.data import build_train_loader, build_val_loader
-from unetdist.data.prepare import main as prepare_main
-from unetdist.data.prepare import write_synthetic
+from unetdist.data.synthetic import write_synthetic
+from unetdist.prepare import main as prepare_main
 
 TILE, GLOBAL, MICRO, SIZE = 32, 8, 2, 100  # 100 = 3 * 32 + 4: the grid's last row/col is shifted inwards
 ARGS = dict(seed=5, global_batch_size=GLOBAL, micro_batch_size=MICRO, in_channels=1, num_classes=2, use_weight_map=True)
@@ -144,7 +144,8 @@ def test_val_grid_covers_each_image_once_across_two_ranks(root):
 
 def test_tile_reads_touch_only_overlapped_chunks_and_bad_chunks_are_named(tmp_path):
     from unetdist.data.samples import DataError, SampleChecks
-    from unetdist.data.zarr_images import ZarrImages, ZarrImageWriter
+    from unetdist.data.sources.zarr_images import ZarrImages
+    from unetdist.data.writers import ZarrImageWriter
 
     store = tmp_path / "data.zarr"
     writer = ZarrImageWriter(store, "val", chunk=32)
@@ -181,7 +182,7 @@ SPARSE = [cells([(40, 50), (100, 170), (120, 60)]),  # away from the edges: cent
 
 
 def write_store(store: Path, masks: list[np.ndarray], **writer_args) -> None:
-    from unetdist.data.zarr_images import ZarrImageWriter
+    from unetdist.data.writers import ZarrImageWriter
 
     writer = ZarrImageWriter(store, "train", **writer_args)
     for i, mask in enumerate(masks):
@@ -192,7 +193,7 @@ def write_store(store: Path, masks: list[np.ndarray], **writer_args) -> None:
 
 def images_source(store: Path, foreground_fraction: float):
     from unetdist.data.samples import SampleChecks
-    from unetdist.data.zarr_images import ZarrImages
+    from unetdist.data.sources.zarr_images import ZarrImages
 
     return ZarrImages(store, "train", SampleChecks(TILE, 1, 2, True), tiles_per_image=6, sampled=True,
                       foreground_fraction=foreground_fraction)
@@ -213,7 +214,7 @@ def sparse(tmp_path_factory) -> Path:
 
 
 def test_writer_keeps_every_foreground_pixel_in_raster_order_up_to_the_cap(sparse, tmp_path):
-    from unetdist.data.zarr_images import FOREGROUND_CAP, foreground_points
+    from unetdist.data.layout import FOREGROUND_CAP, foreground_points
 
     group = zarr.open_group(str(sparse / "data.zarr"), mode="r", path="train")
     assert group.attrs["foreground"] == {"cap": FOREGROUND_CAP, "seed": 0, "counts": [27, 18]}
@@ -286,11 +287,11 @@ def test_a_store_without_foreground_tables_loads_and_warns(tmp_path, caplog):
     write_store(store, SPARSE)
     del zarr.open_group(str(store), mode="a", path="train").attrs["foreground"]  # as written before the tables
     shutil.rmtree(store / "train" / "foreground")
-    with caplog.at_level("WARNING", logger="unetdist.data.zarr_images"):
+    with caplog.at_level("WARNING", logger="unetdist.data.sources.zarr_images"):
         source = images_source(store, 0.5)
     assert str(store) in caplog.text and "re-run" in caplog.text
     units, words = random_words(32)
     assert source.windows(units, words) == images_source(store, 0.0).windows(units, words)
     samples = source.read_windows(units, np.zeros_like(units), words)
     assert [s.mask.shape for s in samples] == [(TILE, TILE)] * 32
-    assert len([r for r in caplog.records if r.name == "unetdist.data.zarr_images"]) == 1  # one warning
+    assert len([r for r in caplog.records if r.name == "unetdist.data.sources.zarr_images"]) == 1  # one warning

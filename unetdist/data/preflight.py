@@ -1,0 +1,102 @@
+"""Start-up checks and the start-up line of the training data: what cannot run is refused
+before any worker starts, naming the setting to change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from unetdist.config import ConfigError, DataConfig
+from unetdist.data.layout import DATASET_JSON, WHOLE_IMAGES
+from unetdist.data.sequence import GlobalSequence, RankLayout
+from unetdist.data.sources.base import Source
+
+log = logging.getLogger(__name__)
+
+
+def log_topology(
+    data: DataConfig, source: Source, sequence: GlobalSequence, layout: RankLayout, block_size: int
+) -> None:
+    """The start-up line: ranks x workers x units, and how the global batch and the epoch are cut.
+
+    Workers are not tied to units: a worker makes every W-th item of its rank's endless
+    micro-batch sequence by random access, so no count of workers, shards or images leaves
+    one without work. What cannot run is refused where it is built: an epoch of no step
+    (:func:`unetdist.data.sequence.epoch_length`), tiles smaller than ``data.tile_size``
+    (:func:`check_tile_size`), fewer validation samples than ranks (:func:`check_val_samples`).
+    """
+    samples, length = sequence.blocks.num_samples, sequence.epoch_length
+    change = (
+        f"pads {length - samples} repeated sample(s)"
+        if length > samples
+        else f"drops {samples - length} sample(s)"
+        if length < samples
+        else "neither pads nor drops"
+    )
+    workers, units = max(1, data.num_workers), len(source.counts)
+    handover = (
+        f"; a worker hands over {data.prefetch_factor} micro-batches at a time"
+        if data.num_workers > 0
+        else ""
+    )
+    log.info(
+        "data: %d rank(s) x %d worker(s) x %d %s(s) (%s, %d train samples in blocks of %d); global batch %d "
+        "= %d rank(s) x %d x %d; epoch of %d steps (epoch_end=%s %s)%s",
+        layout.world_size,
+        workers,
+        units,
+        source.unit_name,
+        data.format,
+        samples,
+        block_size,
+        layout.global_batch_size,
+        layout.world_size,
+        layout.accumulation_steps,
+        layout.micro_batch_size,
+        length // layout.global_batch_size,
+        data.epoch_end,
+        change,
+        handover,
+    )
+
+
+def check_tile_size(data: DataConfig) -> None:
+    """Refuse a ``data.tile_size`` larger than the tiles of the prepare folder ``data.root``.
+
+    Otherwise every sample fails its check in the workers, after the start-up. Stores of
+    whole images check their images themselves; explicit shard lists are checked per sample.
+    """
+    explicit = data.train_shards if data.format == "webdataset" else data.zarr_store
+    if not data.root or explicit:
+        return
+    try:
+        meta = json.loads((Path(data.root) / DATASET_JSON).read_text())
+    except (OSError, ValueError):
+        return  # the source names a missing or unreadable dataset.json itself
+    if not isinstance(meta, dict) or meta.get("layout") == WHOLE_IMAGES or meta.get("format") != data.format:
+        return
+    stored = meta.get("tile_size")
+    if isinstance(stored, int) and data.tile_size > stored:
+        raise ConfigError(
+            f"data.tile_size={data.tile_size} is larger than the {stored}x{stored} tiles stored in {data.root} "
+            f"(its dataset.json): set data.tile_size to at most {stored}, or prepare the data again with "
+            f"--tile {data.tile_size} or more"
+        )
+
+
+def check_val_samples(samples: int, world_size: int) -> None:
+    """Refuse a validation split with no samples, or fewer samples than ranks."""
+    if samples == 0:
+        raise ValueError("no validation samples: prepare with --val-fraction > 0")
+    if samples < world_size:
+        # A rank without a validation batch makes no forward pass there, so it skips the buffer
+        # broadcast (BatchNorm statistics) that DDP makes at each rank's first forward after
+        # training, and the other ranks wait for it until train.timeout_s.
+        idle = f"rank {samples}" if samples == world_size - 1 else f"ranks {samples}..{world_size - 1}"
+        raise ConfigError(
+            f"the validation split has {samples} sample(s) for {world_size} ranks: {idle} would get none "
+            "and validation would hang; hold out more validation data (prepare --val-fraction, or a larger "
+            "split in data.val_shards / data.root) or run fewer ranks (--nproc_per_node)"
+        )

@@ -1,0 +1,46 @@
+"""Data sources: random access to the samples of a split, one module per storage format.
+
+:func:`open_source` is the one place that picks a source from the data config; every source
+satisfies :class:`~unetdist.data.sources.base.Source`, which is all the loader relies on.
+
+* :mod:`~unetdist.data.sources.tar`: webdataset tar shards (``data.format=webdataset``)
+* :mod:`~unetdist.data.sources.zarr_tiles`: a pre-tiled Zarr store (``data.format=zarr``)
+* :mod:`~unetdist.data.sources.zarr_images`: a Zarr store of whole images (``prepare --whole-images``)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unetdist.config import DataConfig
+from unetdist.data.layout import STORE_NAME, is_whole_image_store
+from unetdist.data.samples import SampleChecks
+from unetdist.data.sources.base import Source
+from unetdist.data.sources.tar import TarShards, list_shards, shard_counts
+from unetdist.data.sources.zarr_images import ZarrImages
+from unetdist.data.sources.zarr_tiles import ZarrTiles
+
+__all__ = ["Source", "TarShards", "ZarrImages", "ZarrTiles", "list_shards", "open_source"]
+
+
+def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
+    """The tar or Zarr source of ``split`` ("train" or "val") named by the data config."""
+    if data.format == "zarr":
+        store = data.zarr_store or (str(Path(data.root) / STORE_NAME) if data.root else "")
+        if not store:
+            raise ValueError(
+                "data.format=zarr needs data.root (a prepare --format zarr folder) or data.zarr_store"
+            )
+        if is_whole_image_store(store, split):  # prepare --format zarr --whole-images
+            return ZarrImages(
+                store,
+                split,
+                checks,
+                data.tiles_per_image,
+                foreground_fraction=data.foreground_fraction if split == "train" else 0.0,
+            )
+        return ZarrTiles(store, split, checks)
+    pattern = data.train_shards if split == "train" else data.val_shards
+    shards = list_shards(data.root or None, split, pattern or None)
+    counts = None if pattern or not data.root else shard_counts(data.root, split, shards)
+    return TarShards(shards, checks, counts)

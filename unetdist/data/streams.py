@@ -1,0 +1,135 @@
+"""The two IterableDatasets a DataLoader runs: endless training micro-batches, and one pass of validation.
+
+:class:`TrainStream`: a rank's micro-batch ``q`` is a pure function of (seed, q, the data):
+which samples (:mod:`unetdist.data.sequence`), their windows and augmentation parameters
+(:mod:`unetdist.data.augment`, from each sample's position). Worker ``w`` of ``W`` makes the
+rank's items ``i`` with ``i % W == w``, each of ``group`` consecutive micro-batches packed
+into one hand-over (:func:`unetdist.data.batching.pack`). :class:`ValStream`: every validation
+sample exactly once across ranks and workers, centre-cropped, in stored order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from unetdist.data.augment import crop_windows, draw_params, sample_words, to_model_input
+from unetdist.data.batching import BatchOptions, collate, pack, replace_bad
+from unetdist.data.samples import DataError
+from unetdist.data.sequence import GlobalSequence, RankLayout
+from unetdist.data.sources.base import Source, read_by_unit
+
+log = logging.getLogger(__name__)
+
+
+def _reader_slot(num_workers: int) -> tuple[int, int]:
+    """(this DataLoader worker, the worker count); (0, 1) in the training process."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    if workers != max(1, num_workers):
+        raise RuntimeError(
+            f"dataset built for {max(1, num_workers)} data worker(s) runs in a loader with {workers}"
+        )
+    return worker, workers
+
+
+class TrainStream(IterableDataset):
+    """Endless micro-batches of one rank, from ``start_micro`` on (see the module docstring)."""
+
+    def __init__(
+        self,
+        source: Source,
+        sequence: GlobalSequence,
+        layout: RankLayout,
+        options: BatchOptions,
+        *,
+        num_workers: int,
+        start_micro: int = 0,
+        group: int = 1,
+    ) -> None:
+        super().__init__()
+        self.source, self.sequence, self.layout, self.options = source, sequence, layout, options
+        self.num_workers, self.start_micro, self.group = num_workers, start_micro, group
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _reader_slot(self.num_workers)
+        in_worker = get_worker_info() is not None
+        group = self.group if in_worker else 1  # in the training process there is nothing to hand over
+        item = worker  # items of `group` consecutive micro-batches; worker w makes items i with i % W == w
+        while True:
+            first = self.start_micro + item * group
+            batches = [self.micro_batch(first + offset) for offset in range(group)]
+            yield pack(batches) if in_worker else batches[0]
+            item += workers
+
+    def micro_batch(self, micro_index: int) -> dict[str, Any]:
+        """This rank's micro-batch ``micro_index``: a pure function of the arguments and the data."""
+        positions = self.layout.micro_batch_positions(micro_index)
+        epochs, units, indices = self.sequence.locate(positions)
+        words = sample_words(self.sequence.seed, positions)  # this batch's random numbers, per position
+        read = self.source.read_windows(units, indices, words)  # whole images: the window is read
+        samples, skipped = replace_bad(read, self.options.on_error, f"micro-batch {micro_index}")
+        spec, size = self.options.spec, self.options.tile_size
+        windows = crop_windows([s.mask for s in samples], size, words, self.options.foreground_fraction)
+        batch = collate(samples, windows, self.options, shared=False)  # a worker packs it (see pack)
+        if spec is not None:
+            params, noise_seeds = draw_params(words, spec)
+            # numpy, not tensors: small arrays travel pickled inline, while every tensor costs
+            # the training process a file-descriptor handoff from the worker.
+            batch["augment"] = (spec, params, noise_seeds)
+        batch.update(index=micro_index, epoch=int(epochs[0]), skipped=skipped)
+        return to_model_input(batch, "cpu") if self.options.augment_on == "worker" else batch
+
+
+class ValStream(IterableDataset):
+    """Every validation sample exactly once across all ranks and workers, centre-cropped, in order.
+
+    Stored order, split by sample index: reader slot ``worker * R + rank`` takes the
+    samples with ``index % (R*W) == slot``, so rank r's share is ``index % R == r``
+    whatever the worker count, and ranks differ by at most one sample.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        options: BatchOptions,
+        *,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        micro_batch_size: int,
+    ) -> None:
+        super().__init__()
+        self.source, self.options = source, options
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.micro_batch_size = micro_batch_size
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _reader_slot(self.num_workers)
+        ends = np.cumsum(self.source.counts)
+        mine = np.arange(
+            worker * self.world_size + self.rank, int(ends[-1]) if len(ends) else 0, self.world_size * workers
+        )
+        size = self.options.tile_size
+        for begin in range(0, len(mine), self.micro_batch_size):
+            chosen = mine[begin : begin + self.micro_batch_size]
+            units = np.searchsorted(ends, chosen, side="right")
+            indices = chosen - (ends[units] - np.asarray(self.source.counts)[units])
+            samples = []
+            for item in read_by_unit(self.source, units, indices):
+                if isinstance(item, DataError):
+                    if self.options.on_error == "raise":
+                        raise item
+                    log.warning("data.on_error=skip: %s", item)
+                    continue
+                samples.append(item)
+            if not samples:
+                continue
+            windows = [((s.mask.shape[0] - size) // 2, (s.mask.shape[1] - size) // 2) for s in samples]
+            batch = collate(samples, windows, self.options, shared=self.options.augment_on != "worker")
+            yield to_model_input(batch, "cpu") if self.options.augment_on == "worker" else batch
