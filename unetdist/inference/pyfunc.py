@@ -7,13 +7,17 @@ A model logged by ``RunOutputs.log_final_model`` loads anywhere MLflow runs::
     masks = model.predict(images, params={"overlap": 0.5, "flips": True})
 
 ``predict`` runs the overlap-tile prediction of ``unetdist.inference.engine.predict_array``
-on each image, so images of any size work, whatever the network's tile. The model directory
-holds the weights (``weights.pt``, a plain state dict), the network's construction arguments
-(``unet.json``) and a copy of the ``unetdist`` package (``code/``), so loading needs torch
-and numpy but not an installed ``unetdist``. MLflow pickles ``UNetSegmenter`` by reference,
-so a logged model records this module's path: a process that has already imported a
-``unetdist`` without that module cannot load the model (its ``code/`` copy is only found first
-when ``unetdist`` is not imported yet), so moving this class breaks such loads of older models.
+on each image, so images of any size work, whatever the network's tile.
+
+The model is logged as MLflow "models from code", not as a pickle: the model directory
+holds the weights (``artifacts/weights.pt``, a state dict of plain tensors, read with
+``weights_only=True``), the network's construction arguments (``artifacts/unet.json``), the
+entry file ``pyfunc_entry.py`` (``ENTRY_FILE``; MLflow runs it at load time and it names
+``UNetSegmenter``) and a copy of the ``unetdist`` package (``code/``), so loading needs
+torch, numpy and mlflow but not an installed ``unetdist``. Nothing is unpickled, and the
+class is found by import, so moving it only needs the entry file to follow.
+``python -m unetdist.predict --model runs:/...`` runs none of this: it reads the two files
+(``unetdist.inference.loading``).
 
 Saving (``save_model_files``, here) is separate from logging
 (``unetdist.tracking.models.log_pyfunc_model``): the trainer saves the files at once on its
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 
 from unetdist.inference.engine import predict_array
-from unetdist.model import build_unet
+from unetdist.inference.loading import SPEC_FILE, WEIGHTS_FILE, network_from_files
 
 try:  # the class must subclass PythonModel; mlflow is a dependency of the package anyway
     from mlflow.pyfunc import PythonModel
@@ -42,8 +46,8 @@ except ImportError:  # pragma: no cover - mlflow is installed with unetdist
 if TYPE_CHECKING:
     from unetdist.config import Config
 
-WEIGHTS_FILE = "weights.pt"
-SPEC_FILE = "unet.json"
+# the models-from-code file that MLflow copies into the model and runs when loading it
+ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 PREDICT_PARAMS = {"overlap": 0.25, "flips": False, "batch_size": 8, "tile": 0}
 
 
@@ -91,18 +95,10 @@ with warnings.catch_warnings():
         """float32 images ``[N, C, H, W]`` -> uint8 label masks ``[N, H, W]`` by overlap-tile prediction."""
 
         def load_context(self, context: Any) -> None:
-            self.spec = json.loads(Path(context.artifacts["spec"]).read_text())
-            self.network = build_unet(
-                self.spec["preset"],
-                self.spec["in_channels"],
-                self.spec["num_classes"],
-                base_width=self.spec["base_width"],
-                depth=self.spec["depth"],
-                norm=self.spec["norm"],
+            # the same reader as `unetdist.predict --model`: the state dict loads with weights_only=True
+            self.network, self.spec = network_from_files(
+                Path(context.artifacts["spec"]), Path(context.artifacts["weights"])
             )
-            state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-            self.network.load_state_dict(state)
-            self.network.eval()
 
         # no type hints here: MLflow reads them as a (list-based) input schema and warns
         def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
@@ -116,7 +112,7 @@ with warnings.catch_warnings():
                 predict_array(
                     self.network,
                     image,
-                    tile=int(options["tile"]) or self.spec["tile_size"],
+                    tile=int(options["tile"]) or self.spec["tile_size"] or None,
                     overlap=float(options["overlap"]),
                     batch_size=int(options["batch_size"]),
                     flips=bool(options["flips"]),

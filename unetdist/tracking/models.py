@@ -1,8 +1,9 @@
 """Logging the trained U-Net to an MLflow run: as a pyfunc model (queued) or with the PyTorch flavor.
 
 The model class and its files live in ``unetdist.inference.pyfunc``; this module only
-puts them into a run, its experiment and, optionally, the model registry. It imports torch
-and the inference code, so the tracker imports it only when a model is logged.
+puts them into a run, its experiment and, optionally, the model registry. The pyfunc model
+is logged as MLflow "models from code" (``ENTRY_FILE``), so no pickle is written or read.
+It imports torch and the inference code, so the tracker imports it only when a model is logged.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unetdist.inference.pyfunc import PREDICT_PARAMS, UNetSegmenter, unwrap_model
+from unetdist.inference.pyfunc import ENTRY_FILE, PREDICT_PARAMS, unwrap_model
 
 if TYPE_CHECKING:
     import torch
@@ -28,14 +29,18 @@ logger = logging.getLogger(__name__)
 
 
 def pinned_requirements(*distributions: str) -> list[str]:
+    """``name==version`` of each installed distribution, without a local build tag (``+cpu``)."""
     # Explicit requirements skip MLflow's inference, which imports the model in
     # a subprocess: ~6 s instead of ~0.5 s for a tiny net (measured, mlflow 3.17).
     pinned = []
     for distribution in distributions:
         try:
-            pinned.append(f"{distribution}=={importlib.metadata.version(distribution)}")
+            version = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             pinned.append(distribution)
+            continue
+        # a local build (torch "2.13.0+cpu", "+cu124") is on no index a serving env installs from
+        pinned.append(f"{distribution}=={version.split('+', 1)[0]}")
     return pinned
 
 
@@ -110,6 +115,9 @@ def log_pyfunc_model(
     ``register_as`` and ``alias``. A retry after a partial failure reuses the
     LoggedModel created before (its id is kept in ``op``).
 
+    The model is "models from code": MLflow copies ``ENTRY_FILE`` into the model (and runs
+    it once here to check it), the weights stay a plain state dict, nothing is pickled.
+
     How, in mlflow 3.17: ``mlflow.pyfunc.log_model`` has no tracking-URI argument and,
     given only ``run_id``, files the LoggedModel under the globally active experiment,
     not the run's. So the LoggedModel is created here through our client, in the run's
@@ -137,12 +145,12 @@ def log_pyfunc_model(
     with global_tracking_uri(tracking_uri):
         info = mlflow.pyfunc.log_model(
             name=op["name"],
-            python_model=UNetSegmenter(),
+            python_model=str(ENTRY_FILE),
             artifacts=op["files"],
             signature=model_signature(int(op["in_channels"])),
             input_example=example,
-            pip_requirements=pinned_requirements("torch", "numpy", "cloudpickle", "mlflow"),
-            # the whole package, so the model loads without an installed unetdist
+            pip_requirements=pinned_requirements("torch", "numpy", "mlflow"),
+            # the whole package, so the entry file imports it where no unetdist is installed
             code_paths=[str(Path(unetdist.__file__).parent)],
             model_id=op["model_id"],
             step=int(op["step"]),
