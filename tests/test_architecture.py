@@ -20,6 +20,8 @@ MAX_MODULE_LINES = 450
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["unetdist", "unetdist.logs", "unetdist.geometry", "unetdist.seeding", "unetdist.precision",
                     "unetdist.config", "unetdist.distributed", "unetdist.preemption", "unetdist.watchdog",
+                    # URLs as they may be written or logged: config, checkpoints and tracking all use it
+                    "unetdist.redaction",
                     # tile-size arithmetic: config validates tile sizes with it
                     "unetdist.model.sizes"]),
     ("domain", ["unetdist.data", "unetdist.model", "unetdist.losses", "unetdist.weight_map", "unetdist.metrics",

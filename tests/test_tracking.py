@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from unetdist.redaction import REDACTED
 from unetdist.tracking import (
     MLflowTracker,
     NullTracker,
@@ -21,7 +22,6 @@ from unetdist.tracking import (
     flatten_config,
     make_tracker,
 )
-from unetdist.tracking.mlflow_setup import REDACTED
 
 NESTED_CONFIG = {
     "model": {"preset": "tiny", "channels": [8, 16], "dropout": 0.1},
@@ -165,6 +165,22 @@ def test_reattach_skips_logged_params(local_mlflow_store, caplog):
     assert run.data.params == {"a": "1", "b": "x", "c": "new"}
     assert run.info.status == "FINISHED"
     assert "already logged" in caplog.text
+
+
+def test_settings_that_may_change_become_attempt_tags(local_mlflow_store, caplog):
+    from mlflow import MlflowClient
+
+    first = MLflowTracker(local_mlflow_store, "attempts")
+    may_change = {"checkpoint.resume"}  # a resumed job sets it to auto
+    first.log_params({"checkpoint": {"resume": "never"}, "optim": {"lr": 0.1}}, may_change=may_change)
+    first.finish("KILLED")
+    second = MLflowTracker(local_mlflow_store, "attempts", run_id=first.run_id)
+    second.log_params({"checkpoint": {"resume": "auto"}, "optim": {"lr": 0.1}}, may_change=may_change)
+    second.finish()
+    assert "already logged" not in caplog.text
+    run = MlflowClient(local_mlflow_store).get_run(first.run_id)
+    assert run.data.params == {"checkpoint.resume": "never", "optim.lr": "0.1"}
+    assert run.data.tags["attempt.checkpoint.resume"] == "auto"
 
 
 def test_long_and_secret_params(local_mlflow_store, caplog):

@@ -208,3 +208,38 @@ def test_training_run_survives_an_outage(mlflow_server_process, cell_shards, tmp
           f"before {statistics.mean(before):.4f} s, during the outage {statistics.mean(during):.4f} s")
     assert downtime_s > 30 and len(during) >= 5
     assert statistics.mean(during) < 1.5 * statistics.mean(before) + 0.01
+
+
+def test_unsent_file_and_warnings_hold_no_credentials(tmp_path, caplog, capsys):
+    """A dead server reached with a password in its URI: the warnings and the file of unsent calls show
+    ``***``; replay uses the file's URI without it (credentials from the environment), and refuses a URI
+    whose query secret is gone, naming --tracking-uri."""
+    from unetdist.tracking.outbox import OUTBOX_FORMAT, write_unsent
+
+    port = free_port()
+    tracker = MLflowTracker(
+        f"http://alice:s3cr3t-PW@127.0.0.1:{port}", "offline", local_dir=tmp_path,
+        request_timeout_s=1, flush_timeout_s=0.5,
+    )  # fmt: skip
+    tracker.log_params({"data": {"root": "https://bob:sh4rd-PW@h/d?X-Amz-Signature=sig-s3cr3t"}})
+    tracker.set_tags({"source": "s3://b/k?sig=sig-s3cr3t"})
+    tracker.finish("FAILED")
+    assert tracker.unsent_path is not None
+    text = tracker.unsent_path.read_text()
+    header, ops = read_unsent(tracker.unsent_path)
+    assert header["tracking_uri"] == f"http://***@127.0.0.1:{port}"
+    assert {"op": "params", "params": {"data.root": "https://***@h/d?X-Amz-Signature=***"}} in ops
+    for secret in ("s3cr3t-PW", "sh4rd-PW", "sig-s3cr3t"):
+        assert secret not in text and secret not in caplog.text, secret
+    assert "unreachable" in caplog.text  # the warnings were there, redacted
+
+    assert main(["replay", str(tracker.unsent_path)]) == 1  # the server is still dead
+    error = capsys.readouterr().err
+    assert f"http://127.0.0.1:{port}" in error and "s3cr3t" not in error
+
+    header = {"format": OUTBOX_FORMAT, "tracking_uri": "https://h/mlflow?token=t0k3n", "run_id": "r"}
+    tokened = write_unsent(tmp_path / "token", header, [])
+    assert read_unsent(tokened)[0]["tracking_uri"] == "https://h/mlflow?token=***"
+    assert main(["replay", str(tokened)]) == 1
+    refusal = capsys.readouterr().err
+    assert "held a credential, which is never written to disk; pass the whole URI as --tracking-uri" in refusal

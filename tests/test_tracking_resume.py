@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,40 @@ def test_other_ranks_record_nothing(tmp_path):
     outputs.close("FINISHED")
     assert outputs.tracker.run_id is None
     assert not (tmp_path / "run").exists()
+
+
+def test_resumed_job_records_changed_settings_per_attempt(mlflow_server, tmp_path, caplog):
+    """Settings a resumed job may change (``checkpoint.resume``, ``train.output_dir``) keep the first
+    attempt's param and get an ``attempt.<key>`` tag, without the "already logged" warning; a real
+    conflict (a math key) still warns."""
+    from mlflow import MlflowClient
+
+    first = make_config(tmp_path, mlflow_server, log_model=False)
+    first = dataclasses.replace(first, tracking=dataclasses.replace(first.tracking, run_name="attempts"))
+    run_id = run_job(first, None, 1, 4, attempt=0, end="PREEMPTED")
+
+    def resumed(output_dir: str, **optim: float):
+        return dataclasses.replace(
+            first,
+            checkpoint=dataclasses.replace(first.checkpoint, resume="auto"),
+            train=dataclasses.replace(first.train, output_dir=output_dir),
+            optim=dataclasses.replace(first.optim, **optim),
+        )
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_job(resumed(str(tmp_path / "moved")), run_id, 5, 8, attempt=1, end="PREEMPTED")
+    assert "already logged" not in caplog.text
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    assert run.data.params["checkpoint.resume"] == "never"
+    assert run.data.params["train.output_dir"] == first.train.output_dir
+    assert run.data.tags["attempt.checkpoint.resume"] == "auto"
+    assert run.data.tags["attempt.train.output_dir"] == str(tmp_path / "moved")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_job(resumed(first.train.output_dir, lr=0.5), run_id, 9, 12, attempt=2, end="FINISHED")
+    assert "param optim.lr was already logged as '0.001'" in caplog.text
+    assert "checkpoint.resume" not in caplog.text and "train.output_dir" not in caplog.text
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    assert run.data.tags["attempt.train.output_dir"] == first.train.output_dir, "the tag follows each attempt"

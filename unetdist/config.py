@@ -21,9 +21,14 @@ from typing import Any
 
 import yaml
 
+from unetdist.redaction import redact, redact_values
+
 
 class ConfigError(ValueError):
-    """A config key, type or value that cannot run."""
+    """A config key, type or value that cannot run; its message shows a URL's credentials as ``***``."""
+
+    def __str__(self) -> str:
+        return redact(super().__str__())
 
 
 def _choice(*allowed: str, default: str) -> Any:
@@ -172,15 +177,33 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """The config as it is written and compared (config.yaml, checkpoints, MLflow params, ``digest``).
+
+        Credentials in URL values are ``***`` (``unetdist.redaction``): they never reach a
+        file, and a new password or a re-signed URL is the same config on resume. The
+        live values, credentials included, are the attributes.
+        """
+        return redact_values(dataclasses.asdict(self))
 
     def digest(self) -> str:
-        """Short hash of the resolved config, for tags and checkpoint checks."""
+        """Short hash of the resolved config (credentials redacted), for tags and checkpoint checks."""
         text = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+# Keys a resumed job may change without changing the math: resume does not refuse them
+# (train.py) and MLflow records their new value per attempt (a tag, not a conflicting param).
+RESUME_SAFE_KEYS: frozenset[str] = frozenset({
+    "train.max_steps", "train.record_samples", "train.watchdog_s", "checkpoint.keep_every",
+    "checkpoint.async_save", "train.compile", "train.compile_mode", "train.cudnn_benchmark", "train.log_every",
+    "train.val_every", "train.val_max_batches", "train.progress", "train.output_dir", "train.timeout_s",
+    "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "data.num_workers", "data.pin_memory",
+    "tracking.log_model", "tracking.log_checkpoints", "train.micro_batch_size", "train.device", "train.backend",
+    "data.prefetch_factor", "data.worker_start_method", "data.augment_on",
+    *(f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)),
+})  # fmt: skip
 
 
 # ---------------------------------------------------------------- loading
@@ -331,7 +354,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.momentum={config.optim.momentum}: expected 0 <= momentum < 1 (or -1 for the preset's)")
     if not 0.0 <= config.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={config.optim.min_lr_ratio}: expected a value in [0, 1]")
-    if not config.data.root and not config.data.train_shards:
+    if config.data.format == "zarr" and not (config.data.root or config.data.zarr_store):
+        raise ConfigError("data.format=zarr needs data.root (a `prepare --format zarr` folder) or data.zarr_store (the store)")
+    if config.data.format != "zarr" and not (config.data.root or config.data.train_shards):
         raise ConfigError("data.root or data.train_shards must be set: the folder `python -m unetdist.prepare` wrote")
     if config.checkpoint.resume not in ("never", "auto") and not Path(config.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={config.checkpoint.resume!r}: expected never, auto or an existing checkpoint")
@@ -382,5 +407,6 @@ def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
 
 
 def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config as YAML, credentials redacted (``Config.to_dict``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,9 +1,9 @@
-"""Where runs go and what may be written there: MLflow's environment, URI defaults, redaction.
+"""Where runs go: MLflow's environment, URI defaults, the flat form of params.
 
-Credentials come only from the environment (``MLFLOW_TRACKING_USERNAME``,
-``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``), which MLflow reads itself; nothing
-here accepts them, params whose key looks like a secret are redacted before they are logged,
-and URIs are logged and written without their user:password part.
+Credentials belong in the environment (``MLFLOW_TRACKING_USERNAME``,
+``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``), which MLflow reads itself. A URI
+given with credentials in it still works, but is written and logged only as
+``unetdist.redaction.redact`` shows it, like every URL and secret-named param.
 
 Without ``MLFLOW_TRACKING_URI`` runs go to a SQLite store in the working directory; to
 browse them, run in that directory::
@@ -18,13 +18,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-REDACTED = "***"
-_SECRET_KEY = re.compile(r"password|passwd|secret|token|api[_-]?key|credential", re.IGNORECASE)
 
 
 def _set_quiet_mlflow_defaults() -> None:
@@ -78,23 +74,6 @@ def flatten_config(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str
         else:
             flat[dotted_key] = str(value)
     return flat
-
-
-def redact_secret_values(params: dict[str, str]) -> dict[str, str]:
-    redacted = {}
-    for key, value in params.items():
-        leaf = key.rsplit(".", 1)[-1]
-        redacted[key] = REDACTED if _SECRET_KEY.search(leaf) else value
-    return redacted
-
-
-def uri_without_credentials(uri: str) -> str:
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def sqlite_artifact_root(tracking_uri: str) -> Path | None:

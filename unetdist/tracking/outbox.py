@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from unetdist.redaction import redact, redact_values
 from unetdist.tracking.base import MAX_METRICS_PER_BATCH
 from unetdist.tracking.sender import Sender, first_line, is_permanent
 
@@ -116,7 +117,9 @@ class Outbox:
                 self.sender.send(request)
             except Exception as error:
                 if is_permanent(error):
-                    logger.warning("MLflow refused a %s call; dropped it: %s", request["op"], error)
+                    logger.warning(
+                        "MLflow refused a %s call; dropped it: %s", request["op"], redact(str(error))
+                    )
                     self.dropped_ops += count
                 else:
                     self.failures += 1
@@ -191,7 +194,7 @@ def write_unsent(directory: Path, header: Mapping[str, Any], ops: list[dict[str,
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = directory / f"mlflow-unsent-{header.get('run_id') or 'new-run'}-{stamp}-{os.getpid()}.jsonl"
     with open(path, "w") as out:
-        out.write(json.dumps(dict(header)) + "\n")
+        out.write(json.dumps(redact_values(dict(header))) + "\n")  # its tracking URI: never a credential
         for op in ops:
             out.write(json.dumps(op) + "\n")
     return path

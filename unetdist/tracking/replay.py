@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from unetdist.redaction import REDACTED, redact
 from unetdist.tracking.outbox import merge_metric_ops, read_unsent
 from unetdist.tracking.sender import Sender
 
@@ -20,12 +21,13 @@ from unetdist.tracking.sender import Sender
 def replay(path: str | os.PathLike[str], tracking_uri: str | None = None) -> str:
     """Send the calls in a file written by ``MLflowTracker.finish``; returns the run id.
 
-    ``tracking_uri``: default the file's (credentials come from the environment).
+    ``tracking_uri``: default the file's, whose credentials were not written: those of
+    the environment (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``) are used.
     Stops at the first failure, naming the call; sending the file again is safe
     (metrics and tags are idempotent; an artifact is written again).
     """
     header, ops = read_unsent(path)
-    uri = tracking_uri or header["tracking_uri"]
+    uri = tracking_uri or _uri_of_file(path, header)
     sender = Sender(uri, header.get("run_id"), header.get("experiment_id"))
     index = 0
     while index < len(ops):
@@ -34,10 +36,20 @@ def replay(path: str | os.PathLike[str], tracking_uri: str | None = None) -> str
             sender.send(request)
         except Exception as error:
             raise RuntimeError(
-                f"{path}: call {index + 1} of {len(ops)} ({request['op']}) failed: {error}"
+                f"{path}: call {index + 1} of {len(ops)} ({request['op']}) failed: {redact(str(error))}"
             ) from error
         index += count
     return sender.run_id or ""
+
+
+def _uri_of_file(path: str | os.PathLike[str], header: dict) -> str:
+    uri = str(header.get("tracking_uri") or "").replace(f"://{REDACTED}@", "://")
+    if REDACTED in uri:
+        raise ValueError(
+            f"{path}: its tracking URI {uri} held a credential, which is never written to disk; "
+            "pass the whole URI as --tracking-uri"
+        )
+    return uri
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ FAILED with the tag ``unetdist.error``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -38,9 +39,10 @@ import numpy as np
 import torch
 
 from unetdist import preemption
-from unetdist.config import Config, TrackingConfig, save_config
+from unetdist.config import RESUME_SAFE_KEYS, Config, TrackingConfig, save_config
 from unetdist.distributed import DistributedContext
 from unetdist.logs import NullProgress, RichProgress
+from unetdist.redaction import credentials_warning, keys_with_credentials, redact
 from unetdist.tracking.base import LEAVE_RUNNING, NullTracker
 from unetdist.tracking.tracker import MLflowTracker, make_tracker
 
@@ -80,6 +82,14 @@ class RunOutputs:
             return cls.null(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         preemption.clear_marker(run_dir)  # this job runs: an old marker must not requeue it
+        live_values = {
+            f"{section}.{key}": value
+            for section, values in dataclasses.asdict(config).items()
+            for key, value in values.items()
+        }
+        keys_with_secrets = keys_with_credentials(live_values)  # used by this process, written nowhere
+        if keys_with_secrets:
+            log.warning("%s", credentials_warning(keys_with_secrets))
         config_path = run_dir / "config.yaml"
         save_config(config, config_path)
         tracking = config.tracking
@@ -100,7 +110,8 @@ class RunOutputs:
             if run_id is not None:
                 tracker.replay_leftovers(run_dir)
                 tracker.log_metrics({"run/resumed_at_step": start_step}, step=start_step)
-            tracker.log_params(config.to_dict())
+            # a resumed job may change these (checkpoint.resume=auto): a tag per attempt, not a warning
+            tracker.log_params(config.to_dict(), may_change=RESUME_SAFE_KEYS)
             tracker.log_artifact(config_path)
         use_bar = config.train.progress and sys.stderr.isatty()
         progress = RichProgress(config.train.max_steps, start_step) if use_bar else NullProgress()
@@ -216,7 +227,7 @@ def error_summary(error: BaseException) -> str:
 
     frames = traceback.extract_tb(error.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
-    return f"{type(error).__name__}: {error}{where}"
+    return redact(f"{type(error).__name__}: {error}{where}")
 
 
 def _to_numpy(value: Any) -> np.ndarray:

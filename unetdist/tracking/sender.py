@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unetdist.redaction import redact
 from unetdist.tracking.base import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH
 from unetdist.tracking.mlflow_setup import experiment_directory_name, sqlite_artifact_root
 
@@ -35,7 +36,8 @@ def is_permanent(error: BaseException) -> bool:
 
 
 def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    """The error's first line, at most 200 characters, redacted (MLflow's errors quote the whole URI)."""
+    text = redact(str(error)).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
 
 

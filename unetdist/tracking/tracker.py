@@ -6,6 +6,9 @@ Every logging call only queues an operation (see ``outbox``); ``finish`` waits a
 ``python -m unetdist.tracking replay``. A resumed run also queues such files of its run
 by itself (``replay_leftovers``).
 
+The tracking URI is used as given, credentials included; every URI, param, tag and error
+that is logged or written goes through ``unetdist.redaction`` first.
+
 The tracker talks to MLflow only through its ``Sender``, whose ``MlflowClient`` is bound
 to the tracker's own tracking URI, never through MLflow's global "active run", so two
 trackers in one process (tests, sweeps) do not leak into each other.
@@ -18,21 +21,20 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from unetdist.redaction import redact, redact_params, redact_values
 from unetdist.tracking.base import LEAVE_RUNNING, MAX_PARAM_VALUE_LENGTH, RUN_END_STATUSES, NullTracker
 from unetdist.tracking.mlflow_setup import (
     default_local_dir,
     default_tracking_uri,
     flatten_config,
-    redact_secret_values,
     set_fail_fast_http,
-    uri_without_credentials,
 )
 from unetdist.tracking.outbox import OUTBOX_FORMAT, Outbox, read_unsent, write_unsent
 from unetdist.tracking.sender import Sender, first_line, is_permanent
@@ -81,7 +83,8 @@ class MLflowTracker:
         self._finished = False
         self._sent_event = threading.Condition()
         self._logged_params: dict[str, str] = {}
-        self._tags = dict(tags or {})
+        self._attempt_tags: set[str] = set()  # attempt.<key> tags already on a reattached run
+        self._tags = {key: redact(str(value)) for key, value in (tags or {}).items()}
         self.unsent_path: Path | None = None
 
         self._sender = Sender(self.tracking_uri, run_id, None)
@@ -94,9 +97,12 @@ class MLflowTracker:
                 # "experiment" makes the sender warn when the run lives in another experiment
                 run = self._sender.send({"op": "reattach", "tags": self._tags, "experiment": experiment})
                 self._logged_params = dict(run.data.params)
+                self._attempt_tags = {key for key in run.data.tags if key.startswith("attempt.")}
         except Exception as error:
             if run_id is not None and is_permanent(error):
-                logger.warning("cannot reattach to MLflow run %s (%s); starting a new run", run_id, error)
+                logger.warning(
+                    "cannot reattach to MLflow run %s (%s); starting a new run", run_id, first_line(error)
+                )
                 self._sender.run_id = None
                 self._tags["unetdist.previous_run_id"] = run_id
                 first_ops.append(self._create_op())
@@ -107,7 +113,7 @@ class MLflowTracker:
             else:
                 logger.warning(
                     "MLflow server %s unreachable at start (%s); training starts anyway, the run's %s is queued",
-                    uri_without_credentials(self.tracking_uri),
+                    redact(self.tracking_uri),
                     first_line(error),
                     "creation" if run_id is None else "reattachment",
                 )
@@ -124,7 +130,7 @@ class MLflowTracker:
                 self.run_id,
                 run_name or "",
                 experiment,
-                uri_without_credentials(self.tracking_uri),
+                redact(self.tracking_uri),
             )
 
     def _create_op(self) -> dict[str, Any]:
@@ -173,14 +179,17 @@ class MLflowTracker:
 
     # -- logging calls: each returns at once
 
-    def log_params(self, params: Mapping[str, object]) -> None:
+    def log_params(self, params: Mapping[str, object], may_change: Collection[str] = ()) -> None:
         """Log (nested) params as flat strings; keys already on the run are skipped.
 
-        MLflow refuses to change a param's value, so on a reattached run a key
-        with a new value keeps its first value (with a warning).
+        MLflow refuses to change a param's value, so on a reattached run a key with a new
+        value keeps its first value, with a warning; a key in ``may_change`` (a value a
+        resumed job may change, such as ``checkpoint.resume``) gets no warning: this
+        attempt's value goes to the tag ``attempt.<key>``. Values are logged redacted.
         """
         new_params: dict[str, str] = {}
-        for key, value in redact_secret_values(flatten_config(params)).items():
+        attempt_tags: dict[str, str] = {}
+        for key, value in redact_params(flatten_config(params)).items():
             if len(value) > MAX_PARAM_VALUE_LENGTH:
                 logger.warning(
                     "param %s is %d characters; truncated to MLflow's limit of %d",
@@ -192,6 +201,10 @@ class MLflowTracker:
             previous = self._logged_params.get(key)
             if previous is None:
                 new_params[key] = value
+            elif key in may_change:
+                # the tag follows every attempt once one has differed, so it never shows a stale value
+                if previous != value or f"attempt.{key}" in self._attempt_tags:
+                    attempt_tags[f"attempt.{key}"] = value
             elif previous != value:
                 logger.warning(
                     "param %s was already logged as %r; MLflow keeps that, not %r", key, previous, value
@@ -199,6 +212,9 @@ class MLflowTracker:
         if new_params:
             self._put({"op": "params", "params": new_params})
         self._logged_params.update(new_params)
+        if attempt_tags:
+            self.set_tags(attempt_tags)
+            self._attempt_tags.update(attempt_tags)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue all ``metrics`` at ``step``; they reach the server in one request with their neighbours.
@@ -221,13 +237,14 @@ class MLflowTracker:
             self._put({"op": "metrics", "metrics": points})
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
-        self._put({"op": "tags", "tags": {key: str(value) for key, value in tags.items()}})
+        """Set (overwrite) run tags; values are logged as strings, redacted."""
+        self._put({"op": "tags", "tags": {key: redact(str(value)) for key, value in tags.items()}})
 
     def log_config(self, config_dict: Mapping[str, Any], filename: str = "config.yaml") -> None:
-        """Write ``config_dict`` as YAML under ``local_dir`` and log it at the run's artifact root."""
+        """Write ``config_dict`` (redacted) as YAML under ``local_dir``; log it at the run's artifact root."""
         self._files_dir.mkdir(parents=True, exist_ok=True)
         config_path = self._files_dir / filename
-        config_path.write_text(yaml.safe_dump(dict(config_dict), sort_keys=False))
+        config_path.write_text(yaml.safe_dump(redact_values(dict(config_dict)), sort_keys=False))
         self.log_artifact(config_path)
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
@@ -317,7 +334,7 @@ class MLflowTracker:
             logger.warning(
                 "MLflow server %s did not take %d logging calls within %.0f s; they are in %s. "
                 "Send them when it is back: python -m unetdist.tracking replay %s",
-                uri_without_credentials(self.tracking_uri),
+                redact(self.tracking_uri),
                 len(unsent),
                 self.flush_timeout_s,
                 self.unsent_path,
@@ -327,7 +344,7 @@ class MLflowTracker:
     def _header(self) -> dict[str, Any]:
         return {
             "format": OUTBOX_FORMAT,
-            "tracking_uri": uri_without_credentials(self.tracking_uri),
+            "tracking_uri": redact(self.tracking_uri),
             "run_id": self.run_id,
             "experiment_id": self.experiment_id,
             "experiment": self.experiment,
