@@ -6,6 +6,7 @@ dir (fast) or to a real ``mlflow server`` process (``tests/services``).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- MLflow -------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """Entry points run in-process (train.main, prepare's main) point the root logger at the
+    test's captured stderr; left in place, a later test's log lines would go to a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

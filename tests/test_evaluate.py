@@ -39,3 +39,31 @@ def test_cli_writes_json_and_names_failures(tmp_path: Path) -> None:
     result = json.loads((pred / "evaluation.json").read_text())
     assert result["images"]["a"]["dice"] == 1.0 and result["overall"]["ap"] == 1.0
     assert any("orphan_mask.tif" in name for name in result["failures"])
+
+
+def test_colour_truth_is_named_and_binary_255_truth_warned(tmp_path: Path, capsys, caplog) -> None:
+    from PIL import Image
+
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    pred.mkdir()
+    truth.mkdir()
+    cells = np.zeros((16, 16), np.uint8)
+    cells[2:6, 2:6], cells[8:12, 8:12] = 1, 1  # two cells of one 0/1 prediction
+    Image.fromarray(np.stack([cells * 255] * 3, axis=-1)).save(truth / "rgb.png")
+    Image.fromarray(cells * 255).save(truth / "binary.png")
+    for stem in ("rgb", "binary"):
+        tifffile.imwrite(pred / f"{stem}_mask.tif", cells)
+    with caplog.at_level("WARNING", logger="unetdist.evaluate"):
+        assert main(["--pred", str(pred), "--truth", str(truth)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith(
+        f"evaluate: failed: {pred / 'rgb_mask.tif'}: {truth / 'rgb.png'}: a colour image "
+        "(shape (16, 16, 3)); label images are single-channel HxW integers"
+    )
+    assert "Traceback" not in err
+    (warning,) = caplog.messages
+    assert warning.startswith(f"{truth / 'binary.png'}: labels 0/255, a binary mask")
+    assert "--truth-kind classes" in warning
+    assert main(["--pred", str(pred), "--truth", str(truth), "--truth-kind", "classes"]) == 2
+    result = json.loads((pred / "evaluation.json").read_text())
+    assert result["images"]["binary"]["ap"] == 1.0  # two components, two cells

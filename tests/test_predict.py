@@ -427,3 +427,37 @@ def test_trained_model_segments_synthetic_val_images(cell_shards: Path, tmp_path
     overall = json.loads((tmp_path / "pred" / "evaluation.json").read_text())["overall"]
     assert overall["images"] == len(val)
     assert overall["dice"] > 0.85, overall
+
+
+def test_colour_image_into_grey_model_names_its_colour_channels() -> None:
+    grey = build_unet("padded", 1, 2, base_width=4, depth=2)
+    with pytest.raises(InputError) as info:
+        predict_array(grey, np.zeros((120, 140, 3), np.uint8))
+    assert str(info.value) == (
+        "image: 3 colour channels (shape (120, 140, 3)), the model expects 1 "
+        "(train with model.in_channels=3, or convert to grey)"
+    )
+    colour = build_unet("padded", 3, 2, base_width=4, depth=2)
+    with pytest.raises(InputError, match=r"4 colour channels .* expects 3 \(drop the alpha channel"):
+        predict_array(colour, np.zeros((40, 48, 4), np.uint8))
+    picture = np.random.default_rng(1).integers(0, 255, (40, 48, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(  # a channels-last picture is the same image as its [C, H, W]
+        predict_array(colour, picture), predict_array(colour, picture.transpose(2, 0, 1))
+    )
+
+
+def test_cli_names_a_colour_file_once(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from unetdist.inference.cli import main
+
+    checkpoint = _tiny_checkpoint(tmp_path / "ckpt")
+    image = tmp_path / "rgb.png"
+    Image.fromarray(np.zeros((120, 140, 3), np.uint8)).save(image)
+    code = main(["--model", str(checkpoint), "--input", str(image), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("predict: failed")] == [
+        f"predict: failed: {image}: 3 colour channels (shape (120, 140, 3)), the model expects 1 "
+        "(train with model.in_channels=3, or convert to grey)"
+    ]

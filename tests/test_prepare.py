@@ -181,3 +181,171 @@ def test_main_reports_one_line_error_and_returns_2(tmp_path: Path, capsys):
     assert code == 2
     assert err.startswith("prepare: error:") and "b.tif" in err and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- re-running, and bad input named
+
+
+def _cells_folders(folder: Path, count: int, size: int = 64) -> tuple[Path, Path]:
+    """``count`` copies of one synthetic cell image and its instance mask, as TIFFs."""
+    image, instances = synthetic_cells(size, np.random.default_rng(5))
+    images, masks = folder / "images", folder / "masks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        _write_pair(images, masks, f"cells_{index:03d}", image, instances)
+    return images, masks
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.*")) + sorted(out.glob(f".{out.name}.*"))
+
+
+@pytest.mark.parametrize(("first", "second"), [("webdataset", "zarr"), ("zarr", "webdataset")])
+def test_failed_rerun_keeps_the_old_data_set_byte_identical(tmp_path: Path, capsys, first, second):
+    images, masks = _cells_folders(tmp_path, 3)
+    out = tmp_path / "out"
+    argv = ["--images", str(images), "--masks", str(masks), "--out", str(out), "--tile", "32"]
+    assert main([*argv, "--format", first, "--shard-size", "2"]) == 0
+    (out / "notes.txt").write_text("the user's own file\n")
+    before = _hashes(out)
+    assert "dataset.json" in before and len(before) > 3
+    _write_pair(images, masks, "cells_bad", np.zeros((64, 64), np.uint8), np.zeros((64, 60), np.uint16))
+    capsys.readouterr()
+
+    assert main([*argv, "--format", second]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepare: error: ") and "cells_bad.tif" in err.splitlines()[0]
+    assert "Traceback" not in err
+    assert _hashes(out) == before and not _leftovers(out)
+
+    # a good re-run replaces prepare's own output, in another format, and keeps the rest
+    (images / "cells_bad.tif").unlink()
+    (masks / "cells_bad.tif").unlink()
+    assert main([*argv, "--format", second]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["format"] == second and (out / "notes.txt").read_text() == "the user's own file\n"
+    assert (out / "data.zarr").is_dir() == (second == "zarr")
+    shards = sorted(meta["train_shards"] + meta["val_shards"])
+    assert sorted(path.name for path in out.glob("*.tar")) == shards
+    assert not _leftovers(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupted_prepare_keeps_the_old_data_set(tmp_path: Path, signal_name: str, code: int):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images, masks = _cells_folders(tmp_path / "old", 2)
+    out = tmp_path / "out"
+    prepare_dataset(images, masks, out, tile_size=32, shard_size=4)
+    before = _hashes(out)
+    images, masks = _cells_folders(tmp_path / "new", 60, size=128)  # seconds of work to interrupt
+    argv = ["--images", str(images), "--masks", str(masks), "--out", str(out), "--tile", "32"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "unetdist.prepare", *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.glob(".out.partial-*/*")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    process.send_signal(getattr(signal, signal_name))
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert err.startswith("prepare: interrupted") and str(out) in err and "Traceback" not in err
+    assert _hashes(out) == before and not _leftovers(out)
+
+
+def test_huge_instance_ids_give_the_weights_of_sequential_ids(tmp_path: Path):
+    """uint32 instance masks with ids near 1e9 (as some tools write them) are renumbered first."""
+    image, instances = synthetic_cells(64, np.random.default_rng(2))
+    huge = np.where(instances > 0, instances.astype(np.uint32) * 1_000_003 + 1_000_000_000, 0)
+    huge = huge.astype(np.uint32)
+    _write_pair(tmp_path / "images", tmp_path / "masks", "huge", image, huge)
+    out = tmp_path / "out"
+    argv = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--out", str(out)]
+    assert main([*argv, "--tile", "32", "--val-fraction", "0"]) == 0
+    samples = read_shard(out / json.loads((out / "dataset.json").read_text())["train_shards"][0])
+    expected = border_weight_map(instances)
+    for top in (0, 32):
+        for left in (0, 32):
+            window = (slice(top, top + 32), slice(left, left + 32))
+            np.testing.assert_array_equal(samples[f"huge_y{top}_x{left}"]["weight.npy"], expected[window])
+
+
+def test_binary_255_masks_need_mask_kind_binary(tmp_path: Path, capsys):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    _, instances = synthetic_cells(64, np.random.default_rng(3))
+    binary = np.where(instances > 0, 255, 0).astype(np.uint8)
+    _write_pair(images, masks, "binary", np.zeros((64, 64), np.uint8), binary, ".png")
+    argv = ["--images", str(images), "--masks", str(masks), "--out", str(tmp_path / "out"), "--tile", "32"]
+    assert main([*argv, "--mask-kind", "classes"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"prepare: error: {masks / 'binary.png'}: labels 0/255, a binary mask: as class ids they would "
+        "make 256 classes; binary masks are 0/1, and --mask-kind binary maps 255 -> 1\n"
+    )
+    assert main([*argv, "--mask-kind", "binary", "--val-fraction", "0"]) == 0
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["num_classes"] == 2 and not meta["has_weight_map"] and meta["source"]["mask_kind"] == "binary"
+    sample = read_shard(tmp_path / "out" / meta["train_shards"][0])["binary_y0_x0"]
+    np.testing.assert_array_equal(sample["mask.npy"], binary[:32, :32] // 255)
+
+
+def test_z_stack_is_taken_as_channels_with_a_warning(tmp_path: Path, caplog):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    mask = np.zeros((64, 64), np.uint16)
+    _write_pair(images, masks, "stack", np.zeros((64, 64), np.uint8), mask)
+    tifffile.imwrite(images / "stack.tif", np.zeros((5, 64, 64), np.uint16), metadata={"axes": "ZYX"})
+    with caplog.at_level("WARNING", logger="unetdist.data.imageio"):
+        meta = prepare_dataset(images, masks, tmp_path / "out", tile_size=32, val_fraction=0)
+    assert meta["in_channels"] == 5
+    (warning,) = caplog.messages
+    assert warning.startswith(
+        f"{images / 'stack.tif'}: a stack of 5 planes (shape (5, 64, 64), TIFF axes ZYX) with a 2-D mask"
+    )
+    assert "model.in_channels=5" in warning and "not supported yet" in warning
+    caplog.clear()
+    tifffile.imwrite(images / "stack.tif", np.zeros((3, 64, 64), np.uint16), metadata={"axes": "CYX"})
+    with caplog.at_level("WARNING", logger="unetdist.data.imageio"):
+        meta = prepare_dataset(images, masks, tmp_path / "out", tile_size=32, val_fraction=0)
+    assert meta["in_channels"] == 3
+    assert not caplog.messages  # channels, not planes
+
+
+def test_a_failed_swap_moves_the_old_data_set_back(tmp_path: Path, capsys):
+    images, masks = _cells_folders(tmp_path, 2)
+    out = tmp_path / "out"
+    argv = ["--images", str(images), "--masks", str(masks), "--out", str(out), "--tile", "32"]
+    assert main([*argv, "--val-fraction", "0"]) == 0
+    (out / "val-000000.tar").mkdir()  # not prepare's (a folder): the new val shard cannot move in
+    before = _hashes(out)
+    capsys.readouterr()
+    assert main([*argv, "--val-fraction", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepare: error: ") and f"{out / 'val-000000.tar'}'" in err and err.count("\n") == 1
+    assert _hashes(out) == before and (out / "val-000000.tar").is_dir() and not _leftovers(out)
+
+
+def test_a_failed_first_run_leaves_no_output_folder(tmp_path: Path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    _write_pair(images, masks, "bad", np.zeros((64, 64), np.uint8), np.zeros((64, 60), np.uint16))
+    with pytest.raises(PrepareError, match="bad.tif"):
+        prepare_dataset(images, masks, tmp_path / "out", tile_size=32)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "masks"]

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unetdist.weight_map import border_weight_map, border_weight_map_reference, class_balance_weights
+from unetdist.weight_map import (
+    border_weight_map,
+    border_weight_map_reference,
+    class_balance_weights,
+    sequential_ids,
+)
 
 
 def _disc(shape: tuple[int, int], center: tuple[float, float], radius: float) -> np.ndarray:
@@ -132,3 +137,16 @@ def test_weight_map_rejects_bad_input():
         border_weight_map(np.zeros((4, 4), dtype=np.int32), sigma=0.0)
     with pytest.raises(ValueError, match="class_weights"):
         border_weight_map(_few_cells(), class_weights=np.array([1.0]))
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_huge_ids_are_renumbered_in_order(background: bool):
+    """Ids near 2**32 (some tools write them) would size find_objects' list by the largest id."""
+    instances = _few_cells() if background else _few_cells() + 1  # without background: every pixel a cell
+    huge = (instances.astype(np.uint64) * 1_000_000_007 + 4_000_000_000 * (instances > 0)).astype(np.uint64)
+    renumbered = sequential_ids(huge)
+    expected = np.unique(instances, return_inverse=True)[1].reshape(instances.shape)
+    expected += 0 if background else 1
+    np.testing.assert_array_equal(renumbered, expected)
+    np.testing.assert_array_equal(border_weight_map(huge), border_weight_map(instances))
+    assert sequential_ids(instances) is instances  # ordinary ids: no copy, no sort

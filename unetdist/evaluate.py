@@ -137,12 +137,17 @@ def score_image(pred_instances: np.ndarray, truth_instances: np.ndarray) -> Coun
 
 
 def _read(path: Path) -> np.ndarray:
-    from unetdist.data.imageio import read_array
+    from unetdist.data.imageio import is_channels_last, read_array
 
     try:
         array = read_array(path)
     except ValueError as err:
         raise EvaluationError(str(err)) from err
+    if is_channels_last(array.shape):  # what predict and prepare take for a colour picture
+        raise EvaluationError(
+            f"{path}: a colour image (shape {array.shape}); label images are single-channel HxW "
+            "integers (save the labels as a grey image)"
+        )
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise EvaluationError(
             f"{path}: expected an HxW integer label image, got shape {array.shape} {array.dtype}"
@@ -194,6 +199,12 @@ def evaluate_folders(pred_dir: Path, truth_dir: Path, truth_kind: str = "instanc
                 pred = _components(pred)
             if truth_kind == "classes":
                 truth = _components(truth)
+            elif truth.size and truth.max() == 255 and set(np.unique(truth).tolist()) <= {0, 255}:
+                log.warning(
+                    "%s: labels 0/255, a binary mask: its foreground is scored as one instance; "
+                    "use --truth-kind classes to split it into connected components",
+                    truths[stem],
+                )
             if pred.shape != truth.shape:
                 raise EvaluationError(
                     f"{source}: shape {pred.shape} != truth {truths[stem]} shape {truth.shape}"

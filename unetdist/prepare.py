@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from unetdist.data.imageio import PrepareError
 from unetdist.data.layout import CODECS
-from unetdist.data.prepare import prepare_dataset
+from unetdist.data.prepare import MASK_KINDS, prepare_dataset
 from unetdist.data.synthetic import write_synthetic
 
 __all__ = ["context_margin", "main"]
@@ -31,7 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=Path, help="folder of images (.tif/.tiff/.png)")
     parser.add_argument("--masks", type=Path, help="folder of masks, matched to images by file stem")
     parser.add_argument("--out", type=Path, required=True, help="output folder for shards and dataset.json")
-    parser.add_argument("--mask-kind", choices=("instances", "classes"), default="instances")
+    parser.add_argument(
+        "--mask-kind",
+        choices=MASK_KINDS,
+        default="instances",
+        help="instances: cell ids, 0 background (border weight map); classes: class ids 0-255; "
+        "binary: 0 background, any other value (255 of a 0/255 mask) -> 1",
+    )
     parser.add_argument("--tile", type=int, default=96, help="tile size in pixels")
     parser.add_argument("--shard-size", type=int, default=64, help="tiles per shard")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of IMAGES held out")
@@ -84,10 +91,21 @@ def context_margin(spec: str | None, tile_size: int) -> int:
         raise PrepareError(f"--context-for {spec} with --tile {tile_size}: {err}") from None
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the partial output is removed
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry; returns 0, or 2 after a one-line error on stderr."""
+    """CLI entry; returns 0, 2 after a one-line error on stderr, 130 after Ctrl-C, 143 after SIGTERM.
+
+    A failed or interrupted run leaves an earlier data set in ``--out`` as it was
+    (:mod:`unetdist.data.staging`).
+    """
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # force: a handler left by an earlier set-up in this process may write to a stream that is gone
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if argv is None:  # the command line, not a caller's process: Slurm and kill send SIGTERM
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         source: dict = {}
         if args.synthetic is not None:
@@ -118,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, OSError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, or SIGTERM via _exit_on_sigterm
+        print(
+            f"prepare: interrupted before the new data set was complete; {args.out} is as it was",
+            file=sys.stderr,
+        )
+        return 130 if isinstance(err, KeyboardInterrupt) else int(err.code)
     print(
         f"Prepared {args.out}: {len(meta['train_images'])} train images -> {meta['num_train_tiles']} tiles in "
         f"{len(meta['train_shards'])} shard(s), {len(meta['val_images'])} val images -> {meta['num_val_tiles']} "

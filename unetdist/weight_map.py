@@ -60,6 +60,21 @@ def _check_instances(instances: np.ndarray) -> None:
         raise ValueError("instances must be >= 0 (0 = background, 1..K = cells)")
 
 
+def sequential_ids(instances: np.ndarray) -> np.ndarray:
+    """``instances`` with its cell ids renumbered 1..K in their original order (0 stays 0).
+
+    Some tools write uint32 instance masks with ids near 1e9 (hashes, running counters);
+    anything sized by the largest id (``ndimage.find_objects``, a ``bincount``) would need
+    billions of slots. Masks whose ids are at most the pixel count come back unchanged:
+    sizing by them costs no more than the image, and the weight map never depends on the
+    numbering, only on which pixels share an id.
+    """
+    if instances.size == 0 or int(instances.max()) <= instances.size:
+        return instances
+    ids, inverse = np.unique(instances, return_inverse=True)
+    return inverse.reshape(instances.shape) + (0 if ids[0] == 0 else 1)
+
+
 def _class_term(
     instances: np.ndarray, class_weights: np.ndarray | None, class_mask: np.ndarray | None
 ) -> np.ndarray:
@@ -99,9 +114,10 @@ def border_weight_map(
     """The U-Net paper's weight map ``w = w_c + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))``.
 
     ``instances`` is an HxW integer label image (0 = background, 1..K = cells; ids may
-    have gaps). ``d1``/``d2`` are the Euclidean distances to the nearest and second
-    nearest cell. As in the paper, the border term is added on background pixels only
-    and is 0 when the image has fewer than two cells.
+    have gaps, and be as large as the dtype allows: :func:`sequential_ids`). ``d1``/``d2``
+    are the Euclidean distances to the nearest and second nearest cell. As in the paper, the
+    border term is added on background pixels only and is 0 when the image has fewer than
+    two cells.
 
     ``w_c`` balances class frequencies over ``class_mask`` (default ``instances > 0``)
     with :func:`class_balance_weights` (``max_count / count_c``: 1 for the most
@@ -115,6 +131,7 @@ def border_weight_map(
     """
     _check_instances(instances)
     _check_border_params(w0, sigma)
+    instances = sequential_ids(instances)
     weight = _class_term(instances, class_weights, class_mask)
 
     cell_slices = ndimage.find_objects(instances)

@@ -76,15 +76,60 @@ def match_by_stem(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Pa
     return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
 
+# What the last axis of a channels-last picture holds: grey, grey + alpha, RGB, RGBA.
+PICTURE_CHANNELS = (1, 2, 3, 4)
+# TIFF axis letters (tifffile's series axes) of a channel axis; any other first axis of a
+# 3-D TIFF (Z depth, T time, I/Q a plain page sequence) is a stack of planes.
+TIFF_CHANNEL_AXES = "CS"
+
+
+def is_channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether a 3-D shape is a picture ``[H, W, C]`` with its colour channels last (an RGB PNG,
+    most colour TIFFs): a last axis of 1-4 and a first axis larger than any channel count.
+
+    Predict, evaluate and the stored-sample decoder decide by this; prepare, which has the
+    mask's size, matches the axes to it instead (:func:`image_to_chw`).
+    """
+    return len(shape) == 3 and shape[-1] in PICTURE_CHANNELS and shape[0] > max(PICTURE_CHANNELS)
+
+
+def _tiff_axes(path: Path) -> str:
+    """tifffile's axis letters of a TIFF's first series ("" when it has none or is no TIFF)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return ""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            return tiff.series[0].axes if tiff.series else ""
+    except Exception:  # read_array has read it already; the axes only shape a warning
+        return ""
+
+
 def image_to_chw(image: np.ndarray, mask_shape: tuple[int, ...], path: Path) -> np.ndarray:
     """[C, H, W]: 2-D -> C=1; channels-last (RGB PNG, most TIFFs) -> transposed.
 
-    The mask's HxW decides which axis holds the channels.
+    The mask's HxW decides which axis holds the channels. A TIFF stack of planes (z, time,
+    pages) with a 2-D mask becomes a multi-channel 2-D image, with a warning: 3-D
+    segmentation of volumes is not supported yet.
     """
     if image.ndim == 2:
         return image[None]
     if image.ndim == 3:
         if image.shape[1:] == tuple(mask_shape):
+            axes = _tiff_axes(path) if image.shape[0] > 1 else ""
+            if axes and axes[0] not in TIFF_CHANNEL_AXES:
+                log.warning(
+                    "%s: a stack of %d planes (shape %s, TIFF axes %s) with a 2-D mask: its planes are "
+                    "taken as %d channels of one 2-D image (train with model.in_channels=%d); volumes "
+                    "(3-D segmentation of z-stacks) are not supported yet",
+                    path,
+                    image.shape[0],
+                    image.shape,
+                    axes,
+                    image.shape[0],
+                    image.shape[0],
+                )
             return image
         if image.shape[:2] == tuple(mask_shape):
             return np.ascontiguousarray(image.transpose(2, 0, 1))

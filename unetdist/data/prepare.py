@@ -5,6 +5,12 @@ image is trained on) -> per image: read, check, weight map on the whole image, t
 a writer per split (:mod:`unetdist.data.writers`) -> ``dataset.json`` (written last, so its
 presence means the rest is complete). The names and formats written are those of
 :mod:`unetdist.data.layout`; the command line is :mod:`unetdist.prepare`.
+
+Everything is written to a staging folder beside the output folder (``.<name>.partial-<pid>``)
+and moved in only when complete: a failed or interrupted run removes the staging folder and
+leaves an earlier data set in the output folder as it was. Of the output folder's contents,
+only prepare's own names (``dataset.json``, ``train|val-NNNNNN.tar``, ``data.zarr/``) are
+ever replaced.
 """
 
 from __future__ import annotations
@@ -12,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,18 +29,21 @@ from unetdist.data.layout import (
     CODECS,
     DATASET_JSON,
     IMAGE_DTYPES,
-    OWN_SHARD_NAME,
     STORE_NAME,
     WHOLE_IMAGES,
     grid_windows,
     sample_key,
     tile_origins,
 )
+from unetdist.data.staging import staged_output
 from unetdist.data.writers import open_split_writer
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+# instances: cell ids (0 background), stored as 0/1 with border weights; classes: class ids
+# 0-255 stored as they are; binary: 0 background, any other value (255 of a 0/255 mask) -> 1.
+MASK_KINDS = ("instances", "classes", "binary")
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,8 @@ class _Settings:
         return self.weight_map and self.mask_kind == "instances"  # class masks have no instances to separate
 
     def check(self) -> None:
-        if self.mask_kind not in ("instances", "classes"):
-            raise PrepareError(f"mask kind must be 'instances' or 'classes', got {self.mask_kind!r}")
+        if self.mask_kind not in MASK_KINDS:
+            raise PrepareError(f"mask kind must be one of {', '.join(MASK_KINDS)}, got {self.mask_kind!r}")
         if self.output_format not in ("webdataset", "zarr"):
             raise PrepareError(f"format must be 'webdataset' or 'zarr', got {self.output_format!r}")
         if self.whole_images and (self.output_format != "zarr" or self.context_margin):
@@ -168,6 +175,12 @@ def _load_pair(
         raise PrepareError(f"{mask_path}: negative label {mask.min()}; labels are 0 (background) and up")
     if mask_kind == "classes" and mask.max() > 255:
         raise PrepareError(f"{mask_path}: class id {mask.max()} does not fit the uint8 class mask")
+    classes_255 = mask_kind == "classes" and mask.size and mask.max() == 255
+    if classes_255 and set(np.unique(mask).tolist()) <= {0, 255}:
+        raise PrepareError(
+            f"{mask_path}: labels 0/255, a binary mask: as class ids they would make 256 classes; "
+            "binary masks are 0/1, and --mask-kind binary maps 255 -> 1"
+        )
 
     raw = read_array(image_path)
     if raw.ndim == 2 and raw.shape != mask.shape:
@@ -187,7 +200,9 @@ def _load_pair(
 
 def _mask_and_weight(labels: np.ndarray, settings: _Settings) -> tuple[np.ndarray, np.ndarray | None]:
     """The stored uint8 class mask of a label image, and its border weight map (or None)."""
-    if settings.mask_kind != "instances":
+    if settings.mask_kind == "binary":
+        return (labels > 0).astype(np.uint8), None
+    if settings.mask_kind == "classes":
         return labels.astype(np.uint8), None
     weight = None
     if settings.with_weight:
@@ -199,17 +214,6 @@ def _mask_and_weight(labels: np.ndarray, settings: _Settings) -> tuple[np.ndarra
 
 
 # ---------------------------------------------------------------- writing
-
-
-def _remove_previous_output(out_dir: Path) -> None:
-    """Stale shards from an earlier, larger run would otherwise match shard patterns."""
-    for path in out_dir.iterdir():
-        if path.name == STORE_NAME and path.is_dir():
-            log.info("removing previous output %s", path)
-            shutil.rmtree(path)
-        elif OWN_SHARD_NAME.match(path.name) or path.name == DATASET_JSON:
-            log.info("removing previous output %s", path)
-            path.unlink()
 
 
 def _write_split(
@@ -321,13 +325,9 @@ def prepare_dataset(
     train_stems, val_stems = split_by_image(sorted(pairs), val_fraction, seed)
     splits = {"train": train_stems, "val": val_stems}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_previous_output(out_dir)
-    written = _Written()
-    for split, stems in splits.items():
-        if stems:
-            _write_split(split, stems, pairs, out_dir, settings, written)
-
+    store = out_dir / STORE_NAME
+    if settings.output_format == "zarr" and store.exists() and not store.is_dir():
+        raise PrepareError(f"{store}: a file where prepare writes its Zarr store; move it away")
     provenance = {
         "images": str(images_dir.resolve()),
         "masks": str(masks_dir.resolve()),
@@ -338,8 +338,13 @@ def prepare_dataset(
         "weight_map": {"w0": w0, "sigma": sigma} if settings.with_weight else None,
         **(source or {}),
     }
-    meta = _metadata(settings, written, splits, provenance)
-    temporary = out_dir / f"{DATASET_JSON}.tmp"
-    temporary.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(temporary, out_dir / DATASET_JSON)
+    # Stale shards of an earlier, larger run would match the shard patterns: the new data set
+    # replaces prepare's own earlier output as a whole, and only once it is complete.
+    with staged_output(out_dir) as staging:
+        written = _Written()
+        for split, stems in splits.items():
+            if stems:
+                _write_split(split, stems, pairs, staging, settings, written)
+        meta = _metadata(settings, written, splits, provenance)
+        (staging / DATASET_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return meta

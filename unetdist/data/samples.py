@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unetdist.data.imageio import is_channels_last
 from unetdist.data.layout import IMAGE_DTYPES
 
 IMAGE_SUFFIXES = ("npy", "png", "tif", "tiff")
@@ -120,8 +121,8 @@ def decode_sample(fields: dict[str, memoryview], key: str, where: str) -> tuple:
         raise DataError(f"{where} sample {key}: missing {missing}; it has {sorted(fields)}")
     if image.ndim == 2:  # single-channel PNG/TIFF
         image = image[None]
-    elif image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
-        image = np.ascontiguousarray(image.transpose(2, 0, 1))  # channels-last picture
+    elif is_channels_last(image.shape):  # an RGB(A) picture, as predict reads it
+        image = np.ascontiguousarray(image.transpose(2, 0, 1))
     return image, mask, weight
 
 
@@ -141,6 +142,12 @@ def check_sample(
     low, high = 0 if mask.dtype.kind == "u" else int(mask.min()), int(mask.max())
     if low < 0 or high >= checks.num_classes:
         bad = high if high >= checks.num_classes else low
+        if high == 255 and set(np.unique(mask).tolist()) <= {0, 255}:
+            # a 0/255 binary mask: more classes would be the wrong fix
+            raise DataError(
+                f"{at}: mask labels 0/255; binary masks are 0/1 here: prepare the masks with "
+                "--mask-kind binary, which maps 255 -> 1"
+            )
         raise DataError(f"{at}: mask label {bad} out of range for num_classes={checks.num_classes} (model.num_classes)")
     if min(mask.shape) < checks.tile_size:
         raise DataError(f"{at}: tile {mask.shape} is smaller than data.tile_size={checks.tile_size}")

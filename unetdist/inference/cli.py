@@ -259,7 +259,8 @@ def _run(args: argparse.Namespace, ctx: Any) -> int:
         try:
             predict_file(model, item, args)
         except (InputError, ValueError, OSError) as err:
-            failures.append(f"{item.path}: {err}")
+            message = str(err)  # reading errors name the file already: name it once
+            failures.append(message if message.startswith(str(item.path)) else f"{item.path}: {message}")
     for item in (item for item in items if item.is_zarr):
         try:
             predict_zarr_item(model, item, args, ctx)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from unetdist.data.augment import NORMALISATION_EPSILON
+from unetdist.data.imageio import is_channels_last
 from unetdist.inference import tiling
 from unetdist.precision import autocast, check_precision
 
@@ -190,8 +191,18 @@ def normalise(region: np.ndarray, stats: ChannelStats) -> np.ndarray:
     return (region.astype(np.float32) - mean) / scale
 
 
+def _channel_advice(channels: int, in_channels: int) -> str:
+    if in_channels == 1:
+        return f"train with model.in_channels={channels}, or convert to grey"
+    if (channels, in_channels) == (4, 3):
+        return "drop the alpha channel, or train with model.in_channels=4"
+    return f"train with model.in_channels={channels}"
+
+
 def as_chw(image: np.ndarray, in_channels: int | None, name: str = "image") -> np.ndarray:
-    """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` checked against the model's channel count."""
+    """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` checked against the model's channel count;
+    a channels-last picture ``[H, W, 3|4]`` (an RGB PNG) is transposed when the model takes
+    its channels, and named as a colour image when it does not."""
     image = np.asarray(image)
     if image.dtype == bool:
         image = image.astype(np.uint8)
@@ -202,9 +213,18 @@ def as_chw(image: np.ndarray, in_channels: int | None, name: str = "image") -> n
     if image.ndim != 3:
         raise InputError(f"{name}: expected HxW or CxHxW, got shape {image.shape}")
     if in_channels is not None and image.shape[0] != in_channels:
-        raise InputError(
-            f"{name}: has {image.shape[0]} channel(s) (shape {image.shape}), the model expects {in_channels}"
-        )
+        if not is_channels_last(image.shape):
+            raise InputError(
+                f"{name}: has {image.shape[0]} channel(s) (shape {image.shape}), "
+                f"the model expects {in_channels}"
+            )
+        channels = image.shape[-1]
+        if channels != in_channels:
+            raise InputError(
+                f"{name}: {channels} colour channels (shape {image.shape}), the model expects {in_channels} "
+                f"({_channel_advice(channels, in_channels)})"
+            )
+        image = np.ascontiguousarray(np.moveaxis(image, -1, 0))
     if image.shape[1] < 1 or image.shape[2] < 1:
         raise InputError(f"{name}: empty image of shape {image.shape}")
     return image
