@@ -106,3 +106,54 @@ def test_loading_never_executes_pickled_code(tmp_path):
     (path / "MANIFEST.json").write_text(json.dumps(manifest))
     with pytest.raises(ckpt.CheckpointError, match="cannot load checkpoint part .*trainer.pt"):
         ckpt.load_checkpoint(path)
+
+
+def test_a_full_disk_is_named_through_torch_save(tmp_path):
+    """ENOSPC for real (/dev/full): torch.save reports it as "unexpected pos ...", and the message
+    must still say what happened, how much was to be written, what is free and what is intact."""
+    save(tmp_path, 5)
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - torch's RuntimeError, or the OSError of close()
+        with open("/dev/full", "wb") as full:
+            torch.save(trainer_state(6), full)
+    error = ckpt.write_failure(tmp_path, 6, 0, caught.value, tmp_path / ".step-00000006.partial/trainer.pt", 1_500_000)
+    assert isinstance(error, ckpt.CheckpointWriteError)
+    assert str(error).startswith(
+        f"cannot write checkpoint step-00000006 (rank 0): no space left on device (ENOSPC) writing "
+        f"{tmp_path}/.step-00000006.partial/trainer.pt; the state is 1.5 MB, ")
+    assert str(error).endswith(f"MB free there; the previous checkpoint {tmp_path / 'step-00000005'} is intact")
+    other = ckpt.write_failure(tmp_path, 6, 0, PermissionError(13, "Permission denied"), tmp_path, 0)
+    assert isinstance(other, ckpt.CheckpointError) and "Permission denied" in str(other)
+
+
+@pytest.mark.slow
+def test_a_save_over_the_file_size_limit_exits_74_and_keeps_the_previous(cell_shards, tmp_path):
+    """A real failed write (EFBIG: RLIMIT_FSIZE below the checkpoint's size) in the real entry point:
+    one line naming the file and the sizes, exit 74, and the previous checkpoint still resumes."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, tiny_run_overrides
+
+    args = [sys.executable, "-m", "unetdist.train",
+            *tiny_run_overrides(cell_shards, tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"),
+            "tracking.enabled=false", "train.val_every=0", "checkpoint.every=2", "train.global_batch_size=4"]
+    first = subprocess.run([*args, "train.max_steps=2"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    previous = tmp_path / "run" / "checkpoints" / "step-00000002"
+    size = (previous / "trainer.pt").stat().st_size
+
+    def limit_file_size() -> None:  # Python ignores SIGXFSZ, so the write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    full = subprocess.run([*args, "train.max_steps=4", "--resume", "auto"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO_ROOT, preexec_fn=limit_file_size)
+    assert full.returncode == ckpt.EXIT_WRITE_FAILED == 74, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert (f"ERROR unetdist.train: cannot write checkpoint step-00000004 (rank 0): file too large (EFBIG: "
+            f"over the process's `ulimit -f` or the file system's limit) writing "
+            f"{tmp_path}/run/checkpoints/.step-00000004.partial/trainer.pt; the state is ") in last, last
+    assert last.endswith(f"MB free there; the previous checkpoint {previous} is intact")
+    assert ckpt.latest_good_checkpoint(tmp_path / "run" / "checkpoints") == previous
+    assert ckpt.load_checkpoint(previous)["step"] == 2

@@ -99,3 +99,14 @@ def test_readme_documents_every_config_key():
         if f"`{section}.{f.name}`" not in readme
     ]
     assert not missing, f"README's config table lacks {missing}"
+
+
+def test_zarr_store_replaces_the_data_root():
+    """README: data.zarr_store replaces ROOT/data.zarr, so it needs no data.root."""
+    config = load_config([], ["data.format=zarr", "data.zarr_store=/somewhere/cells.zarr"])
+    assert config.data.zarr_store == "/somewhere/cells.zarr" and config.data.root == ""
+    with pytest.raises(ConfigError, match=r"^data\.format=zarr needs data\.root .* or data\.zarr_store"):
+        load_config([], ["data.format=zarr"])
+    # a Zarr store does not stand in for tar shards
+    with pytest.raises(ConfigError, match=r"^data\.root or data\.train_shards must be set"):
+        load_config([], ["data.zarr_store=/somewhere/cells.zarr"])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,3 +259,107 @@ def test_an_uncaught_error_ends_the_process_although_workers_ignore_sigterm(root
     done = subprocess.run([sys.executable, "-c", CRASH_WITH_LIVE_WORKERS, str(roots["webdataset"])],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "crash in training" in done.stderr
+
+
+# ---------------------------------------------------------------- a worker's DataError, one line
+
+
+def _hand_shards(root: Path, bad: dict[str, object], empty_shards: bool = False) -> Path:
+    """A prepare-like folder (dataset.json with counts, so shards are first read in the workers) of
+    two train shards of 3 hand-made samples each, the last of the second shard ``bad``, and one val shard."""
+    import json
+
+    import webdataset as wds
+
+    def sample(key: str, **fields) -> dict:
+        mask = np.zeros((TILE, TILE), np.uint8)
+        mask[: TILE // 2] = 1
+        base = {"__key__": key, "image.npy": np.ones((1, TILE, TILE), np.uint8), "mask.npy": mask,
+                "weight.npy": np.ones((TILE, TILE), np.float32)}
+        return {**base, **fields}
+
+    root.mkdir(parents=True)
+    names = {"train": ["train-000000.tar", "train-000001.tar"], "val": ["val-000000.tar"]}
+    groups = {"train-000000.tar": [sample(f"a{i}") for i in range(3)],
+              "train-000001.tar": [sample("b0"), sample("b1"), sample("bad", **bad)],
+              "val-000000.tar": [sample("v0"), sample("v1")]}
+    for name, samples in groups.items():
+        with wds.TarWriter(str(root / name)) as writer:
+            for item in samples:
+                writer.write(item)
+        if empty_shards and name.startswith("train"):
+            (root / name).write_bytes(b"")
+    meta = {"format": "webdataset", "train_shards": names["train"], "val_shards": names["val"],
+            "train_counts": [3, 3], "val_counts": [2]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+BAD_SAMPLES = {
+    "truncated shard": ({}, r"shard \S+train-000001\.tar sample #\d: missing; .* truncated"),
+    "corrupt member": ({"image.npy": b"\x93NUMPY garbage"}, r"shard \S+train-000001\.tar sample bad: cannot decode image\.npy"),
+    "zero-length shard": ({}, r"shard \S+train-000001\.tar: not a readable tar file: empty file"),
+    # the wording of this one is samples.py's: only what it must name is pinned here
+    "label >= num_classes": ({"mask.npy": np.full((TILE, TILE), 2, np.uint8)},
+                             r"shard \S+train-000001\.tar sample bad: .*label.* 2\b.*num_classes.*"),
+    "RGB into a 1-channel model": ({"image.npy": np.ones((3, TILE, TILE), np.uint8)},
+                                   r"shard \S+train-000001\.tar sample bad: image shape \(3, 32, 32\), expected \[1, H, W\]"),
+}
+
+
+def _damage(root: Path, case: str) -> None:
+    shard = root / "train-000001.tar"
+    if case == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:2048])
+    elif case == "zero-length shard":
+        shard.write_bytes(b"")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_a_workers_data_error_is_raised_as_its_one_line(tmp_path: Path, case: str):
+    """Not torch's "Caught DataError in DataLoader worker process 0." with the worker's traceback
+    folded into the message: the error as the worker raised it, naming shard, key and problem."""
+    fields, message = BAD_SAMPLES[case]
+    root = _hand_shards(tmp_path / "data", fields)
+    _damage(root, case)
+    data = DataConfig(root=str(root), tile_size=TILE, num_workers=2, block_size=1)
+    with pytest.raises(DataError) as caught:
+        for _ in build_train_loader(data, rank=0, world_size=1, **ARGS):
+            pass
+    assert re.fullmatch(message + r"[^\n]*", str(caught.value)), str(caught.value)  # one line
+
+
+def test_every_shard_empty_with_skip_is_one_line_and_a_bad_val_sample_too(tmp_path: Path):
+    root = _hand_shards(tmp_path / "data", {}, empty_shards=True)
+    data = DataConfig(root=str(root), tile_size=TILE, num_workers=1, on_error="skip", block_size=1)
+    with pytest.raises(DataError, match=r"^micro-batch 0: every sample is bad, e\.g\. shard \S+train-00000\d\.tar: "
+                                        r"not a readable tar file: empty file$"):
+        next(iter(build_train_loader(data, rank=0, world_size=1, **ARGS)))
+    val_root = _hand_shards(tmp_path / "val", {})
+    (val_root / "val-000000.tar").write_bytes(b"")
+    val = build_val_loader(dataclasses.replace(data, root=str(val_root), on_error="raise"), rank=0, world_size=1,
+                           micro_batch_size=2, in_channels=1, num_classes=2, use_weight_map=True)
+    with pytest.raises(DataError, match=r"^shard \S+val-000000\.tar: not a readable tar file: empty file$"):
+        list(val)
+
+
+def test_train_exits_2_with_the_workers_one_line(tmp_path: Path):
+    """The real entry point: exit code 2, the last line names the shard and the problem, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    root = _hand_shards(tmp_path / "data", {})
+    _damage(root, "truncated shard")
+    result = subprocess.run(
+        [sys.executable, "-m", "unetdist.train", f"data.root={root}", f"data.tile_size={TILE}", "data.num_workers=1",
+         "data.block_size=1", "model.preset=padded", "model.base_width=4", "model.depth=2",
+         "train.global_batch_size=6", "train.max_steps=3", "train.progress=false", "tracking.enabled=false",
+         f"train.output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Caught" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.search(rf"ERROR unetdist\.train: shard {root / 'train-000001.tar'} sample #\d: missing; the shard "
+                     r"holds 0 complete sample\(s\) of 3 \(the tar file is truncated\)$", last), last

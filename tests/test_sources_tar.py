@@ -85,6 +85,8 @@ def _corrupt(data: bytes) -> bytes:
     [
         (hand_sample("no_mask", **{"mask.npy": None}), r"sample no_mask: missing \['mask'\]"),
         (hand_sample("label", label=3), r"sample label: mask label 3 out of range"),
+        (hand_sample("binary", label=255), r"sample binary: mask labels 0/255; binary masks are 0/1 here: "
+         r"prepare the masks with --mask-kind binary, which maps 255 -> 1$"),
         (hand_sample("shape", **{"mask.npy": np.zeros((TILE, TILE + 1), np.uint8)}), r"sample shape: image size"),
         (hand_sample("dtype", **{"mask.npy": np.zeros((TILE, TILE), np.float32)}), r"sample dtype: mask must be an integer"),
         (hand_sample("npy", **{"image.npy": None, "image.tif": b"not a tiff"}), r"sample npy: cannot decode image.tif"),

@@ -121,3 +121,56 @@ def test_prepare_zarr_codec_option(tmp_path: Path):
         (blosc,) = zarr.open_array(str(tmp_path / "lz4" / "data.zarr" / "train" / name)).compressors
         assert blosc.cname.value == "lz4"
     assert prepare_main([*common, "--out", str(tmp_path / "whole"), "--whole-images", "--zarr-codec", "zstd"]) == 2
+
+
+def _other_layouts(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Stores that are not what prepare writes, and what the refusal must say about each."""
+    ome = zarr.open_group(str(folder / "ome.zarr"), mode="w")  # e.g. an OME-Zarr image: arrays at the root
+    ome.create_array("0", shape=(1, 64, 64), dtype="uint16")
+    flat = zarr.open_group(str(folder / "flat.zarr"), mode="w")
+    split = flat.create_group("train")
+    split.create_array("image", shape=(4, TILE, TILE), dtype="uint8")  # no channel axis
+    split.create_array("mask", shape=(4, TILE, TILE), dtype="float32")
+    (folder / "plain").mkdir()
+    return {
+        "ome": (folder / "ome.zarr", r": no group 'train'; it holds \['0'\]"),
+        "flat": (folder / "flat.zarr", r"/train: image \[4, 32, 32\] uint8 has 3 dimensions, expected 4; "
+                                       r"mask \[4, 32, 32\] float32 has an unexpected dtype"),
+        "plain": (folder / "plain", r": no zarr\.json, not a Zarr v3 store"),
+    }
+
+
+@pytest.mark.parametrize("case", ["ome", "flat", "plain"])
+def test_a_store_of_another_layout_says_what_was_expected(tmp_path: Path, case: str):
+    from unetdist.config import DataConfig
+    from unetdist.data.sources import open_source
+
+    store, found = _other_layouts(tmp_path)[case]
+    data = DataConfig(format="zarr", zarr_store=str(store), tile_size=TILE)
+    with pytest.raises(ValueError) as caught:
+        open_source(data, "train", SampleChecks(TILE, 1, 2, False))
+    message = str(caught.value)
+    assert re.match(rf"zarr store {re.escape(str(store))}{found}; expected a Zarr v3 store as "
+                    r"`python -m unetdist.prepare --format zarr` writes: groups train/ and val/, each holding arrays "
+                    r"image \[N, C, T, T\]", message), message
+    assert "\n" not in message and "whole-images" in message
+
+
+def test_train_with_only_a_zarr_store_of_another_layout_exits_2_naming_it(tmp_path: Path):
+    """The real entry point: data.zarr_store without data.root passes the config check, and the
+    store's layout is refused in one line (zarr's own "No group found in store" said neither)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    store, _ = _other_layouts(tmp_path)["ome"]
+    result = subprocess.run(
+        [sys.executable, "-m", "unetdist.train", "data.format=zarr", f"data.zarr_store={store}",
+         f"data.tile_size={TILE}", "model.preset=padded", "model.base_width=4", "model.depth=2",
+         "tracking.enabled=false", f"train.output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "No group found" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"ERROR unetdist.train: zarr store {store}: no group 'train'; it holds ['0']; expected" in last, last

@@ -14,10 +14,16 @@ good checkpoint in charge:
 Loading verifies the manifest and every checksum and uses ``torch.load(weights_only=True)``,
 so a checkpoint can never execute code. A corrupt newest checkpoint is reported by name and
 the previous good one is used.
+
+A save that runs out of space (ENOSPC, EDQUOT) or over a file size limit (EFBIG) stops every
+rank with :class:`CheckpointWriteError`: one line naming the file, the size of the state and
+the free space; the previous checkpoint stays in charge. ``unetdist.train`` exits with
+:data:`EXIT_WRITE_FAILED`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -42,8 +48,20 @@ TRAINER_PART = "trainer.pt"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
+EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint could not be written; the previous one is intact
+_NO_ROOM = {
+    errno.ENOSPC: "no space left on device (ENOSPC)",
+    errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+    errno.EFBIG: "file too large (EFBIG: over the process's `ulimit -f` or the file system's limit)",
+}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or from another run."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written for lack of room; the previous one is intact."""
 
 
 def rank_part(rank: int) -> str:
@@ -97,6 +115,59 @@ def to_cpu(state: Any) -> Any:
     return state
 
 
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors in a nested state: about the size of its file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def _bytes_in(folder: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    except OSError:
+        return 0
+
+
+def _no_room(err: BaseException) -> OSError | None:
+    """The OSError for lack of room behind ``err``: torch.save reports a failed write as an obscure
+    RuntimeError ("unexpected pos ...") whose context is the file's OSError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_ROOM:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def write_failure(
+    directory: Path, step: int, rank: int, error: BaseException, path: Path, size: int
+) -> CheckpointError | CheckpointWriteError:
+    """The one-line error for a failed write of ``path`` (``size`` bytes of state) into ``directory``:
+    for lack of room, what was needed, what is free and which checkpoint is still in charge."""
+    name = step_name(step)
+    no_room = _no_room(error)
+    if no_room is None:
+        return CheckpointError(f"writing checkpoint {name} failed on rank {rank}: {error}")
+    try:
+        free = f"{shutil.disk_usage(directory).free / 1e6:.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    pointer = directory / LATEST
+    previous = "there is no previous checkpoint"
+    if pointer.is_file():
+        previous = f"the previous checkpoint {directory / pointer.read_text().strip()} is intact"
+    return CheckpointWriteError(
+        f"cannot write checkpoint {name} (rank {rank}): {_NO_ROOM[no_room.errno]} writing {path}; "
+        f"the state is {size / 1e6:.1f} MB, {free}; {previous}"
+    )
+
+
 # ---------------------------------------------------------------- saving
 
 
@@ -116,7 +187,7 @@ class CheckpointWriter:
         self.keep_every = keep_every
         self.async_save = async_save
         self._pending: tuple[int, threading.Thread, dict[str, str]] | None = None
-        self._error: BaseException | None = None
+        self._error: tuple[BaseException, Path, int] | None = None  # error, file, bytes of state
 
     def save(self, step: int, trainer_state: dict[str, Any] | None, rank_state: dict[str, Any]) -> Path | None:
         """Every rank calls this; ``trainer_state`` is rank 0's (None elsewhere). Returns the
@@ -134,12 +205,14 @@ class CheckpointWriter:
         checksums: dict[str, str] = {}
 
         def write_parts() -> None:
+            path = partial
             try:
                 for name, state in parts.items():
-                    _write_atomic(partial / name, lambda f, s=state: torch.save(s, f))
-                    checksums[name] = sha256_file(partial / name)
+                    path = partial / name
+                    _write_atomic(path, lambda f, s=state: torch.save(s, f))
+                    checksums[name] = sha256_file(path)
             except BaseException as err:  # surfaced on the training thread by finish()
-                self._error = err
+                self._error = (err, path, state_bytes(parts))
 
         if self.async_save:
             parts = to_cpu(parts)
@@ -162,17 +235,31 @@ class CheckpointWriter:
         start = time.perf_counter()
         if thread is not None:
             thread.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise CheckpointError(f"writing checkpoint {step_name(step)} failed on rank {self.rank}: {error}") from error
+        written, self._error = self._error, None
+        self._raise_on_any_rank(step, written)
         all_checksums = distributed.gather_object(checksums)
-        path = None
+        path, committed = None, None
         if self.rank == 0:
-            path = self._commit(step, all_checksums)
-            size_mb = sum(p.stat().st_size for p in path.iterdir()) / 1e6
-            log.info("saved checkpoint %s (%.1f MB, finished in %.2f s)", path, size_mb, time.perf_counter() - start)
-        distributed.barrier()  # no rank resumes training before the checkpoint exists
+            try:
+                path = self._commit(step, all_checksums)
+            except OSError as err:  # the manifest, the rename or the pointer
+                written_bytes = _bytes_in(self.directory / f".{step_name(step)}.partial")
+                committed = (err, self.directory / step_name(step), written_bytes)
+            else:
+                size_mb = sum(p.stat().st_size for p in path.iterdir()) / 1e6
+                log.info("saved checkpoint %s (%.1f MB, finished in %.2f s)", path, size_mb, time.perf_counter() - start)
+        # also the barrier: no rank resumes training before the checkpoint exists
+        self._raise_on_any_rank(step, committed)
         return path
+
+    def _raise_on_any_rank(self, step: int, failure: tuple[BaseException, Path, int] | None) -> None:
+        """Every rank raises when a write failed on any rank (a collective), so none waits for the others."""
+        if not distributed.any_rank(failure is not None):
+            return
+        if failure is None:
+            raise CheckpointError(f"writing checkpoint {step_name(step)} failed on another rank (its message says why)")
+        error, path, size = failure
+        raise write_failure(self.directory, step, self.rank, error, path, size) from None
 
     def _commit(self, step: int, all_checksums: list[dict[str, str]]) -> Path:
         partial = self.directory / f".{step_name(step)}.partial"

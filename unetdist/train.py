@@ -6,15 +6,17 @@
         --rdzv_id=JOB -m unetdist.train --config configs/x.yaml --resume auto
 
 Trailing ``section.key=value`` arguments override the YAML files. Exit codes: 0 done,
-2 bad config or input (the message names the key or file), 75 stopped by SIGTERM/SIGUSR1
-after saving a checkpoint (resume with ``--resume auto``), 1 any other failure.
+2 bad config or input (one line naming the key, file, store or sample; a data loader
+worker's error included), 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after saving a checkpoint
+(resume with ``--resume auto``), 74 a checkpoint could not be written (disk full, file size
+limit; the previous one is intact), 130 a second Ctrl-C (stopped at once, no checkpoint),
+3 the watchdog saw no progress, 1 any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -24,17 +26,20 @@ import torch
 
 from unetdist import checkpoint as ckpt
 from unetdist import distributed, preemption
-from unetdist.config import BatchLayout, Config, ConfigError, TrackingConfig, batch_layout, load_config
+from unetdist.config import RESUME_SAFE_KEYS, BatchLayout, Config, ConfigError, batch_layout, load_config
 from unetdist.data import build_train_loader, build_val_loader
 from unetdist.distributed import DistributedContext
 from unetdist.logs import setup_logging
 from unetdist.optim import build_optimizer
 from unetdist.preemption import Preempted, StopSignal
+from unetdist.redaction import redact_log_records, redact_values
 from unetdist.seeding import seed_everything
 from unetdist.tracking.run_outputs import RunOutputs, error_summary
 from unetdist.trainer import Trainer, build_model
 
 log = logging.getLogger("unetdist.train")
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 
 
 def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_signal = StopSignal()  # before the slow start-up, so an early SIGTERM is not lost
     ctx = distributed.init_distributed(config.train.device, config.train.backend, config.train.timeout_s)
     setup_logging(ctx.is_main)
+    redact_log_records()  # URLs in config values may carry credentials: no log line shows them
     output_dir = Path(config.train.output_dir)
     outputs: RunOutputs | None = None
     try:
@@ -96,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             outputs.mark_preempted(stop.step)
             outputs.close("PREEMPTED")
         return preemption.EXIT_PREEMPTED
+    except ckpt.CheckpointWriteError as err:
+        # disk full or a file size limit: the message names the file, the sizes and the intact checkpoint
+        log.error("%s", err)
+        if outputs:
+            outputs.close("FAILED", error=error_summary(err))
+        return ckpt.EXIT_WRITE_FAILED
     except (ConfigError, ValueError, ckpt.CheckpointError) as err:
         # bad input: the message names the key, file or sample; a traceback would only hide it
         log.error("%s", err)
@@ -103,9 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         if outputs:
             outputs.close("FAILED", error=error_summary(err))
         return 2
+    except KeyboardInterrupt as err:
+        # a second Ctrl-C: the first one asked for a checkpoint (StopSignal), this one stops at once
+        log.error("stopped by a second Ctrl-C without saving; --resume auto continues from the last checkpoint")
+        if outputs:
+            outputs.close("KILLED", error=error_summary(err))
+        return EXIT_INTERRUPTED
     except BaseException as err:
         if outputs:
-            outputs.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", error=error_summary(err))
+            outputs.close("FAILED", error=error_summary(err))
         raise
     finally:
         stop_signal.restore()
@@ -152,23 +170,14 @@ def find_resume_state(config: Config, ctx: DistributedContext) -> dict[str, Any]
     return state
 
 
-# Keys that may change between a run and its resumption without changing the math.
-_HARMLESS = {"train.max_steps", "train.record_samples", "train.watchdog_s", "checkpoint.keep_every",
-             "checkpoint.async_save", "train.compile", "train.compile_mode", "train.cudnn_benchmark", "train.log_every", "train.val_every", "train.val_max_batches", "train.progress",
-             "train.output_dir", "train.timeout_s", "checkpoint.every", "checkpoint.keep", "checkpoint.resume",
-             "data.num_workers", "data.pin_memory", "tracking.log_model", "tracking.log_checkpoints",
-             "train.micro_batch_size", "train.device", "train.backend", "data.prefetch_factor",
-             "data.worker_start_method", "data.augment_on"} | {
-                 f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)}
-
-
 def _refuse_math_changes(saved: dict[str, dict[str, Any]], config: Config) -> None:
-    current = config.to_dict()
+    # both sides redacted: a checkpoint from before redaction may hold a credential, a new one holds ***
+    saved, current = redact_values(saved), config.to_dict()
     changed = [
         f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
         for section, values in current.items()
         for key, value in values.items()
-        if f"{section}.{key}" not in _HARMLESS and saved.get(section, {}).get(key) != value
+        if f"{section}.{key}" not in RESUME_SAFE_KEYS and saved.get(section, {}).get(key) != value
     ]
     if changed:
         raise ConfigError("cannot resume: the checkpoint was trained with a different config in\n  " + "\n  ".join(changed))

@@ -21,11 +21,15 @@ vocabulary from here, so a format detail lives in one place::
         SPLIT/foreground/<i>  [K, 2]     int32 (y, x) of up to FOREGROUND_CAP mask > 0 pixels
         attributes: "layout" = WHOLE_IMAGES, "images", "shapes", "chunk", "foreground"
 
+:func:`check_zarr_layout` holds a store to that contract when it is opened, from the Zarr v3
+metadata files alone, so a store of another layout is one message saying what was expected.
+
 This module imports nothing else from :mod:`unetdist.data`: it is the bottom of the package.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -87,3 +91,74 @@ def foreground_points(mask: np.ndarray, cap: int = FOREGROUND_CAP, seed: int = F
     if flat.size > cap:
         flat = flat[np.sort(np.random.default_rng(seed).choice(flat.size, cap, replace=False))]
     return np.stack(np.divmod(flat, mask.shape[1]), axis=1).astype(np.int32)
+
+
+ZARR_LAYOUT = (
+    "groups train/ and val/, each holding arrays image [N, C, T, T] (uint8, uint16 or float32) and mask [N, T, T] "
+    "(integer class ids), optionally weight [N, T, T] (float32) and origin [N, 3] (int32); or, from "
+    "--whole-images, groups images/ and masks/ with arrays <i> [C, H, W] and [H, W] and the group attribute "
+    f"layout={WHOLE_IMAGES!r}"
+)
+
+
+def _zarr_node(path: Path) -> dict | None:
+    """The Zarr v3 metadata (``zarr.json``) of the node at ``path``; None where there is none."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path / 'zarr.json'}: cannot read Zarr metadata: {err}") from None
+    return meta if isinstance(meta, dict) else None
+
+
+def _array_problem(meta: dict | None, name: str, ndim: int, kinds: str, dtypes: tuple = ()) -> str | None:
+    """What is wrong with array ``name`` (its ``zarr.json``): missing, rank or dtype; None when fine."""
+    if meta is None or meta.get("node_type") != "array":
+        return f"no array {name}"
+    shape, dtype = meta.get("shape", []), meta.get("data_type")
+    try:
+        np_dtype = np.dtype(dtype) if isinstance(dtype, str) else None
+    except TypeError:
+        np_dtype = None
+    found = f"{name} {list(shape)} {dtype}"
+    if len(shape) != ndim:
+        return f"{found} has {len(shape)} dimensions, expected {ndim}"
+    if np_dtype is None or np_dtype.kind not in kinds or (dtypes and np_dtype not in dtypes):
+        return f"{found} has an unexpected dtype"
+    return None
+
+
+def check_zarr_layout(store: str | Path, split: str) -> None:
+    """``ValueError`` naming the store, what it holds and what was expected, unless ``store/split``
+    has one of the layouts above (pre-tiled, or whole images)."""
+    store = Path(store)
+    expected = f"expected a Zarr v3 store as `python -m unetdist.prepare --format zarr` writes: {ZARR_LAYOUT}"
+    if not store.is_dir():
+        raise ValueError(f"zarr store {store} not found: prepare it with `python -m unetdist.prepare --format zarr`")
+    if _zarr_node(store) is None:
+        found = "a Zarr v2 store (.zgroup)" if (store / ".zgroup").is_file() else "no zarr.json, not a Zarr v3 store"
+        raise ValueError(f"zarr store {store}: {found}; {expected}")
+    group = _zarr_node(store / split)
+    if group is None or group.get("node_type") != "group":
+        held = sorted(p.name for p in store.iterdir() if (p / "zarr.json").is_file())
+        if split == "val" and "train" in held:  # a store prepared without a validation split
+            raise ValueError(f"zarr store {store}: no group 'val'; prepare with --val-fraction > 0")
+        raise ValueError(f"zarr store {store}: no group {split!r}; it holds {held or 'nothing'}; {expected}")
+    at = store / split
+    if (at / "images").is_dir():
+        attributes = group.get("attributes", {})
+        problems = [f"attribute layout={attributes.get('layout')!r}"] if attributes.get("layout") != WHOLE_IMAGES else []
+        problems += [f"no attribute {key!r}" for key in ("images", "shapes") if key not in attributes]
+        if attributes.get("images"):  # the first image stands for all: reading every one would be slow
+            problems += [_array_problem(_zarr_node(at / "images" / "0"), "images/0", 3, "uif", IMAGE_DTYPES),
+                         _array_problem(_zarr_node(at / "masks" / "0"), "masks/0", 2, "ui")]
+    else:
+        problems = [_array_problem(_zarr_node(at / "image"), "image", 4, "uif", IMAGE_DTYPES),
+                    _array_problem(_zarr_node(at / "mask"), "mask", 3, "ui")]
+        for name, ndim, kinds in (("weight", 3, "f"), ("origin", 2, "i")):
+            if (at / name).exists():
+                problems.append(_array_problem(_zarr_node(at / name), name, ndim, kinds))
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise ValueError(f"zarr store {store}/{split}: {'; '.join(problems)}; {expected}")

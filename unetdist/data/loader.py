@@ -25,7 +25,9 @@ stored dtype, "mask": [B,T,T] uint8, "weight": [B,T,T] f32, "key": [...], "augme
 Bad samples: ``data.on_error=raise`` stops with the :class:`DataError` naming store, key
 and problem; ``skip`` logs it, counts it (``batch["skipped"]``, ``TrainLoader.skipped_samples``)
 and fills its slot with the next good sample of the same micro-batch, so batch shapes and
-the positions of all other samples stay as they were.
+the positions of all other samples stay as they were. A worker's :class:`DataError` reaches the
+training process as the one-line error it is (not wrapped in the worker's traceback), for the
+training and the validation loader alike.
 
 Where the parts live: the streams a worker runs (:mod:`unetdist.data.streams`), batches and
 hand-overs (:mod:`unetdist.data.batching`), start-up checks (:mod:`unetdist.data.preflight`);
@@ -50,7 +52,7 @@ from unetdist.data.preflight import check_tile_size, check_val_samples, log_topo
 from unetdist.data.samples import SampleChecks
 from unetdist.data.sequence import Blocks, GlobalSequence, RankLayout
 from unetdist.data.sources import Source, open_source
-from unetdist.data.streams import TrainStream, ValStream
+from unetdist.data.streams import TrainStream, ValStream, raise_shipped_error
 
 # ---------------------------------------------------------------- training
 
@@ -89,7 +91,7 @@ class TrainLoader:
 
     def _in_order(self, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for item in items:
-            for batch in unpack(item):
+            for batch in unpack(raise_shipped_error(item)):
                 if batch["index"] != self.next_micro:
                     raise RuntimeError(
                         f"data loader out of order: micro-batch {batch['index']}, expected {self.next_micro}"
@@ -114,15 +116,27 @@ class TrainLoader:
         self.loader = _worker_loader(self.stream, self.loader_kwargs)
 
 
+class ValLoader:
+    """The DataLoader over a :class:`ValStream`: one pass over this rank's validation share per iteration."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for item in self.loader:
+            yield raise_shipped_error(item)
+
+
 # ---------------------------------------------------------------- workers
 
 
 def _init_worker(worker_id: int) -> None:
     # Several workers share each rank's cores with the training process: one thread each.
     torch.set_num_threads(1)
-    # Slurm and torchrun signal every process of a job; a worker that died of SIGTERM would
-    # fail the step before the trainer can save. The training process stops its workers itself.
-    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):
+    # Slurm and torchrun signal every process of a job, and a terminal's Ctrl-C every process of
+    # its foreground group; a worker that died of SIGTERM or SIGINT would fail the step before the
+    # trainer can save. The training process stops its workers itself.
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(stop_signal, signal.SIG_IGN)
 
 
@@ -256,7 +270,7 @@ def build_val_loader(
     num_classes: int,
     use_weight_map: bool,
     multiprocessing_context: str | None = None,
-) -> DataLoader:
+) -> ValLoader:
     """A finite loader of this rank's share of the validation samples (the last batch may be short)."""
     checks = SampleChecks(data.tile_size, in_channels, num_classes, use_weight_map)
     source = open_source(data, "val", checks)
@@ -269,4 +283,4 @@ def build_val_loader(
         num_workers=data.num_workers,
         micro_batch_size=micro_batch_size,
     )
-    return _worker_loader(stream, _loader_kwargs(data, False, multiprocessing_context))
+    return ValLoader(_worker_loader(stream, _loader_kwargs(data, False, multiprocessing_context)))

@@ -6,6 +6,9 @@ which samples (:mod:`unetdist.data.sequence`), their windows and augmentation pa
 rank's items ``i`` with ``i % W == w``, each of ``group`` consecutive micro-batches packed
 into one hand-over (:func:`unetdist.data.batching.pack`). :class:`ValStream`: every validation
 sample exactly once across ranks and workers, centre-cropped, in stored order.
+
+A :class:`DataError` in a DataLoader worker travels as an item (:func:`errors_as_items`) and
+is raised again, as itself, by :func:`raise_shipped_error` in the training process.
 """
 
 from __future__ import annotations
@@ -24,6 +27,30 @@ from unetdist.data.sequence import GlobalSequence, RankLayout
 from unetdist.data.sources.base import Source, read_by_unit
 
 log = logging.getLogger(__name__)
+
+DATA_ERROR = "data_error"  # the key of an item that carries a worker's DataError message
+
+
+def errors_as_items(items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """In a DataLoader worker: the items, and a :class:`DataError` as a last item ``{DATA_ERROR: message}``.
+
+    Why: the DataLoader re-raises a worker's exception with the worker's traceback folded
+    into its message ("Caught DataError in DataLoader worker process 0. Original Traceback
+    ..."), which buries the one line naming the shard, the key and the problem. As an item it
+    reaches the training process in its place in the order, where :func:`raise_shipped_error`
+    raises it as it was.
+    """
+    try:
+        yield from items
+    except DataError as err:
+        yield {DATA_ERROR: str(err)}
+
+
+def raise_shipped_error(item: dict[str, Any]) -> dict[str, Any]:
+    """``item`` itself, unless it carries a worker's :class:`DataError` (:func:`errors_as_items`): raised here."""
+    if DATA_ERROR in item:
+        raise DataError(item[DATA_ERROR])
+    return item
 
 
 def _reader_slot(num_workers: int) -> tuple[int, int]:
@@ -56,6 +83,10 @@ class TrainStream(IterableDataset):
         self.num_workers, self.start_micro, self.group = num_workers, start_micro, group
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        items = self._items()
+        return errors_as_items(items) if get_worker_info() is not None else items
+
+    def _items(self) -> Iterator[dict[str, Any]]:
         worker, workers = _reader_slot(self.num_workers)
         in_worker = get_worker_info() is not None
         group = self.group if in_worker else 1  # in the training process there is nothing to hand over
@@ -110,6 +141,10 @@ class ValStream(IterableDataset):
         self.skipped = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        items = self._items()
+        return errors_as_items(items) if get_worker_info() is not None else items
+
+    def _items(self) -> Iterator[dict[str, Any]]:
         worker, workers = _reader_slot(self.num_workers)
         ends = np.cumsum(self.source.counts)
         mine = np.arange(

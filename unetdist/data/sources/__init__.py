@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from unetdist.config import DataConfig
-from unetdist.data.layout import STORE_NAME, is_whole_image_store
+from unetdist.data.layout import STORE_NAME, check_zarr_layout, is_whole_image_store
 from unetdist.data.samples import SampleChecks
 from unetdist.data.sources.base import Source
 from unetdist.data.sources.tar import TarShards, list_shards, shard_counts
@@ -31,6 +31,7 @@ def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
             raise ValueError(
                 "data.format=zarr needs data.root (a prepare --format zarr folder) or data.zarr_store"
             )
+        check_zarr_layout(store, split)  # a store of another layout: what was expected, not zarr's error
         if is_whole_image_store(store, split):  # prepare --format zarr --whole-images
             return ZarrImages(
                 store,
