@@ -1,7 +1,7 @@
 """Logging set-up and progress bars, shared by training, prediction and data preparation.
 
-This sits below everything else (it imports nothing from ``unetdist``), so any entry point can
-configure logging before it imports the heavier parts.
+This sits below everything else (it imports only ``unetdist.redaction``), so any entry point
+can configure logging before it imports the heavier parts.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 from typing import Any
+
+from unetdist.redaction import redact_log_records
 
 
 def setup_logging(is_main: bool) -> None:
@@ -21,6 +23,8 @@ def setup_logging(is_main: bool) -> None:
     )
     for noisy in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # URLs (tracking URI, data and model locations) may carry credentials: no log line shows them
+    redact_log_records()
 
 
 class NullProgress:

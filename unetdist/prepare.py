@@ -20,6 +20,7 @@ from unetdist.data.imageio import PrepareError
 from unetdist.data.layout import CODECS
 from unetdist.data.prepare import MASK_KINDS, prepare_dataset
 from unetdist.data.synthetic import write_synthetic
+from unetdist.redaction import redact_log_records
 
 __all__ = ["context_margin", "main"]
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # force: a handler left by an earlier set-up in this process may write to a stream that is gone
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    redact_log_records()  # image folders and --out may be URLs with credentials
     if argv is None:  # the command line, not a caller's process: Slurm and kill send SIGTERM
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

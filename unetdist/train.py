@@ -32,7 +32,7 @@ from unetdist.distributed import DistributedContext
 from unetdist.logs import setup_logging
 from unetdist.optim import build_optimizer
 from unetdist.preemption import Preempted, StopSignal
-from unetdist.redaction import redact_log_records, redact_values
+from unetdist.redaction import redact_values
 from unetdist.seeding import seed_everything
 from unetdist.tracking.run_outputs import RunOutputs, error_summary
 from unetdist.trainer import Trainer, build_model
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     stop_signal = StopSignal()  # before the slow start-up, so an early SIGTERM is not lost
     ctx = distributed.init_distributed(config.train.device, config.train.backend, config.train.timeout_s)
     setup_logging(ctx.is_main)
-    redact_log_records()  # URLs in config values may carry credentials: no log line shows them
     output_dir = Path(config.train.output_dir)
     outputs: RunOutputs | None = None
     try:
