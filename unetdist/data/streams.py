@@ -32,7 +32,8 @@ DATA_ERROR = "data_error"  # the key of an item that carries a worker's DataErro
 
 
 def errors_as_items(items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """In a DataLoader worker: the items, and a :class:`DataError` as a last item ``{DATA_ERROR: message}``.
+    """``items`` unchanged in the training process; in a DataLoader worker, the items and a
+    :class:`DataError` as a last item ``{DATA_ERROR: message}``.
 
     Why: the DataLoader re-raises a worker's exception with the worker's traceback folded
     into its message ("Caught DataError in DataLoader worker process 0. Original Traceback
@@ -40,6 +41,12 @@ def errors_as_items(items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]
     reaches the training process in its place in the order, where :func:`raise_shipped_error`
     raises it as it was.
     """
+    if get_worker_info() is None:
+        return items
+    return _shipping_errors(items)
+
+
+def _shipping_errors(items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     try:
         yield from items
     except DataError as err:
@@ -83,8 +90,7 @@ class TrainStream(IterableDataset):
         self.num_workers, self.start_micro, self.group = num_workers, start_micro, group
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        items = self._items()
-        return errors_as_items(items) if get_worker_info() is not None else items
+        return errors_as_items(self._items())
 
     def _items(self) -> Iterator[dict[str, Any]]:
         worker, workers = _reader_slot(self.num_workers)
@@ -141,8 +147,7 @@ class ValStream(IterableDataset):
         self.skipped = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        items = self._items()
-        return errors_as_items(items) if get_worker_info() is not None else items
+        return errors_as_items(self._items())
 
     def _items(self) -> Iterator[dict[str, Any]]:
         worker, workers = _reader_slot(self.num_workers)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from unetdist import distributed
+from unetdist.data.imageio import SUPPORTED_SUFFIXES, read_array
 from unetdist.inference.engine import (
     ChannelStats,
     InputError,
@@ -44,9 +45,6 @@ from unetdist.instances import DEFAULT_MIN_DISTANCE, instances_from_labels
 from unetdist.precision import PRECISIONS
 
 log = logging.getLogger("unetdist.predict")
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
-
 
 @dataclass(frozen=True)
 class InputItem:
@@ -78,11 +76,11 @@ def list_inputs(paths: list[Path]) -> list[InputItem]:
                     continue
                 if is_zarr_path(child):
                     items.append(InputItem(child.name.removesuffix(".zarr"), child, True))
-                elif child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
+                elif child.is_file() and child.suffix.lower() in SUPPORTED_SUFFIXES:
                     items.append(InputItem(child.stem, child, False))
                 else:
                     log.warning(
-                        "skipping %s: not one of %s or a Zarr store", child, ", ".join(IMAGE_SUFFIXES)
+                        "skipping %s: not one of %s or a Zarr store", child, ", ".join(SUPPORTED_SUFFIXES)
                     )
         else:
             items.append(InputItem(path.stem, path, False))
@@ -100,8 +98,6 @@ def list_inputs(paths: list[Path]) -> list[InputItem]:
 
 def read_image_for_model(path: Path, in_channels: int | None) -> np.ndarray:
     """``[C, H, W]`` from a TIFF/PNG: HxW, CxHxW or HxWxC (decided by the model's channel count)."""
-    from unetdist.data.imageio import read_array
-
     try:
         image = read_array(path)
     except ValueError as err:  # PrepareError names the file
