@@ -37,6 +37,7 @@ this module builds them from the config and controls the worker processes.
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import signal
 import weakref
 from collections.abc import Iterator
@@ -140,29 +141,42 @@ def _init_worker(worker_id: int) -> None:
         signal.signal(stop_signal, signal.SIG_IGN)
 
 
-_LIVE_LOADERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()
+# Every worker iterator still alive: held by a loader (persistent workers) or only by a
+# generator frame or a traceback (an error mid-epoch), which the exit handler cannot reach.
+_LIVE_ITERATORS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _StoppableDataLoader(DataLoader):
+    """A DataLoader whose worker iterators :func:`_stop_workers_at_exit` can find and stop."""
+
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()
+        if hasattr(iterator, "_shutdown_workers"):
+            _LIVE_ITERATORS.add(iterator)
+        return iterator
 
 
 def _worker_loader(stream: IterableDataset, loader_kwargs: dict[str, Any]) -> DataLoader:
     """A DataLoader over ``stream`` whose workers :func:`_stop_workers_at_exit` stops."""
-    loader = DataLoader(stream, batch_size=None, **loader_kwargs)
-    _LIVE_LOADERS.add(loader)
-    return loader
+    return _StoppableDataLoader(stream, batch_size=None, **loader_kwargs)
 
 
 @atexit.register  # registered after multiprocessing's exit handler, so it runs before it
 def _stop_workers_at_exit() -> None:
     """Stop the workers the DataLoader's own way (done event, join) at interpreter exit.
 
-    Our workers ignore SIGTERM (:func:`_init_worker`), and multiprocessing's exit handler
-    ends daemonic children with SIGTERM and then joins them: after an uncaught error, while
-    the traceback still holds the loader's iterator, a run would wait for its workers forever
-    instead of exiting and letting torchrun or Slurm act.
+    Our workers ignore SIGTERM and SIGINT (:func:`_init_worker`), and multiprocessing's exit
+    handler ends daemonic children with SIGTERM and then joins them: after an uncaught error,
+    while a traceback still holds the loader's iterator, a run would wait for its workers
+    forever instead of exiting and letting torchrun or Slurm act.
     """
-    for loader in list(_LIVE_LOADERS):
-        iterator = getattr(loader, "_iterator", None)  # persistent workers: the DataLoader keeps it
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+    for iterator in list(_LIVE_ITERATORS):
+        iterator._shutdown_workers()
+    # a worker the DataLoader could not stop (it ignores the SIGTERM that shutdown and
+    # multiprocessing's handler send) would make the exit wait forever: nothing it holds is needed now
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 # ---------------------------------------------------------------- building
