@@ -14,5 +14,5 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q -c launch/constraints.txt -e ".[test]"
-"$VENV/bin/python" -c 'import torch, mlflow, webdataset, zarr; print(f"unetdist env ready: torch {torch.__version__}, mlflow {mlflow.__version__}")'
+"$VENV/bin/python" -m pip install -q -c launch/constraints.txt -e ".[test,remote]"
+"$VENV/bin/python" -c 'import torch, mlflow, webdataset, zarr, obstore; print(f"unetdist env ready: torch {torch.__version__}, mlflow {mlflow.__version__}")'

@@ -16,6 +16,7 @@ import pytest
 # tests/ has no __init__.py, so pytest puts tests/ itself on sys.path (rootdir-relative
 # "prepend" import mode): its helpers import as `services.*`.
 from services.mlflow_server import MlflowServer
+from services.s3_server import S3Server
 from services.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_packages
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +138,30 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         state_dir = Path(tempfile.mkdtemp(prefix="unetdist-slurm-"))
     with SlurmCluster(state_dir, nodes=2) as cluster:
         yield cluster
+
+
+# --- S3 -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """The session's one real S3 server (moto behind tests/services/s3_faults.py), started in ~1 s.
+
+    While it runs, the process environment points S3 clients at it (``S3Server.env``:
+    AWS_ENDPOINT_URL, dummy keys, region, AWS_ALLOW_HTTP, S3_FAULTS_FILE, S3_REQUESTS_LOG), so
+    boto3 and obstore need no arguments. Buckets stay for the session; use ``s3`` in tests.
+    """
+    with S3Server(tmp_path_factory.mktemp("s3")) as server, pytest.MonkeyPatch.context() as mp:
+        for key, value in server.env.items():
+            mp.setenv(key, value)
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server: S3Server) -> Iterator[S3Server]:
+    """The session's S3 server with no faults and an empty request log, before and after the test."""
+    s3_server.set_faults()
+    s3_server.clear_requests()
+    yield s3_server
+    s3_server.set_faults()
+    s3_server.clear_requests()

@@ -12,7 +12,8 @@ from PIL import Image
 
 from unetdist.data.prepare import prepare_dataset
 from unetdist.data.samples import DataError, SampleChecks, decode_field
-from unetdist.data.sources.tar import TarShards, index_tar, list_shards
+from unetdist.data.sources.tar import TarShards, list_shards
+from unetdist.data.sources.tar_index import index_tar
 from unetdist.data.synthetic import write_synthetic
 
 TILE = 32

@@ -59,9 +59,21 @@ class DataConfig:
     foreground_fraction: float = 0.0  # share of training crops centred on a foreground pixel
     normalize: str = _choice("zscore", "range", default="zscore")
     pin_memory: bool = True  # pinned host memory for non-blocking copies (CUDA only; ignored on CPU)
+    # Remote data (root/shards/store at s3://, gs://, az://, https://): credentials only from the environment
+    cache_dir: str = ""  # node-local cache of remote bytes, shared by the node's ranks; empty: none
+    cache_limit_gb: float = 20.0  # the cache never holds more
+    readahead_mb: float = 256.0  # per worker: bytes of future micro-batches fetched ahead
+    requests_in_flight: int = 16  # per worker: concurrent GETs
+    remote_attempts: int = 6  # per request, with exponential backoff and jitter; 403/404 are not retried
+    remote_timeout_s: float = 60.0  # per request
 
     def __post_init__(self) -> None:
         checks = {
+            "data.cache_limit_gb": (self.cache_limit_gb > 0, "a positive number"),
+            "data.readahead_mb": (self.readahead_mb >= 0, "zero or a positive number"),
+            "data.requests_in_flight": (self.requests_in_flight >= 1, "a positive number"),
+            "data.remote_attempts": (self.remote_attempts >= 1, "a positive number"),
+            "data.remote_timeout_s": (self.remote_timeout_s > 0, "a positive number"),
             "data.block_size": (self.block_size >= 0, "zero or a positive number"),
             "data.tiles_per_image": (self.tiles_per_image >= 1, "a positive number"),
             "data.prefetch_factor": (self.prefetch_factor >= 1, "a positive number"),
@@ -201,7 +213,8 @@ RESUME_SAFE_KEYS: frozenset[str] = frozenset({
     "train.val_every", "train.val_max_batches", "train.progress", "train.output_dir", "train.timeout_s",
     "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "data.num_workers", "data.pin_memory",
     "tracking.log_model", "tracking.log_checkpoints", "train.micro_batch_size", "train.device", "train.backend",
-    "data.prefetch_factor", "data.worker_start_method", "data.augment_on",
+    "data.prefetch_factor", "data.worker_start_method", "data.augment_on", "data.cache_dir", "data.cache_limit_gb",
+    "data.readahead_mb", "data.requests_in_flight", "data.remote_attempts", "data.remote_timeout_s",
     *(f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)),
 })  # fmt: skip
 

@@ -4,22 +4,31 @@ Examples::
 
     python -m unetdist.prepare --images raw/images --masks raw/masks --out data/cells --tile 96
     python -m unetdist.prepare --synthetic 32 --out data/toy --format zarr --whole-images
+    python -m unetdist.prepare --images raw/images --masks raw/masks --out s3://bucket/cells
+    python -m unetdist.prepare index 's3://bucket/other/train-{000000..000099}.tar'
 
-The work is :func:`unetdist.data.prepare.prepare_dataset`; this module is the command line.
+The work is :func:`unetdist.data.prepare.prepare_dataset`; this module is the command line. An
+``--out`` URL is prepared in a local temporary folder and uploaded, ``dataset.json`` last
+(:mod:`unetdist.data.upload`). ``index`` writes ``SHARD.index.json`` beside tar shards made
+elsewhere (prepare writes it beside its own): remote shards are read by their index.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 from pathlib import Path
 
 from unetdist.data.imageio import PrepareError
-from unetdist.data.layout import CODECS
+from unetdist.data.layout import CODECS, DATASET_JSON
 from unetdist.data.prepare import MASK_KINDS, prepare_dataset
+from unetdist.data.remote import display, is_remote, join, local_path
+from unetdist.data.samples import DataError
 from unetdist.data.synthetic import write_synthetic
+from unetdist.data.upload import index_shard, remote_output
 from unetdist.redaction import redact_log_records
 
 __all__ = ["context_margin", "main"]
@@ -32,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--images", type=Path, help="folder of images (.tif/.tiff/.png)")
     parser.add_argument("--masks", type=Path, help="folder of masks, matched to images by file stem")
-    parser.add_argument("--out", type=Path, required=True, help="output folder for shards and dataset.json")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder for shards and dataset.json, or a URL (s3://, gs://, az://): prepared in a "
+        "temporary folder under TMPDIR (room for the whole data set), then uploaded, dataset.json last",
+    )
     parser.add_argument(
         "--mask-kind",
         choices=MASK_KINDS,
@@ -92,64 +106,121 @@ def context_margin(spec: str | None, tile_size: int) -> int:
         raise PrepareError(f"--context-for {spec} with --tile {tile_size}: {err}") from None
 
 
+def _index_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m unetdist.prepare index",
+        description="Write SHARD.index.json beside each tar shard (member names, offsets, sizes, shard size "
+        "and sha256), for shards that prepare did not write: remote shards are read by their index.",
+    )
+    parser.add_argument(
+        "shards",
+        nargs="+",
+        metavar="SHARD",
+        help="a tar shard: a path or a URL (s3://, gs://, az://, https://), or a brace pattern of them "
+        "('s3://bucket/cells/train-{000000..000009}.tar'); a remote shard is downloaded once to index it",
+    )
+    return parser
+
+
 def _exit_on_sigterm(signum: int, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the partial output is removed
+
+
+def _set_up_logging() -> None:
+    # force: a handler left by an earlier set-up in this process may write to a stream that is gone
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    redact_log_records()  # image folders, --out and shards may be URLs with credentials
+
+
+def _prepare(args: argparse.Namespace, out_dir: Path) -> dict:
+    """Prepare into the local folder ``out_dir`` (``--out``, or a URL's temporary folder); dataset.json's
+    content."""
+    source: dict = {}
+    if args.synthetic is not None:
+        images_dir, masks_dir = write_synthetic(out_dir, args.synthetic, args.image_size, args.seed)
+        source = {"synthetic": {"count": args.synthetic, "image_size": args.image_size}}
+        if is_remote(args.out):  # uploaded with the data set: named where they will be, not where made
+            raw = display(join(args.out, "raw"))
+            source.update(images=join(raw, "images"), masks=join(raw, "masks"))
+    elif args.images is None or args.masks is None:
+        raise PrepareError("give --images and --masks, or --synthetic N")
+    else:
+        images_dir, masks_dir = args.images, args.masks
+    return prepare_dataset(
+        images_dir,
+        masks_dir,
+        out_dir,
+        mask_kind=args.mask_kind,
+        tile_size=args.tile,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        w0=args.w0,
+        sigma=args.sigma,
+        weight_map=not args.no_weight_map,
+        source=source,
+        output_format=args.format,
+        context_margin=context_margin(args.context_for, args.tile),
+        whole_images=args.whole_images,
+        zarr_codec=args.zarr_codec,
+    )
+
+
+def index_main(argv: list[str]) -> int:
+    """``python -m unetdist.prepare index SHARD...``: 0, or 2 after a one-line error on stderr (the
+    first shard that cannot be indexed: not a tar file, missing, no access); 130 after Ctrl-C."""
+    import braceexpand
+
+    args = _index_parser().parse_args(argv)
+    _set_up_logging()
+    try:
+        for pattern in args.shards:
+            for shard in braceexpand.braceexpand(pattern):
+                document = index_shard(shard)
+                samples, size = len(document["samples"]), document["size"]
+                print(f"indexed {display(shard)}: {samples} samples, {size} bytes")
+    except (DataError, OSError) as err:
+        print(f"prepare index: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prepare index: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns 0, 2 after a one-line error on stderr, 130 after Ctrl-C, 143 after SIGTERM.
 
-    A failed or interrupted run leaves an earlier data set in ``--out`` as it was
-    (:mod:`unetdist.data.staging`).
+    A failed or interrupted run leaves an earlier data set in a local ``--out`` as it was
+    (:mod:`unetdist.data.staging`); at a URL it uploads no dataset.json (:mod:`unetdist.data.upload`).
+    ``index`` as the first argument: :func:`index_main`.
     """
-    args = _parser().parse_args(argv)
-    # force: a handler left by an earlier set-up in this process may write to a stream that is gone
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    redact_log_records()  # image folders and --out may be URLs with credentials
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["index"]:
+        return index_main(arguments[1:])
+    args = _parser().parse_args(arguments)
+    _set_up_logging()
     if argv is None:  # the command line, not a caller's process: Slurm and kill send SIGTERM
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    remote = is_remote(args.out)
+    output = remote_output(args.out) if remote else contextlib.nullcontext(Path(local_path(args.out)))
     try:
-        source: dict = {}
-        if args.synthetic is not None:
-            images_dir, masks_dir = write_synthetic(args.out, args.synthetic, args.image_size, args.seed)
-            source = {"synthetic": {"count": args.synthetic, "image_size": args.image_size}}
-        elif args.images is None or args.masks is None:
-            raise PrepareError("give --images and --masks, or --synthetic N")
-        else:
-            images_dir, masks_dir = args.images, args.masks
-        meta = prepare_dataset(
-            images_dir,
-            masks_dir,
-            args.out,
-            mask_kind=args.mask_kind,
-            tile_size=args.tile,
-            shard_size=args.shard_size,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            w0=args.w0,
-            sigma=args.sigma,
-            weight_map=not args.no_weight_map,
-            source=source,
-            output_format=args.format,
-            context_margin=context_margin(args.context_for, args.tile),
-            whole_images=args.whole_images,
-            zarr_codec=args.zarr_codec,
-        )
-    except (PrepareError, OSError) as err:
+        with output as out_dir:
+            meta = _prepare(args, out_dir)
+    except (PrepareError, DataError, OSError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, or SIGTERM via _exit_on_sigterm
-        print(
-            f"prepare: interrupted before the new data set was complete; {args.out} is as it was",
-            file=sys.stderr,
-        )
+        left = f"no dataset.json uploaded to {display(args.out)}" if remote else f"{args.out} is as it was"
+        print(f"prepare: interrupted before the new data set was complete; {left}", file=sys.stderr)
         return 130 if isinstance(err, KeyboardInterrupt) else int(err.code)
+    metadata = display(join(args.out, DATASET_JSON)) if remote else Path(local_path(args.out)) / DATASET_JSON
+    train, val = (f"{len(meta[f'{split}_images'])} {split} images -> {meta[f'num_{split}_tiles']} tiles in "
+                  f"{len(meta[f'{split}_shards'])} shard(s)" for split in ("train", "val"))  # fmt: skip
     print(
-        f"Prepared {args.out}: {len(meta['train_images'])} train images -> {meta['num_train_tiles']} tiles in "
-        f"{len(meta['train_shards'])} shard(s), {len(meta['val_images'])} val images -> {meta['num_val_tiles']} "
-        f"tiles in {len(meta['val_shards'])} shard(s); {meta['tile_size']}x{meta['tile_size']} tiles, "
+        f"Prepared {display(args.out)}: {train}, {val}; {meta['tile_size']}x{meta['tile_size']} tiles, "
         f"{meta['in_channels']} channel(s) of {meta['image_dtype']}, {meta['num_classes']} classes, "
-        f"weight map {'yes' if meta['has_weight_map'] else 'no'}. Metadata: {Path(args.out) / 'dataset.json'}"
+        f"weight map {'yes' if meta['has_weight_map'] else 'no'}. Metadata: {metadata}"
     )
     return 0
 

@@ -126,7 +126,7 @@ class MlflowServer:
         deadline = time.monotonic() + timeout_s
         while True:
             process.poll()  # reap the leader: a zombie still counts as a group member
-            if not _group_alive(group_id):
+            if not group_alive(group_id):
                 break
             if time.monotonic() > deadline:
                 # the worker may ignore SIGTERM while the leader is already gone
@@ -161,7 +161,7 @@ class MlflowServer:
         self.stop()
 
 
-def _group_alive(group_id: int) -> bool:
+def group_alive(group_id: int) -> bool:
     try:
         os.killpg(group_id, 0)
     except ProcessLookupError:

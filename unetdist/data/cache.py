@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -14,16 +15,21 @@ class LruCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.RLock()  # remote sources read ahead on threads
 
     def __getstate__(self) -> dict:
-        return {"size": self.size, "_items": OrderedDict()}
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"])
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        """The value of ``key``, made by ``make()`` when it is not held."""
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = self._items[key] = make()
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return value
+        """The value of ``key``, made by ``make()`` when it is not held (once, whatever the threads)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = self._items[key] = make()
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return value

@@ -5,6 +5,7 @@ vocabulary from here, so a format detail lives in one place::
 
     ROOT/dataset.json          written last: its presence means the rest is complete
     ROOT/train-%06d.tar ...    webdataset shards (SHARD_PATTERNS); samples keyed sample_key(...)
+                               beside each, SHARD.index.json: its member table (sources/tar_index.py)
     ROOT/data.zarr/            or one Zarr v3 store (STORE_NAME), with a group per split:
 
     pre-tiled (unetdist.data.sources.zarr_tiles)
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +40,9 @@ import numpy as np
 STORE_NAME = "data.zarr"
 DATASET_JSON = "dataset.json"
 SHARD_PATTERNS = {"train": "train-%06d.tar", "val": "val-%06d.tar"}
-# What prepare may delete from an output folder it writes again: its own shard names only.
-OWN_SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
+# What prepare may delete from an output folder it writes again: its own shard names and their
+# indexes only (tar_index.INDEX_SUFFIX; this module imports nothing of the package).
+OWN_SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar(\.index\.json)?$")
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
@@ -79,9 +82,25 @@ def grid_windows(height: int, width: int, tile: int) -> list[tuple[int, int]]:
     return [(top, left) for top in tile_origins(height, tile) for left in tile_origins(width, tile)]
 
 
-def is_whole_image_store(store: str | Path, split: str) -> bool:
+# Reads a store's metadata file by its path relative to the store ("train/zarr.json"): its bytes,
+# None where there is none. Local files by default; the caller passes one for a store at a URL
+# (this module imports nothing of the package, so not the remote reader itself).
+MetadataReader = Callable[[str], "bytes | None"]
+
+
+def local_metadata(store: str | Path) -> MetadataReader:
+    def read(relative: str) -> bytes | None:
+        try:
+            return (Path(store) / relative).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    return read
+
+
+def is_whole_image_store(store: str | Path, split: str, read: MetadataReader | None = None) -> bool:
     """Whether ``store/split`` holds whole images (``images/<i>``) rather than pre-tiled arrays."""
-    return (Path(store) / split / "images").is_dir()
+    return (read or local_metadata(store))(f"{split}/images/zarr.json") is not None
 
 
 def foreground_points(mask: np.ndarray, cap: int = FOREGROUND_CAP, seed: int = FOREGROUND_SEED) -> np.ndarray:
@@ -101,14 +120,16 @@ ZARR_LAYOUT = (
 )
 
 
-def _zarr_node(path: Path) -> dict | None:
-    """The Zarr v3 metadata (``zarr.json``) of the node at ``path``; None where there is none."""
+def _zarr_node(read: MetadataReader, store: str, node: str) -> dict | None:
+    """The Zarr v3 metadata (``zarr.json``) of ``node`` (a path in the store, "" the root); None where there is none."""
+    relative = f"{node}/zarr.json" if node else "zarr.json"
     try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except FileNotFoundError:
-        return None
+        data = read(relative)
+        if data is None:
+            return None
+        meta = json.loads(data)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path / 'zarr.json'}: cannot read Zarr metadata: {err}") from None
+        raise ValueError(f"{store}/{relative}: cannot read Zarr metadata: {err}") from None
     return meta if isinstance(meta, dict) else None
 
 
@@ -129,36 +150,45 @@ def _array_problem(meta: dict | None, name: str, ndim: int, kinds: str, dtypes: 
     return None
 
 
-def check_zarr_layout(store: str | Path, split: str) -> None:
+def check_zarr_layout(store: str | Path, split: str, read: MetadataReader | None = None) -> None:
     """``ValueError`` naming the store, what it holds and what was expected, unless ``store/split``
-    has one of the layouts above (pre-tiled, or whole images)."""
-    store = Path(store)
+    has one of the layouts above (pre-tiled, or whole images). ``read``: for a store at a URL."""
+    local = read is None
+    read = read or local_metadata(store)
+    store = str(store)
     expected = f"expected a Zarr v3 store as `python -m unetdist.prepare --format zarr` writes: {ZARR_LAYOUT}"
-    if not store.is_dir():
+    if local and not Path(store).is_dir():
         raise ValueError(f"zarr store {store} not found: prepare it with `python -m unetdist.prepare --format zarr`")
-    if _zarr_node(store) is None:
-        found = "a Zarr v2 store (.zgroup)" if (store / ".zgroup").is_file() else "no zarr.json, not a Zarr v3 store"
+
+    def node(path: str) -> dict | None:
+        return _zarr_node(read, store, path)
+
+    if node("") is None:
+        if not local:
+            raise ValueError(f"zarr store {store}: no zarr.json there; {expected}")
+        found = "a Zarr v2 store (.zgroup)" if (Path(store) / ".zgroup").is_file() else "no zarr.json, not a Zarr v3 store"
         raise ValueError(f"zarr store {store}: {found}; {expected}")
-    group = _zarr_node(store / split)
+    group = node(split)
     if group is None or group.get("node_type") != "group":
-        held = sorted(p.name for p in store.iterdir() if (p / "zarr.json").is_file())
+        candidates = sorted(p.name for p in Path(store).iterdir()) if local else ["train", "val"]
+        held = [name for name in candidates if node(name) is not None]
         if split == "val" and "train" in held:  # a store prepared without a validation split
             raise ValueError(f"zarr store {store}: no group 'val'; prepare with --val-fraction > 0")
         raise ValueError(f"zarr store {store}: no group {split!r}; it holds {held or 'nothing'}; {expected}")
-    at = store / split
-    if (at / "images").is_dir():
+    if node(f"{split}/images") is not None:
         attributes = group.get("attributes", {})
         problems = [f"attribute layout={attributes.get('layout')!r}"] if attributes.get("layout") != WHOLE_IMAGES else []
         problems += [f"no attribute {key!r}" for key in ("images", "shapes") if key not in attributes]
         if attributes.get("images"):  # the first image stands for all: reading every one would be slow
-            problems += [_array_problem(_zarr_node(at / "images" / "0"), "images/0", 3, "uif", IMAGE_DTYPES),
-                         _array_problem(_zarr_node(at / "masks" / "0"), "masks/0", 2, "ui")]
+            problems += [_array_problem(node(f"{split}/images/0"), "images/0", 3, "uif", IMAGE_DTYPES),
+                         _array_problem(node(f"{split}/masks/0"), "masks/0", 2, "ui")]
     else:
-        problems = [_array_problem(_zarr_node(at / "image"), "image", 4, "uif", IMAGE_DTYPES),
-                    _array_problem(_zarr_node(at / "mask"), "mask", 3, "ui")]
+        problems = [_array_problem(node(f"{split}/image"), "image", 4, "uif", IMAGE_DTYPES),
+                    _array_problem(node(f"{split}/mask"), "mask", 3, "ui")]
         for name, ndim, kinds in (("weight", 3, "f"), ("origin", 2, "i")):
-            if (at / name).exists():
-                problems.append(_array_problem(_zarr_node(at / name), name, ndim, kinds))
+            meta = node(f"{split}/{name}")
+            if meta is not None:
+                problems.append(_array_problem(meta, name, ndim, kinds))
     problems = [problem for problem in problems if problem]
     if problems:
         raise ValueError(f"zarr store {store}/{split}: {'; '.join(problems)}; {expected}")

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+import os
 
 from unetdist.config import ConfigError, DataConfig
 from unetdist.data.layout import DATASET_JSON, WHOLE_IMAGES
+from unetdist.data.remote import join, read_bytes
 from unetdist.data.sequence import GlobalSequence, RankLayout
 from unetdist.data.sources.base import Source
 
@@ -72,8 +73,8 @@ def check_tile_size(data: DataConfig) -> None:
     if not data.root or explicit:
         return
     try:
-        meta = json.loads((Path(data.root) / DATASET_JSON).read_text())
-    except (OSError, ValueError):
+        meta = json.loads(read_bytes(join(data.root, DATASET_JSON)))
+    except (OSError, ValueError):  # DataError (remote) is a ValueError
         return  # the source names a missing or unreadable dataset.json itself
     if not isinstance(meta, dict) or meta.get("layout") == WHOLE_IMAGES or meta.get("format") != data.format:
         return
@@ -99,4 +100,20 @@ def check_val_samples(samples: int, world_size: int) -> None:
             f"the validation split has {samples} sample(s) for {world_size} ranks: {idle} would get none "
             "and validation would hang; hold out more validation data (prepare --val-fraction, or a larger "
             "split in data.val_shards / data.root) or run fewer ranks (--nproc_per_node)"
+        )
+
+
+def check_cache_limit(data: DataConfig) -> None:
+    """Refuse a node cache smaller than what this node's readers hold ahead: it could keep nothing
+    they are about to read, and every sample would be fetched twice."""
+    if not data.cache_dir:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = max(1, data.num_workers)
+    window = data.readahead_mb * 2**20 * workers * local_ranks
+    if data.cache_limit_gb * 2**30 < window:
+        raise ConfigError(
+            f"data.cache_limit_gb={data.cache_limit_gb} is smaller than this node's readahead window: "
+            f"{local_ranks} rank(s) x {workers} worker(s) x data.readahead_mb={data.readahead_mb} = "
+            f"{window / 2**30:.2f} GB; raise data.cache_limit_gb or lower data.readahead_mb"
         )

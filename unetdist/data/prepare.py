@@ -9,8 +9,8 @@ presence means the rest is complete). The names and formats written are those of
 Everything is written to a staging folder beside the output folder (``.<name>.partial-<pid>``)
 and moved in only when complete: a failed or interrupted run removes the staging folder and
 leaves an earlier data set in the output folder as it was. Of the output folder's contents,
-only prepare's own names (``dataset.json``, ``train|val-NNNNNN.tar``, ``data.zarr/``) are
-ever replaced.
+only prepare's own names (``dataset.json``, ``train|val-NNNNNN.tar`` and their ``.index.json``,
+``data.zarr/``) are ever replaced.
 """
 
 from __future__ import annotations

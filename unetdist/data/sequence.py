@@ -128,6 +128,36 @@ class GlobalSequence:
         within = offsets - (ends[slot] - self.blocks.length[block])
         return epochs, self.blocks.unit[block], self.blocks.start[block] + within
 
+    def next_use(self, units: np.ndarray, indices: np.ndarray, after: int) -> np.ndarray:
+        """The first global position >= ``after`` that reads sample (``units[i]``, ``indices[i]``):
+        this epoch's if it is still ahead, else the next epoch's (a node cache evicts by it).
+        An epoch's padding (its first samples again) is not counted: a later use, never a wrong one."""
+        units, indices = np.asarray(units, np.int64), np.asarray(indices, np.int64)
+        first_block = self._unit_first_block
+        block_size = int(self.blocks.length.max()) if len(self.blocks.length) else 1
+        block = first_block[units] + indices // block_size
+        within = indices - self.blocks.start[block]
+        epoch = after // self.epoch_length
+        found = np.full(units.shape, np.iinfo(np.int64).max, np.int64)
+        for candidate in (epoch, epoch + 1):
+            order = self.block_order(candidate)
+            offset_of_block = np.empty(len(order), np.int64)
+            offset_of_block[order] = np.cumsum(self.blocks.length[order]) - self.blocks.length[order]
+            offset = offset_of_block[block] + within
+            position = candidate * self.epoch_length + offset
+            usable = (offset < self.epoch_length) & (position >= after) & (found == np.iinfo(np.int64).max)
+            found[usable] = position[usable]
+        return found
+
+    @cached_property
+    def _unit_first_block(self) -> np.ndarray:
+        """Index of each unit's first block (blocks are laid out unit by unit)."""
+        units = int(self.blocks.unit.max()) + 1 if len(self.blocks.unit) else 0
+        firsts = np.zeros(units, np.int64)
+        starts = np.flatnonzero(self.blocks.start == 0)
+        firsts[self.blocks.unit[starts]] = starts
+        return firsts
+
 
 @dataclass(frozen=True)
 class RankLayout:

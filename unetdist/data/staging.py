@@ -45,8 +45,8 @@ def side_folder(out_dir: Path, role: str) -> Path:
 
 
 def previous_output(out_dir: Path) -> list[Path]:
-    """What an earlier prepare wrote to ``out_dir``, dataset.json first: its shards
-    (``train|val-NNNNNN.tar``), its Zarr store and dataset.json, and nothing else."""
+    """What an earlier prepare wrote to ``out_dir``, dataset.json first: its shards and their
+    indexes (``train|val-NNNNNN.tar[.index.json]``), its Zarr store and dataset.json, and nothing else."""
     found = [
         path
         for path in sorted(out_dir.iterdir())

@@ -22,6 +22,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from unetdist.data.augment import crop_windows, draw_params, sample_words, to_model_input
 from unetdist.data.batching import BatchOptions, collate, pack, replace_bad
+from unetdist.data.node_cache import Schedule
+from unetdist.data.readahead import MAX_DEPTH, Readahead
 from unetdist.data.samples import DataError
 from unetdist.data.sequence import GlobalSequence, RankLayout
 from unetdist.data.sources.base import Source, read_by_unit
@@ -84,10 +86,14 @@ class TrainStream(IterableDataset):
         num_workers: int,
         start_micro: int = 0,
         group: int = 1,
+        readahead_bytes: float = 0.0,
     ) -> None:
         super().__init__()
         self.source, self.sequence, self.layout, self.options = source, sequence, layout, options
         self.num_workers, self.start_micro, self.group = num_workers, start_micro, group
+        self.readahead_bytes = readahead_bytes  # remote sources: data.readahead_mb
+        self._readahead: Readahead | None = None
+        self._schedule: Schedule | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return errors_as_items(self._items())
@@ -96,6 +102,8 @@ class TrainStream(IterableDataset):
         worker, workers = _reader_slot(self.num_workers)
         in_worker = get_worker_info() is not None
         group = self.group if in_worker else 1  # in the training process there is nothing to hand over
+        if self.source.remote:
+            self._follow_training(worker, workers, group)
         item = worker  # items of `group` consecutive micro-batches; worker w makes items i with i % W == w
         while True:
             first = self.start_micro + item * group
@@ -103,12 +111,39 @@ class TrainStream(IterableDataset):
             yield pack(batches) if in_worker else batches[0]
             item += workers
 
+    def _follow_training(self, worker: int, workers: int, group: int) -> None:
+        """Remote source: read this worker's coming micro-batches ahead, and give the node cache
+        training's future, so that it evicts what is needed furthest ahead."""
+
+        def mine() -> Iterator[int]:
+            item = worker
+            while True:
+                yield from range(self.start_micro + item * group, self.start_micro + (item + 1) * group)
+                item += workers
+
+        if self.readahead_bytes > 0:
+            self._readahead = Readahead(self._read, mine(), self.readahead_bytes)
+        # the node's readers are at most this far ahead (each worker: its hand-over and its readahead)
+        steps_ahead = -(-workers * (group + MAX_DEPTH) // self.layout.accumulation_steps) + 2
+        self._schedule = Schedule(self.sequence.next_use, protect=steps_ahead * self.layout.global_batch_size)
+        self.source.follow(self._schedule)
+
+    def _read(self, micro_index: int) -> list:
+        """The samples (or errors) of micro-batch ``micro_index``, as read from the source."""
+        positions = self.layout.micro_batch_positions(micro_index)
+        _, units, indices = self.sequence.locate(positions)
+        words = sample_words(self.sequence.seed, positions)
+        return self.source.read_windows(units, indices, words)  # whole images: the window is read
+
     def micro_batch(self, micro_index: int) -> dict[str, Any]:
         """This rank's micro-batch ``micro_index``: a pure function of the arguments and the data."""
         positions = self.layout.micro_batch_positions(micro_index)
-        epochs, units, indices = self.sequence.locate(positions)
+        epochs, _, _ = self.sequence.locate(positions)
         words = sample_words(self.sequence.seed, positions)  # this batch's random numbers, per position
-        read = self.source.read_windows(units, indices, words)  # whole images: the window is read
+        if self._schedule is not None:  # one step back: a slower rank may still read the step before
+            step_start = int(positions[0]) // self.layout.global_batch_size * self.layout.global_batch_size
+            self._schedule.now = max(0, step_start - self.layout.global_batch_size)
+        read = self._readahead.take(micro_index) if self._readahead is not None else self._read(micro_index)
         samples, skipped = replace_bad(read, self.options.on_error, f"micro-batch {micro_index}")
         spec, size = self.options.spec, self.options.tile_size
         windows = crop_windows([s.mask for s in samples], size, words, self.options.foreground_fraction)

@@ -55,10 +55,14 @@ from unetdist.data.layout import (
     WHOLE_IMAGES,
     foreground_points,
 )
+from unetdist.data.sources.tar_index import write_local_index
 
 TARGET_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_TILES = 64
 IMAGE_CHUNK = 256  # pixels per side of a whole image's 2-D chunks
+# The mtime of every tar member: fixed, so the same tiles give the same shard bytes; a float like
+# webdataset's default time.time(), so the layout stays as it was (a PAX header per member holds it).
+SHARD_MTIME = 0.0
 
 
 def compressors(codec: str, dtype: np.dtype) -> list:
@@ -238,7 +242,13 @@ class ZarrImageWriter:
 
 
 class TarSplitWriter:
-    """Tiles -> ``<split>-%06d.tar`` shards; records each shard's name and sample count."""
+    """Tiles -> ``<split>-%06d.tar`` shards, each with its index beside it (``SHARD.index.json``,
+    :func:`~unetdist.data.sources.tar_index.write_local_index`: remote shards are read by it);
+    records each shard's name and sample count.
+
+    Members carry a fixed mtime (:data:`SHARD_MTIME`), not the time of writing: the same tiles
+    give the same shard bytes, so a re-run or a second copy has the same sha256 in its index.
+    """
 
     def __init__(self, out_dir: Path, split: str, shard_size: int) -> None:
         import webdataset as wds
@@ -246,14 +256,18 @@ class TarSplitWriter:
         self.shards: list[str] = []
         self.shard_counts: list[int] = []
         self.in_shard = 0
+        self.failed = False
 
         def finished(name: str) -> None:
+            if not self.failed:  # a failed split is thrown away: no need to index its last shard
+                write_local_index(name)
             self.shards.append(Path(name).name)
             self.shard_counts.append(self.in_shard)
             self.in_shard = 0
 
+        pattern = str(out_dir / SHARD_PATTERNS[split])
         self.writer = wds.ShardWriter(
-            str(out_dir / SHARD_PATTERNS[split]), maxcount=shard_size, verbose=0, post=finished
+            pattern, maxcount=shard_size, verbose=0, post=finished, mtime=SHARD_MTIME
         )
 
     def write(self, stem: str, sample: dict) -> None:
@@ -263,7 +277,8 @@ class TarSplitWriter:
     def __enter__(self) -> TarSplitWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        self.failed = exc_type is not None
         self.writer.close()
 
 

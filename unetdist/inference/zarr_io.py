@@ -10,27 +10,80 @@ files. Rank ``r`` of ``R`` takes blocks ``r, r+R, ...``. Two passes over the inp
 2. predict each of the rank's blocks (reading its tiles' context, mirrored at the image
    border) and write the labels (and, optionally, float16 probabilities) chunk by chunk.
 
-Input arrays are ``[H, W]`` or channels-first ``[C, H, W]``.
+Input arrays are ``[H, W]`` or channels-first ``[C, H, W]``. Inputs and outputs are local
+paths or URLs (``s3://bucket/big.zarr``): a URL is opened through zarr's ``ObjectStore``
+(:func:`unetdist.data.remote.zarr_store`), made in the process that reads or writes it.
+
+Ranks stay in step when one fails (an unreadable block, an output that rank 0 cannot create):
+each phase ends in a collective that every rank reaches, so none waits for one that has left.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from torch import nn
 
 from unetdist import distributed
+from unetdist.data import remote
 from unetdist.inference import tiling
 from unetdist.inference.engine import ChannelStats, InputError, ModelGeometry, TilePredictor
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = 2048
+ERROR_LINE_CHARS = 300
+
+
+class OutputError(InputError):
+    """An output that cannot be created (no such bucket, no access): a bad ``--output``, exit 2."""
+
+
+class FailedElsewhere(Exception):
+    """Raised on the ranks that did not fail when another did; that rank names the cause."""
+
+
+def location_name(location: str | os.PathLike[str]) -> str:
+    """The last part of a path or URL (``big.zarr`` for ``s3://bucket/data/big.zarr/``)."""
+    text = str(location)
+    if remote.is_remote(text):
+        return PurePosixPath(urlsplit(text).path.rstrip("/")).name
+    return Path(remote.local_path(text)).name
+
+
+def one_line(err: BaseException) -> str:
+    """An error's first line, shortened: obstore's errors append a debug dump and the response body
+    (of which the S3 error code is kept: ``... 404 Not Found: NoSuchBucket``)."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    if "<?xml" in first:
+        code = re.search(r"<Code>([^<]*)</Code>", text)
+        first = first.split("<?xml")[0].rstrip(": ") + (f": {code.group(1)}" if code else "")
+    return first if len(first) <= ERROR_LINE_CHARS else first[: ERROR_LINE_CHARS - 3] + "..."
+
+
+def _raise_if_any_failed(failure: BaseException | None, name: str) -> None:
+    """Every rank calls this at the same point (it is a collective, so also a barrier): the rank
+    that failed raises its error, the others :class:`FailedElsewhere`."""
+    failed_ranks = int(distributed.all_reduce_sum(torch.tensor([int(failure is not None)]))[0])
+    if failure is not None:
+        _reraise(failure)
+    if failed_ranks:
+        raise FailedElsewhere(f"{name}: failed on another rank")
+
+
+def _reraise(failure: BaseException) -> None:
+    if type(failure).__module__.split(".")[0] == "obstore":  # not an OSError, and a debug dump after line 1
+        raise OSError(one_line(failure)) from failure
+    raise failure
 
 
 class ChannelFirst:
@@ -62,20 +115,22 @@ class ChannelFirst:
         return np.asarray(self.array[channels, rows, cols])
 
 
-def open_zarr_inputs(path: Path) -> list[tuple[str, Any]]:
-    """``(stem, array)`` for a Zarr array, or for every array directly inside a Zarr group."""
+def open_zarr_inputs(location: str | os.PathLike[str]) -> list[tuple[str, Any]]:
+    """``(stem, array)`` for a Zarr array, or for every array directly inside a Zarr group, at a
+    local path or a URL."""
     import zarr
 
+    location = str(location)
     try:
-        node = zarr.open(str(path), mode="r")
-    except Exception as err:  # zarr raises several types for a missing/corrupt store
-        raise InputError(f"{path}: cannot open as Zarr: {err}") from err
-    stem = path.name.removesuffix(".zarr") if path.name.endswith(".zarr") else path.name
+        node = zarr.open(store=remote.zarr_store(location), mode="r")
+    except Exception as err:  # zarr and obstore raise several types for a missing/corrupt store
+        raise InputError(f"{remote.display(location)}: cannot open as Zarr: {one_line(err)}") from err
+    stem = location_name(location).removesuffix(".zarr")
     if isinstance(node, zarr.Array):
         return [(stem, node)]
     arrays = sorted(node.arrays(), key=lambda item: item[0])
     if not arrays:
-        raise InputError(f"{path}: a Zarr group without arrays")
+        raise InputError(f"{remote.display(location)}: a Zarr group without arrays")
     return [(f"{stem}_{name}", array) for name, array in arrays]
 
 
@@ -85,10 +140,15 @@ def block_stats(
     """Whole-image per-channel statistics, the blocks split over ranks (see the module docstring)."""
     channels = source.shape[0]
     table = torch.zeros((len(blocks), channels, 3), dtype=torch.float64)
-    for index in range(rank, len(blocks), world_size):
-        top, bottom, left, right = blocks[index]
-        table[index] = torch.from_numpy(ChannelStats.of(source[:, top:bottom, left:right]).to_array())
+    failure: BaseException | None = None
+    try:
+        for index in range(rank, len(blocks), world_size):
+            top, bottom, left, right = blocks[index]
+            table[index] = torch.from_numpy(ChannelStats.of(source[:, top:bottom, left:right]).to_array())
+    except Exception as err:  # a read that failed (after the store's retries): all ranks stop here
+        failure = err
     distributed.all_reduce_sum(table)
+    _raise_if_any_failed(failure, source.name)
     total = ChannelStats.from_array(table[0].numpy())
     for row in table[1:]:
         total = total.combine(ChannelStats.from_array(row.numpy()))
@@ -99,8 +159,8 @@ def predict_zarr(
     model: nn.Module,
     array: Any,
     name: str,
-    labels_path: Path | None,
-    probabilities_path: Path | None = None,
+    labels_location: str | os.PathLike[str] | None,
+    probabilities_location: str | os.PathLike[str] | None = None,
     *,
     rank: int = 0,
     world_size: int = 1,
@@ -109,10 +169,11 @@ def predict_zarr(
 ) -> dict[str, Any]:
     """Predict a ``[H, W]``/``[C, H, W]`` array into Zarr arrays, every rank calling this together.
 
-    ``labels_path``: uint8 HxW class labels; ``probabilities_path``: float16 ``[K, H, W]``
-    (either may be None). ``predict_options`` go to ``TilePredictor`` (tile, overlap,
-    batch_size, precision, device, flips). Returns a summary (blocks, tiles, seconds).
-    Raises InputError, before any collective, for an array the model cannot take.
+    ``labels_location``: uint8 HxW class labels; ``probabilities_location``: float16 ``[K, H, W]``
+    (either may be None), each a local path or a URL. ``predict_options`` go to ``TilePredictor``
+    (tile, overlap, batch_size, precision, device, flips). Returns a summary (blocks, tiles, seconds).
+    Raises InputError, before any collective, for an array the model cannot take; OutputError
+    (on rank 0) for an output that cannot be created; FailedElsewhere on the ranks that did not fail.
     """
     started = time.perf_counter()
     source = ChannelFirst(array, name, ModelGeometry.of(model).in_channels)
@@ -121,16 +182,20 @@ def predict_zarr(
     block_size = tiling.aligned_block_size(block, predictor.plan.step)
     blocks = tiling.block_grid(height, width, block_size)
     stats = block_stats(source, blocks, rank, world_size)
-    num_classes = predictor.num_classes or _probe_num_classes(predictor, source, stats)
+    outputs = [None if where is None else str(where) for where in (labels_location, probabilities_location)]
 
-    if rank == 0:
-        _create_outputs(labels_path, probabilities_path, height, width, num_classes, block_size)
-    distributed.barrier()
-    labels_out, probabilities_out = _open_outputs(labels_path, probabilities_path)
-    mine = list(range(rank, len(blocks), world_size))
     failure: BaseException | None = None
+    try:
+        num_classes = predictor.num_classes or _probe_num_classes(predictor, source, stats)
+        if rank == 0:  # one creator; the others open the arrays once it is done (below)
+            _create_outputs(*outputs, height, width, num_classes, block_size)
+    except Exception as err:
+        failure = err
+    _raise_if_any_failed(failure, name)
+    mine = list(range(rank, len(blocks), world_size))
     tiles = 0
     try:
+        labels_out, probabilities_out = _open_outputs(*outputs)
         for index in mine:
             top, bottom, left, right = blocks[index]
             probabilities = predictor.predict_block(source, stats, blocks[index])
@@ -144,7 +209,7 @@ def predict_zarr(
         failure = err
     distributed.barrier()
     if failure is not None:
-        raise failure
+        _reraise(failure)
     return {
         "blocks": len(blocks),
         "blocks_this_rank": len(mine),
@@ -164,39 +229,45 @@ def _probe_num_classes(predictor: TilePredictor, source: ChannelFirst, stats: Ch
 
 
 def _create_outputs(
-    labels_path: Path | None,
-    probabilities_path: Path | None,
+    labels_location: str | None,
+    probabilities_location: str | None,
     height: int,
     width: int,
     num_classes: int,
     block_size: int,
 ) -> None:
-    import zarr
-
-    if labels_path is not None:
-        zarr.create_array(
-            store=str(labels_path),
+    """Create the (empty) output arrays, replacing what was there. Rank 0 only."""
+    if labels_location is not None:
+        _create_array(
+            labels_location,
             shape=(height, width),
             chunks=(block_size, block_size),
             dtype=np.uint8 if num_classes <= 256 else np.uint16,
             fill_value=0,
-            overwrite=True,
         )
-    if probabilities_path is not None:
-        zarr.create_array(
-            store=str(probabilities_path),
+    if probabilities_location is not None:
+        _create_array(
+            probabilities_location,
             shape=(num_classes, height, width),
             chunks=(num_classes, block_size, block_size),
             dtype=np.float16,
             fill_value=0.0,
-            overwrite=True,
         )
 
 
-def _open_outputs(labels_path: Path | None, probabilities_path: Path | None) -> tuple[Any, Any]:
+def _create_array(location: str, **layout: Any) -> None:
+    import zarr
+
+    try:
+        zarr.create_array(store=remote.zarr_store(location, writable=True), overwrite=True, **layout)
+    except Exception as err:  # zarr's, obstore's and the file system's errors: a bad --output
+        raise OutputError(f"{remote.display(location)}: cannot create: {one_line(err)}") from err
+
+
+def _open_outputs(labels_location: str | None, probabilities_location: str | None) -> tuple[Any, Any]:
     import zarr
 
     return tuple(
-        None if path is None else zarr.open_array(str(path), mode="r+")
-        for path in (labels_path, probabilities_path)
+        None if where is None else zarr.open_array(store=remote.zarr_store(where, writable=True), mode="r+")
+        for where in (labels_location, probabilities_location)
     )

@@ -10,10 +10,11 @@ satisfies :class:`~unetdist.data.sources.base.Source`, which is all the loader r
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from unetdist.config import DataConfig
+from unetdist.data import remote
+from unetdist.data.fetch import Fetcher
 from unetdist.data.layout import STORE_NAME, check_zarr_layout, is_whole_image_store
+from unetdist.data.node_cache import NodeCache
 from unetdist.data.samples import SampleChecks
 from unetdist.data.sources.base import Source
 from unetdist.data.sources.tar import TarShards, list_shards, shard_counts
@@ -26,13 +27,15 @@ __all__ = ["Source", "TarShards", "ZarrImages", "ZarrTiles", "list_shards", "ope
 def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
     """The tar or Zarr source of ``split`` ("train" or "val") named by the data config."""
     if data.format == "zarr":
-        store = data.zarr_store or (str(Path(data.root) / STORE_NAME) if data.root else "")
+        store = data.zarr_store or (remote.join(data.root, STORE_NAME) if data.root else "")
         if not store:
             raise ValueError(
                 "data.format=zarr needs data.root (a prepare --format zarr folder) or data.zarr_store"
             )
-        check_zarr_layout(store, split)  # a store of another layout: what was expected, not zarr's error
-        if is_whole_image_store(store, split):  # prepare --format zarr --whole-images
+        configure_remote(data)
+        read = remote.read_metadata(store)
+        check_zarr_layout(store, split, read)  # a store of another layout: what was expected, not zarr's error
+        if is_whole_image_store(store, split, read):  # prepare --format zarr --whole-images
             return ZarrImages(
                 store,
                 split,
@@ -40,8 +43,29 @@ def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
                 data.tiles_per_image,
                 foreground_fraction=data.foreground_fraction if split == "train" else 0.0,
             )
-        return ZarrTiles(store, split, checks)
+        return ZarrTiles(store, split, checks, _fetcher(data, split, [store]))
+    configure_remote(data)
     pattern = data.train_shards if split == "train" else data.val_shards
     shards = list_shards(data.root or None, split, pattern or None)
     counts = None if pattern or not data.root else shard_counts(data.root, split, shards)
-    return TarShards(shards, checks, counts)
+    return TarShards(shards, checks, counts, _fetcher(data, split, shards))
+
+
+def configure_remote(data: DataConfig) -> None:
+    """This process's retry and timeout policy for remote data (workers get it with their fetcher)."""
+    remote.configure(remote_options(data))
+
+
+def remote_options(data: DataConfig) -> remote.RemoteOptions:
+    return remote.RemoteOptions(attempts=data.remote_attempts, timeout_s=data.remote_timeout_s)
+
+
+def _fetcher(data: DataConfig, split: str, urls: list[str]) -> Fetcher | None:
+    """The fetcher of a remote split (with the node cache when ``data.cache_dir`` is set); None if local."""
+    if not any(remote.is_remote(url) for url in urls):
+        return None
+    cache = None
+    if data.cache_dir:
+        identity = "\n".join([split, *urls])
+        cache = NodeCache(data.cache_dir, identity, int(data.cache_limit_gb * 2**30))
+    return Fetcher(data.requests_in_flight, cache, options=remote_options(data))

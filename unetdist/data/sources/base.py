@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from unetdist.data.node_cache import Schedule
 from unetdist.data.samples import DataError, Sample
 
 
@@ -29,6 +30,9 @@ class Source(Protocol):
     block_size: int
     """Consecutive samples that are cheapest read together (a Zarr chunk): the sequence's block
     size when ``data.block_size`` is 0."""
+    remote: bool
+    """Its bytes come over the network: the training stream reads ahead
+    (:mod:`unetdist.data.readahead`) and tells it where training is (:meth:`follow`)."""
 
     @property
     def names(self) -> list[str]:
@@ -46,6 +50,10 @@ class Source(Protocol):
         random words of sample i's global position (:func:`unetdist.data.augment.sample_words`):
         a source whose tile window depends on the position (whole images) draws it from them;
         one that stores its samples whole ignores them (the loader crops them later)."""
+        ...
+
+    def follow(self, schedule: Schedule) -> None:
+        """Training's position and future (a remote source's node cache evicts by it); local: nothing."""
         ...
 
 
@@ -68,7 +76,11 @@ class StoredSamples:
 
     unit_name = "unit"
     block_size = 1
+    remote = False
     counts: list[int]
+
+    def follow(self, schedule: Schedule) -> None:
+        pass
 
     def read(self, unit: int, indices: list[int]) -> list[Sample | DataError]:
         raise NotImplementedError

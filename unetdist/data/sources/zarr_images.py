@@ -19,6 +19,7 @@ import numpy as np
 
 from unetdist.data.augment import point_windows
 from unetdist.data.layout import WHOLE_IMAGES, grid_windows, sample_key
+from unetdist.data.remote import is_remote, zarr_store
 from unetdist.data.samples import DataError, Sample, SampleChecks, check_sample
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,15 @@ class ZarrImages:
         import zarr
 
         self.store, self.split, self.checks = str(store), split, checks
+        # a store at a URL: zarr reads it through obstore (no node cache yet); the stream reads ahead
+        self.remote = is_remote(self.store)
         self.tiles_per_image = tiles_per_image
         self.sampled = split == "train" if sampled is None else sampled
         if tiles_per_image < 1:
             raise ValueError(f"data.tiles_per_image={tiles_per_image}: expected a positive number")
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(f"data.foreground_fraction={foreground_fraction}: expected a fraction in [0, 1]")
-        group = zarr.open_group(self.store, mode="r", path=split)
+        group = zarr.open_group(zarr_store(self.store), mode="r", path=split)
         attrs = dict(group.attrs)
         if attrs.get("layout") != WHOLE_IMAGES:
             raise ValueError(
@@ -101,6 +104,9 @@ class ZarrImages:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pid": -1, "_arrays": {}, "_points": {}}
 
+    def follow(self, schedule) -> None:
+        pass
+
     @property
     def names(self) -> list[str]:
         return [f"{self.store}/{self.split}/images/{i}" for i in range(len(self.stems))]
@@ -109,7 +115,7 @@ class ZarrImages:
         import zarr
 
         if self._pid != os.getpid():
-            group = zarr.open_group(self.store, mode="r", path=self.split)
+            group = zarr.open_group(zarr_store(self.store), mode="r", path=self.split)
             names = ("images", "masks") + (
                 ("weights",) if self.has_weight and self.checks.use_weight_map else ()
             )
@@ -126,7 +132,7 @@ class ZarrImages:
                 self._points[unit] = np.zeros((0, 2), np.int32)
             else:
                 self._points[unit] = zarr.open_array(
-                    self.store, mode="r", path=f"{self.split}/foreground/{unit}"
+                    zarr_store(self.store), mode="r", path=f"{self.split}/foreground/{unit}"
                 )[...]
         return self._points[unit]
 

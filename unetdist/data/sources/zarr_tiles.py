@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from unetdist.data.cache import LruCache
+from unetdist.data.fetch import Fetcher, Piece
 from unetdist.data.layout import sample_key
+from unetdist.data.node_cache import Schedule, entry_name
+from unetdist.data.remote import display, is_remote, join, zarr_store
 from unetdist.data.samples import DataError, Sample, SampleChecks, check_sample
 from unetdist.data.sources.base import StoredSamples
 
@@ -92,17 +95,22 @@ class _ChunkFiles:
             return cls(folder, array, _blosc_decompress)
         return None
 
-    def _chunk(self, chunk: int) -> np.ndarray:
+    def chunk_key(self, chunk: int) -> str:
+        return self.array.metadata.encode_chunk_key((chunk,) + (0,) * (len(self.chunk_shape) - 1))
+
+    def _decoded(self, raw: bytes) -> np.ndarray:
+        if self.decompress:
+            raw = self.decompress(raw)
+        return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
+
+    def _chunk(self, chunk: int, held: dict) -> np.ndarray:
         """One whole chunk: a view of its mapped file, or decompressed."""
 
         def path() -> Path:
-            return self.folder / self.array.metadata.encode_chunk_key(
-                (chunk,) + (0,) * (len(self.chunk_shape) - 1)
-            )
+            return self.folder / self.chunk_key(chunk)
 
         if self.decompress:
-            raw = self.decompress(path().read_bytes())
-            return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
+            return self._decoded(path().read_bytes())
 
         def map_chunk() -> np.ndarray:
             with open(path(), "rb") as file:
@@ -113,14 +121,35 @@ class _ChunkFiles:
 
         return self._maps.get(chunk, map_chunk)
 
-    def read(self, begin: int, end: int) -> np.ndarray:
-        """Rows ``[begin, end)``: views of the chunk (a copy only across chunks)."""
+    def chunks(self, begin: int, end: int) -> range:
+        return range(begin // self.rows, (end - 1) // self.rows + 1)
+
+    def read(self, begin: int, end: int, held: dict | None = None) -> np.ndarray:
+        """Rows ``[begin, end)``: views of the chunk (a copy only across chunks). ``held``: chunk
+        bytes already fetched (remote stores)."""
         parts = []
-        for chunk in range(begin // self.rows, (end - 1) // self.rows + 1):
-            block = self._chunk(chunk)
+        for chunk in self.chunks(begin, end):
+            block = self._chunk(chunk, held or {})
             first = chunk * self.rows
             parts.append(block[max(begin, first) - first : min(end, first + self.rows) - first])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class _RemoteChunks(_ChunkFiles):
+    """Whole chunks of one array of a store at a URL, as objects fetched by key through the
+    source's :class:`~unetdist.data.fetch.Fetcher` (node cache, merged requests, retries); a
+    read's chunks of all arrays are fetched together (:meth:`ZarrTiles._fetch_chunks`)."""
+
+    def __init__(self, folder: str, array, decompress, name: str) -> None:
+        super().__init__(folder, array, decompress)  # type: ignore[arg-type]
+        self.name = name
+
+    def piece(self, chunk: int) -> Piece:
+        size = -1 if self.decompress else int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+        return Piece(entry_name(0, chunk * self.rows, self.name), join(self.folder, self.chunk_key(chunk)), 0, size)
+
+    def _chunk(self, chunk: int, held: dict) -> np.ndarray:
+        return self._decoded(held[(self.name, chunk)])
 
 
 class ZarrTiles(StoredSamples):
@@ -132,9 +161,13 @@ class ZarrTiles(StoredSamples):
 
     unit_name = "array"
 
-    def __init__(self, store: str | Path, split: str, checks: SampleChecks) -> None:
+    def __init__(
+        self, store: str | Path, split: str, checks: SampleChecks, fetcher: Fetcher | None = None
+    ) -> None:
         self.store, self.split, self.checks = str(store), split, checks
-        if not Path(self.store).is_dir():
+        self.remote = is_remote(self.store)
+        self.fetcher = fetcher or (Fetcher(8, None) if self.remote else None)
+        if not self.remote and not Path(self.store).is_dir():
             raise ValueError(
                 f"zarr store {self.store} not found: prepare it with `python -m unetdist.prepare --format zarr`"
             )
@@ -161,25 +194,50 @@ class ZarrTiles(StoredSamples):
 
     @property
     def names(self) -> list[str]:
-        return [f"{self.store}/{self.split}"]
+        return [f"{display(self.store)}/{self.split}"]
+
+    def follow(self, schedule: Schedule) -> None:
+        if self.fetcher is not None and self.fetcher.cache is not None:
+            self.fetcher.cache.schedule = schedule
 
     def _open(self):
         import zarr
 
         if self._pid != os.getpid():
-            group = zarr.open_group(self.store, mode="r", path=self.split)
+            group = zarr.open_group(zarr_store(self.store), mode="r", path=self.split)
             self._arrays = {
                 "group": group,
                 **{name: group[name] for name in ("image", "mask", "weight", "origin") if name in group},
             }
-            folder = Path(self.store) / self.split
             self._chunk_files = {
-                name: _ChunkFiles.for_array(folder / name, self._arrays[name])
-                for name in ("image", "mask", "weight")
-                if name in self._arrays
+                name: self._chunk_reader(name) for name in ("image", "mask", "weight") if name in self._arrays
             }
             self._pid = os.getpid()
         return self._arrays["group"]
+
+    def _chunk_reader(self, name: str) -> _ChunkFiles | None:
+        if not self.remote:
+            return _ChunkFiles.for_array(Path(self.store) / self.split / name, self._arrays[name])
+        local = _ChunkFiles.for_array(Path("."), self._arrays[name])  # the codec checks, no files
+        if local is None:
+            return None
+        return _RemoteChunks(join(self.store, self.split, name), self._arrays[name], local.decompress, name)
+
+    def _fetch_chunks(self, readers: list[tuple[str, _ChunkFiles]], runs: list[tuple[int, int]]) -> dict:
+        """The bytes of every chunk the runs touch, of every array, fetched together: {(array, chunk): bytes}."""
+        assert self.fetcher is not None
+        wanted = {
+            (name, chunk): reader.piece(chunk)  # type: ignore[attr-defined]
+            for name, reader in readers
+            for begin, end in runs
+            for chunk in reader.chunks(begin, end)
+        }
+        held = {}
+        for key, got in zip(wanted, self.fetcher.get(list(wanted.values())), strict=True):
+            if isinstance(got, DataError):
+                raise got
+            held[key] = got
+        return held
 
     def _key(self, origin: np.ndarray, index: int) -> str:
         image, top, left = origin.tolist()  # Python ints: cheaper than int() of each numpy scalar
@@ -197,10 +255,11 @@ class ZarrTiles(StoredSamples):
         )
         direct = [self._chunk_files.get(name) for name in names]
         if all(direct):
+            held = self._fetch_chunks(list(zip(names, direct, strict=True)), runs) if self.remote else None  # type: ignore[arg-type]
             try:
                 return [
                     {
-                        **{name: files.read(begin, end) for name, files in zip(names, direct, strict=True)},
+                        **{name: files.read(begin, end, held) for name, files in zip(names, direct, strict=True)},
                         "origin": self._origins(begin, end),
                     }
                     for begin, end in runs
