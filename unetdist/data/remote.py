@@ -221,9 +221,9 @@ def read_ranges(url: str, ranges: list[tuple[int, int]], expect_size: int = -1) 
     if not is_remote(url):
         with open(local_path(url), "rb") as file:
             return [os.pread(file.fileno(), end - start, start) for start, end in ranges]
+    store, key = _store_and_key(url)  # first: a missing obstore is a RemoteError there
     import obstore
 
-    store, key = _store_and_key(url)
 
     def fetch(start: int, end: int) -> bytes:
         result = obstore.get(store, key, options={"range": (start, end)})
@@ -244,9 +244,9 @@ def read_bytes(url: str) -> bytes:
     """A whole object or file."""
     if not is_remote(url):
         return Path(local_path(url)).read_bytes()
+    store, key = _store_and_key(url)  # first: a missing obstore is a RemoteError there
     import obstore
 
-    store, key = _store_and_key(url)
 
     def fetch() -> bytes:
         result = obstore.get(store, key)
@@ -262,9 +262,9 @@ def exists(url: str) -> bool:
     """Whether the object or file exists (a 403 is an error, not a no)."""
     if not is_remote(url):
         return Path(local_path(url)).exists()
+    store, key = _store_and_key(url)  # first: a missing obstore is a RemoteError there
     import obstore
 
-    store, key = _store_and_key(url)
     try:
         _with_retries("(HEAD)", url, lambda: obstore.head(store, key))
     except RemoteError as err:
@@ -281,17 +281,17 @@ def write_bytes(url: str, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return
+    store, key = _store_and_key(url)  # first: a missing obstore is a RemoteError there
     import obstore
 
-    store, key = _store_and_key(url)
     _with_retries("(PUT)", url, lambda: obstore.put(store, key, data))
 
 
 def upload_file(path: str | os.PathLike[str], url: str) -> None:
     """Copy a local file to ``url``: a multipart upload for large files, in 10 MiB parts."""
+    store, key = _store_and_key(url)  # first: a missing obstore is a RemoteError there
     import obstore
 
-    store, key = _store_and_key(url)
     _with_retries("(PUT)", url, lambda: obstore.put(store, key, Path(path), chunk_size=10 * 1024 * 1024))
 
 
@@ -314,9 +314,9 @@ def check_readable(url: str, what: str) -> None:
 
 def download_file(url: str, path: str | os.PathLike[str]) -> int:
     """Copy the object at ``url`` to the local ``path`` in a stream of chunks; its size."""
+    store, key = _store_and_key(url)  # first: a missing obstore is a RemoteError there
     import obstore
 
-    store, key = _store_and_key(url)
 
     def fetch() -> int:
         result = obstore.get(store, key)
@@ -334,9 +334,9 @@ def download_file(url: str, path: str | os.PathLike[str]) -> int:
 
 def list_objects(prefix_url: str) -> list[str]:
     """URLs of the objects under ``prefix_url`` (a folder URL), sorted."""
+    store, key = _store_and_key(prefix_url)  # first: a missing obstore is a RemoteError there
     import obstore
 
-    store, key = _store_and_key(prefix_url)
     base = prefix_url.split("?")[0].rstrip("/")
     prefix = key.rstrip("/") + "/" if key else None
     batches = _with_retries("(LIST)", prefix_url, lambda: list(obstore.list(store, prefix=prefix)))

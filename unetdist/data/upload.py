@@ -67,25 +67,6 @@ TEMP_PREFIX = "unetdist-prepare-"
 _UNLISTABLE = ("http", "https")  # plain HTTP servers have no LIST
 
 
-@contextmanager
-def obstore_errors_named(url: str) -> Iterator[None]:
-    """Turn obstore's own errors, raised before a request (a URL it cannot parse, an Azure URL
-    without an account) and so not wrapped by :mod:`unetdist.data.remote`, into a
-    :class:`RemoteError` naming ``url``; and say which extra to install when obstore is missing."""
-    try:
-        yield
-    except ModuleNotFoundError as err:
-        if err.name != "obstore":
-            raise
-        raise RemoteError(f"{display(url)}: URLs need obstore: pip install 'unetdist[remote]'") from None
-    except (DataError, OSError):
-        raise
-    except Exception as err:
-        if not type(err).__module__.startswith("obstore"):
-            raise
-        raise RemoteError(f"{display(url)}: {str(err).splitlines()[0]}") from None
-
-
 # ---------------------------------------------------------------- a data set to a URL
 
 
@@ -102,8 +83,7 @@ def check_remote_output(url: str) -> set[str]:
     if urlsplit(url).scheme.lower() in _UNLISTABLE:
         return set()
     try:
-        with obstore_errors_named(url):
-            names = _relative_names(url)
+        names = _relative_names(url)
     except RemoteError as err:
         raise RemoteError(
             f"{err}; --out must be in an existing bucket that the credentials in the environment "
@@ -150,13 +130,11 @@ def upload_tree(folder: Path, url: str) -> list[str]:
 def remote_output(url: str) -> Iterator[Path]:
     """A local temporary folder to prepare ``url``'s data set in: uploaded on a normal exit
     (:func:`upload_tree`), removed in every case."""
-    with obstore_errors_named(url):
-        there_before = check_remote_output(url)
+    there_before = check_remote_output(url)
     folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
     try:
         yield folder
-        with obstore_errors_named(url):
-            uploaded = set(upload_tree(folder, url))
+        uploaded = set(upload_tree(folder, url))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     stale = sorted(there_before - uploaded)
@@ -181,7 +159,7 @@ def index_shard(shard: str) -> dict:
     if not is_remote(shard):
         written = write_local_index(local_path(shard))
         return json.loads(Path(written).read_text())
-    with obstore_errors_named(shard), tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as folder:
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as folder:
         copy = os.path.join(folder, "shard.tar")
         download_file(shard, copy)
         try:
