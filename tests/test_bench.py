@@ -76,3 +76,38 @@ def test_bad_settings_and_unknown_commands_exit_2():
 def test_a_missing_subcommand_is_named():
     with pytest.raises(SubcommandMissing, match=r"unetdist/bench/not_written_yet\.py does not exist"):
         load_subcommand("not_written_yet")
+
+
+def test_bench_data_from_s3_reports_remote_vs_local_gets_and_bytes(s3):
+    """`bench data --source s3` against the test server (S3_FAULTS_FILE, S3_REQUESTS_LOG in the environment)."""
+    done = bench("data", "--source", "s3", "--url", "s3://unetdist-bench-test/data", "--tiles", "64", "--tile", "32",
+                 "--batch", "8", "--latency-ms", "5", "--repeats", "1", timeout=120)
+    assert done.returncode == 0, done.stderr
+    pairs = final_pairs(done.stdout)
+    for key in ("remote_vs_local_cold_5ms", "remote_vs_local_warm_5ms", "local_samples_per_s_5ms"):
+        assert float(pairs[key]) > 0, key
+    assert pairs["counted_by"] == "request_log" and pairs["latency_ms"] == "5"
+    assert float(pairs["gets_per_sample"]) > 0
+    assert float(pairs["bytes_fetched_over_used"]) >= 1.0  # headers between a sample's members come along
+    assert s3.faults().get("latency_ms", 0) == 0  # the injected latency is taken back
+    assert any(row[2] != "-" for row in s3.requests("GET") if row[1].endswith(".tar")), "ranged GETs of shards"
+
+
+def test_bench_data_local_times_the_peers_and_zarr_block_sizes():
+    done = bench("data", "--format", "zarr", "--tiles", "256", "--tile", "32", "--batch", "8",
+                 "--batches", "4", "--repeats", "1", "--block-sizes", "1,8")
+    assert done.returncode == 0, done.stderr
+    pairs = final_pairs(done.stdout)
+    for key in ("samples_per_s", "ceiling_samples_per_s", "wds_npy_samples_per_s", "loader_vs_ceiling",
+                "loader_vs_png_wds", "loader_vs_wds_npy", "zarr_block1_samples_per_s",
+                "zarr_block8_samples_per_s"):
+        assert float(pairs[key]) > 0, key
+    if pairs["mds"] == "not_installed":  # mosaicml-streaming is optional
+        assert "mds=not installed" in done.stderr and "loader_vs_mds" not in pairs
+    else:
+        assert float(pairs["mds_samples_per_s"]) > 0 and float(pairs["loader_vs_mds"]) > 0
+    # 256 tiles of 32 px: 64-tile chunks, so a batch of 8 in blocks of 8 is one chunk, in blocks of 1 several
+    assert pairs["zarr_chunk_tiles"] == "64" and pairs["zarr_block8_blocks_per_batch"] == "1"
+    assert float(pairs["zarr_block1_blocks_per_batch"]) > 3
+    done = bench("data", "--block-sizes", "1,2")  # the tar shards have no block size to time
+    assert done.returncode == 2 and "--format zarr" in done.stderr

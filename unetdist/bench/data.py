@@ -1,23 +1,44 @@
-"""``python -m unetdist.bench data``: loader throughput vs an in-memory ceiling and a plain PNG-in-tar pipeline.
+"""``python -m unetdist.bench data``: loader throughput vs an in-memory ceiling and other libraries' loaders.
+
+    python -m unetdist.bench data --tiles 1024 --tile 256 --workers 2 --batch 32
+    python -m unetdist.bench data --format zarr --tiles 1024 --batch 32 --block-sizes 1,2,4,8
 
 Writes ``--tiles`` synthetic uint16 tiles (``--tile`` px) as npy tar shards, a Zarr store and
-PNG tar shards into ``--dir``, then times, with ``--workers`` DataLoader workers each:
+PNG tar shards into ``--dir`` (and, where Mosaic Streaming is importable, an MDS data set of the
+same tiles), then times, with ``--workers`` DataLoader workers each:
 the unetdist loader (read + decode + crop + augmentation parameters, compact dtype out),
 the in-memory ceiling (the same loader, workers and batches, over tiles already decoded in
-memory: everything but the I/O and decoding), and ``webdataset.WebDataset(...).decode("torch")``
-on the PNGs (the obvious pipeline). The loader and the ceiling are timed in alternating
-windows (``--repeats`` each) so that load from other processes hits both alike;
-``loader_vs_ceiling`` is the median of the windows' ratios. Also reported: a bare copy of random tiles out of an array (no
-sequence, no augmentation parameters, no keys) as the floor of the per-batch cost, and the
-augmentation that runs in the training process (``to_model_input``: uint16 -> float, flips,
-intensity, noise, elastic deformation through ``grid_sample``, normalisation) on one CPU thread
-(per core) and, with ``--device cuda``, on the GPU (host-to-device copy included), so the
-cores per GPU that a training rate needs can be read off.
+memory: everything but the I/O and decoding), and the peers of :mod:`unetdist.bench.peers`:
+webdataset's obvious pipeline over the same npy shards (``wds_npy``) and Mosaic Streaming
+(``mds``; ``mds=not installed`` where ``import streaming`` fails, with the reason on stderr).
+All of them are timed in rounds of one window each, in turn (``--repeats`` rounds), so that
+load from other processes hits them alike; ``loader_vs_ceiling``, ``loader_vs_wds_npy`` and
+``loader_vs_mds`` are the medians of the rounds' ratios, the rates the medians of the windows.
+``other_load_cores`` (median, and ``_max``): the cores that other processes kept busy during the
+windows (Linux), so that a slow window can be told from a contended one (on 2 cores, one core
+busy elsewhere took windows here from ~3,500 to ~2,000 samples/s, ceiling and loader alike).
+Most of the ceiling's cost is the hand-over itself: a worker writes each item into a fresh
+shared-memory block, and faulting in its pages (~4 us per 4 KiB page) was half the ceiling's
+time here (the same ceiling with one reused block per worker: 2.0-2.4x the rate), so anything
+that slows page allocation (memory pressure, a container's memory limit) slows it most.
+``--block-sizes 1,2,4,8`` (``--format zarr``) adds a loader per ``data.block_size`` to the rounds
+(``zarr_block<k>_samples_per_s``) and, from the sequence alone, the mean number of distinct
+storage chunks a micro-batch draws from (``zarr_block<k>_blocks_per_batch``; block size 1 is a
+full shuffle). Also reported: the obvious webdataset pipeline on PNGs (``png_wds``, timed once),
+a bare copy of random tiles out of an array (no sequence, no augmentation parameters, no keys)
+as the floor of the per-batch cost, and the augmentation that runs in the training process
+(``to_model_input``: uint16 -> float, flips, intensity, noise, elastic deformation through
+``grid_sample``, normalisation) on one CPU thread (per core) and, with ``--device cuda``, on the
+GPU (host-to-device copy included), so the cores per GPU that a training rate needs can be read off.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import multiprocessing
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unetdist.bench import peers
+from unetdist.data.sequence import Blocks, GlobalSequence
 from unetdist.data.sources.base import StoredSamples
 
 
@@ -33,11 +56,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--tiles", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch size; none given: 16, --source s3: 32")
     parser.add_argument("--batches", type=int, default=96, help="micro-batches timed per window")
-    parser.add_argument("--repeats", type=int, default=7, help="alternating timing windows of loader and ceiling")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="alternating timing windows of loader and ceiling (none given: 7); --source s3: "
+                             "rounds per latency of a local and a remote loader, two epochs each (none given: 3)")
     parser.add_argument("--dir", default="", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--block-sizes", default="",
+                        help="--format zarr: also time the loader at each data.block_size (e.g. 1,2,4,8)")
     parser.add_argument("--device", default="cpu", help="also time the augmentation on this device (e.g. cuda)")
+    parser.add_argument("--source", choices=("local", "s3"), default="local",
+                        help="s3: the tar loader reading from the S3 server at AWS_ENDPOINT_URL, against local "
+                             "(unetdist/bench/remote_data.py)")
+    parser.add_argument("--url", default="s3://unetdist-bench/data", help="--source s3: the prefix to upload to")
+    parser.add_argument("--latency-ms", default="20,50",
+                        help="--source s3: latencies injected into GETs through S3_FAULTS_FILE (comma list)")
 
 
 def _write(folder: Path, tiles: int, size: int) -> None:
@@ -115,6 +148,77 @@ def _augment_rate(batch: dict, device: str, repeats: int) -> float:
     return repeats * len(batch["image"]) / (time.perf_counter() - start)
 
 
+def _block_sizes(args) -> list[int]:
+    """``--block-sizes`` as integers; refused (exit 2) with anything but ``--format zarr``."""
+    if not args.block_sizes:
+        return []
+    if args.format != "zarr":
+        raise ValueError(f"--block-sizes {args.block_sizes}: block sizes are timed for --format zarr only")
+    try:
+        sizes = [int(text) for text in args.block_sizes.split(",") if text.strip()]
+    except ValueError:
+        raise ValueError(f"--block-sizes {args.block_sizes}: expected comma-separated integers") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--block-sizes {args.block_sizes}: block sizes are positive integers")
+    return sizes
+
+
+def blocks_per_batch(
+    counts: list[int], block_size: int, chunk_tiles: int, batch: int, epochs: int = 3
+) -> float:
+    """Mean number of distinct storage chunks (``chunk_tiles`` consecutive samples) per micro-batch of
+    ``batch`` over the first ``epochs`` epochs of the sequence with ``block_size``: the shuffle's
+    quality (neighbouring tiles are alike) and the chunks a batch decodes. Pure: no data is read."""
+    blocks = Blocks.from_counts(counts, block_size)
+    sequence = GlobalSequence(blocks, seed=0, global_batch_size=batch, epoch_end="pad")
+    distinct = []
+    for first in range(0, epochs * sequence.epoch_length, batch):
+        _, units, indices = sequence.locate(np.arange(first, first + batch))
+        distinct.append(len(set(zip(units.tolist(), (indices // chunk_tiles).tolist(), strict=True))))
+    return float(np.mean(distinct))
+
+
+def _cpu_s_of_others() -> float | None:
+    """CPU seconds the machine's other processes (not this one, not its children) have used so far:
+    busy time from ``/proc/stat`` less this process tree's; None where ``/proc`` is not there."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = sum(fields[:3]) + fields[5] + fields[6]  # user, nice, system, irq, softirq
+        ours = 0
+        for pid in [os.getpid(), *(child.pid for child in multiprocessing.active_children())]:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ours += int(stat[11]) + int(stat[12])  # utime, stime
+    except (AttributeError, OSError, ValueError, IndexError):
+        return None
+    return (busy - ours) / ticks
+
+
+def _rounds(
+    contestants: dict[str, tuple], batches: int, batch: int, repeats: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Samples/s of each ``name: (iterator, items in flight)`` in ``repeats`` rounds of one window each, in
+    turn, and the cores other processes kept busy in each window (none: not measurable here)."""
+    for iterator, buffered in contestants.values():
+        # untimed: every loader's workers start (the next one's would otherwise start in a timed window)
+        _rate(iterator, 4, batch, buffered)
+    rates: dict[str, list[float]] = {name: [] for name in contestants}
+    other_cores = []
+    for round_index in range(repeats):
+        print(f"bench data: round {round_index + 1} of {repeats}", file=sys.stderr, flush=True)
+        for name, (iterator, buffered) in contestants.items():
+            others_before, start = _cpu_s_of_others(), time.perf_counter()
+            rates[name].append(_rate(iterator, batches, batch, buffered))
+            others_after = _cpu_s_of_others()
+            if others_before is not None and others_after is not None:
+                other_cores.append(max(0.0, others_after - others_before) / (time.perf_counter() - start))
+    return rates, other_cores
+
+
+def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return float(np.median(np.divide(numerators, denominators)))
+
+
 def run(args) -> dict[str, float | int | str]:
     import webdataset as wds
     from torch.utils.data import DataLoader
@@ -122,6 +226,12 @@ def run(args) -> dict[str, float | int | str]:
     from unetdist.config import DataConfig
     from unetdist.data import build_train_loader
 
+    if args.source == "s3":
+        from unetdist.bench import remote_data
+
+        return remote_data.run(args, write_tiles=_write)
+    args = argparse.Namespace(**{**vars(args), "batch": args.batch or 16, "repeats": args.repeats or 7})
+    block_sizes = _block_sizes(args)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.dir or scratch)
         folder.mkdir(parents=True, exist_ok=True)
@@ -135,20 +245,32 @@ def run(args) -> dict[str, float | int | str]:
 
         group = zarr.open_group(str(folder / "data.zarr"), mode="r", path="train")
         images, masks = group["image"][:], group["mask"][:]
-        loader = iter(build_train_loader(data, **options))
-        memory = iter(build_train_loader(data, **options, source=_InMemoryTiles(images, masks)))
+        chunk_tiles = int(group["image"].chunks[0])
+        mds_version, mds_missing = peers.mds_available()
+        if mds_version:
+            peers.write_mds(folder / "mds", images, masks)
+        else:
+            print(f"mds=not installed ({mds_missing}): pip install mosaicml-streaming", file=sys.stderr)
         buffered = data.prefetch_factor * max(1, args.workers)
-        loader_rates, ceiling_rates = [], []
-        # untimed: both loaders' workers start (the second's would otherwise start during the first's window)
-        _rate(loader, 4, args.batch, buffered)
-        _rate(memory, 4, args.batch, buffered)
-        for _ in range(args.repeats):
-            loader_rates.append(_rate(loader, args.batches, args.batch, buffered))
-            ceiling_rates.append(_rate(memory, args.batches, args.batch, buffered))
-        loader_rate, ceiling_rate = float(np.median(loader_rates)), float(np.median(ceiling_rates))
-        ratio = float(np.median(np.divide(loader_rates, ceiling_rates)))
-        sample = next(loader)
-        del loader, memory  # their workers stop
+        npy_shards = sorted(str(p) for p in folder.glob("train-*.tar"))
+        contestants = {
+            "loader": (iter(build_train_loader(data, **options)), buffered),
+            "ceiling": (iter(build_train_loader(data, **options, source=_InMemoryTiles(images, masks))),
+                        buffered),
+            "wds_npy": (peers.wds_npy_batches(npy_shards, batch=args.batch, workers=args.workers),
+                        peers.in_flight(args.workers)),
+        }
+        if mds_version:
+            contestants["mds"] = (peers.mds_batches(folder / "mds", batch=args.batch, workers=args.workers),
+                                  peers.in_flight(args.workers))
+        for size in block_sizes:
+            blocked = dataclasses.replace(data, block_size=size)
+            contestants[f"zarr_block{size}"] = (iter(build_train_loader(blocked, **options)), buffered)
+        rates, other_cores = _rounds(contestants, args.batches, args.batch, args.repeats)
+        medians = {name: float(np.median(values)) for name, values in rates.items()}
+        loader_rates, ceiling_rates = rates["loader"], rates["ceiling"]
+        sample = next(contestants["loader"][0])
+        del contestants  # their workers stop
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         augment_rate = _augment_rate(sample, "cpu", 4)
@@ -163,19 +285,40 @@ def run(args) -> dict[str, float | int | str]:
         png_pipeline = wds.WebDataset(pngs, shardshuffle=False, empty_check=False, nodesplitter=None,
                                       workersplitter=wds.split_by_worker).repeat().decode("torch").to_tuple("image.png", "mask.png").batched(args.batch)
         png_rate = _rate(iter(DataLoader(png_pipeline, batch_size=None, num_workers=args.workers)), args.batches, args.batch, 0)
+    loader_rate = medians["loader"]
     tile_mb = args.tile * args.tile * 2 / 1e6
     cores = max(1, args.workers)
+    peer_rates = {"wds_npy_samples_per_s": round(medians["wds_npy"], 1)}
+    peer_ratios: dict[str, float | str] = {
+        "loader_vs_wds_npy": round(_median_ratio(loader_rates, rates["wds_npy"]), 2),
+        "mds": mds_version or "not installed",
+    }
+    if mds_version:
+        peer_rates["mds_samples_per_s"] = round(medians["mds"], 1)
+        peer_ratios["loader_vs_mds"] = round(_median_ratio(loader_rates, rates["mds"]), 2)
+    blocks: dict[str, float] = {}
+    for size in block_sizes:
+        blocks[f"zarr_block{size}_samples_per_s"] = round(medians[f"zarr_block{size}"], 1)
+        blocks[f"zarr_block{size}_blocks_per_batch"] = round(
+            blocks_per_batch([len(images)], size, chunk_tiles, args.batch), 1)
     return {
         "format": args.format,
         "workers": args.workers,
+        "batch": args.batch,
         "samples_per_s": round(loader_rate, 1),
         "mb_per_s": round(loader_rate * tile_mb, 1),
-        "ceiling_samples_per_s": round(ceiling_rate, 1),
+        "ceiling_samples_per_s": round(medians["ceiling"], 1),
         "bare_copy_samples_per_s": round(bare_rate, 1),
         "png_wds_samples_per_s": round(png_rate, 1),
-        "loader_vs_ceiling": round(ratio, 3),
+        **peer_rates,
+        "loader_vs_ceiling": round(_median_ratio(loader_rates, ceiling_rates), 3),
         "loader_vs_ceiling_windows": "/".join(f"{a / b:.2f}" for a, b in zip(loader_rates, ceiling_rates, strict=True)),
         "loader_vs_png_wds": round(loader_rate / png_rate, 2),
+        **peer_ratios,
+        **blocks,
+        **({"zarr_chunk_tiles": chunk_tiles} if block_sizes else {}),
+        **({} if not other_cores else {"other_load_cores": round(float(np.median(other_cores)), 2),
+                                       "other_load_cores_max": round(max(other_cores), 2)}),
         "tiles_per_s_per_core": round(loader_rate / cores, 1),
         "cpu_augment_tiles_per_s_per_core": round(augment_rate, 1),
         **({} if device_rate is None else {"device": args.device, "device_augment_tiles_per_s": round(device_rate, 1)}),
