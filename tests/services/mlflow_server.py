@@ -20,8 +20,6 @@ Usage::
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,14 +28,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
+from services.processes import free_port, stop_group
+
+__all__ = ["MlflowServer", "MlflowServerError", "free_port"]
+
 LOG_TAIL_LINES = 40
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _health_ok(port: int) -> bool:
@@ -117,26 +112,7 @@ class MlflowServer:
         process, self._process = self._process, None
         if process is None:
             return
-        # start_new_session made the server a group leader: its pid is the group id
-        group_id = process.pid
-        try:
-            os.killpg(group_id, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + timeout_s
-        while True:
-            process.poll()  # reap the leader: a zombie still counts as a group member
-            if not group_alive(group_id):
-                break
-            if time.monotonic() > deadline:
-                # the worker may ignore SIGTERM while the leader is already gone
-                try:
-                    os.killpg(group_id, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                break
-            time.sleep(0.1)
-        process.wait()
+        stop_group(process, timeout_s)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -160,12 +136,3 @@ class MlflowServer:
     ) -> None:
         self.stop()
 
-
-def group_alive(group_id: int) -> bool:
-    try:
-        os.killpg(group_id, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

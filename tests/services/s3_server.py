@@ -27,7 +27,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
 
-from services.mlflow_server import free_port, group_alive
+from services.processes import free_port, stop_group
 
 SERVER_SCRIPT = Path(__file__).resolve().with_name("s3_faults.py")
 # a lost race for a "free" port: werkzeug's make_server prints this and exits 1 (s3_faults.py's own
@@ -150,25 +149,7 @@ class S3Server:
         process, self._process = self._process, None
         if process is None:
             return
-        # start_new_session made the server a group leader: its pid is the group id
-        group_id = process.pid
-        try:
-            os.killpg(group_id, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + timeout_s
-        while True:
-            process.poll()  # reap the leader: a zombie still counts as a group member
-            if not group_alive(group_id):
-                break
-            if time.monotonic() > deadline:
-                try:
-                    os.killpg(group_id, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                break
-            time.sleep(0.05)
-        process.wait()
+        stop_group(process, timeout_s, poll_s=0.05)
 
     # --- faults and the request log --------------------------------------------------------------
 
