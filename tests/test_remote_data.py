@@ -320,3 +320,11 @@ def test_training_from_s3_resumes_on_another_rank_count_and_writes_no_credential
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts]
     leaks = [p for p in written if SECRET.encode() in p.read_bytes()]
     assert not leaks and SECRET not in logs, f"the secret key was written to {leaks[:3]}"
+
+
+def test_a_node_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path, caplog):
+    cache = NodeCache(str(tmp_path), "split", limit_bytes=1000)
+    cache.folder.rmdir()
+    cache.folder.write_text("")  # the folder gone, a file in its place: every write fails, even as root
+    assert cache.put({entry_name(0, 0, "s"): bytes(10)}) == 0
+    assert "cannot write" in caplog.text

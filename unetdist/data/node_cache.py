@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 _ENTRY = re.compile(r"^u(\d+)-i(\d+)-")
 NextUse = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
@@ -59,6 +62,7 @@ class NodeCache:
         self.folder = split_folder(cache_dir, identity)
         self.limit_bytes = int(limit_bytes)
         self.schedule: Schedule | None = None  # set by the training stream: Belady eviction
+        self._warned = False
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def get(self, name: str) -> bytes | None:
@@ -104,7 +108,18 @@ class NodeCache:
         return found
 
     def put(self, entries: dict[str, bytes]) -> int:
-        """Cache ``entries`` (name -> bytes) as far as the limit allows; how many were cached."""
+        """Cache ``entries`` (name -> bytes) as far as the limit allows; how many were cached.
+        A cache that cannot be written (disk full, gone) is warned about and skipped: the bytes
+        are in memory, training goes on."""
+        try:
+            return self._put(entries)
+        except OSError as err:
+            if not self._warned:
+                log.warning("node cache %s: cannot write (%s); fetched data is not cached", self.folder, err)
+                self._warned = True
+            return 0
+
+    def _put(self, entries: dict[str, bytes]) -> int:
         entries = {name: data for name, data in entries.items() if len(data) <= self.limit_bytes}
         if not entries:
             return 0
@@ -119,8 +134,13 @@ class NodeCache:
                 if total + len(data) > self.limit_bytes:
                     continue  # all that is left is needed sooner: use it from memory only
                 partial = self.folder / f".{name}.{os.getpid()}"
-                partial.write_bytes(data)
-                os.replace(partial, self.folder / name)
+                try:
+                    partial.write_bytes(data)
+                    os.replace(partial, self.folder / name)
+                except OSError:
+                    partial.unlink(missing_ok=True)
+                    self._set_usage(total)
+                    raise
                 total += len(data)
                 stored += 1
             self._set_usage(total)
