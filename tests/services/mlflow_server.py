@@ -25,14 +25,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import NoReturn
 
-from services.processes import free_port, stop_group
+from services.processes import LoggedServer, free_port, stop_group
 
 __all__ = ["MlflowServer", "MlflowServerError", "free_port"]
 
-LOG_TAIL_LINES = 40
 
 
 def _health_ok(port: int) -> bool:
@@ -49,8 +46,10 @@ class MlflowServerError(RuntimeError):
     """The server did not come up; the message holds the tail of its log."""
 
 
-class MlflowServer:
+class MlflowServer(LoggedServer):
     """``mlflow server`` with a SQLite store and proxied artifacts under ``state_dir``."""
+
+    error = MlflowServerError
 
     def __init__(self, state_dir: str | os.PathLike[str], port: int | None = None) -> None:
         self.state_dir = Path(state_dir).resolve()
@@ -114,25 +113,6 @@ class MlflowServer:
             return
         stop_group(process, timeout_s)
 
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def _fail(self, message: str) -> NoReturn:
-        tail = self.log_tail()
-        self.stop(timeout_s=5.0)
-        raise MlflowServerError(f"{message}; log {self.log_path}:\n{tail}")
-
     def __enter__(self) -> str:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 

@@ -11,6 +11,11 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
+from types import TracebackType
+from typing import NoReturn
+
+LOG_TAIL_LINES = 40
 
 
 def free_port() -> int:
@@ -51,3 +56,30 @@ def stop_group(process: subprocess.Popen, timeout_s: float, poll_s: float = 0.1)
             break
         time.sleep(poll_s)
     process.wait()
+
+
+class LoggedServer:
+    """What a server wrapper with one log file shares: its tail in failures, and ``with`` stopping it.
+    Subclasses set ``log_path`` and ``error`` (the exception type) and implement ``start``/``stop``."""
+
+    log_path: Path
+    error: type[Exception] = RuntimeError
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _fail(self, message: str) -> NoReturn:
+        tail = self.log_tail()
+        self.stop(timeout_s=5.0)
+        raise self.error(f"{message}; log {self.log_path}:\n{tail}")
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -32,25 +32,25 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any
 
-from services.processes import free_port, stop_group
+from services.processes import LoggedServer, free_port, stop_group
 
 SERVER_SCRIPT = Path(__file__).resolve().with_name("s3_faults.py")
 # a lost race for a "free" port: werkzeug's make_server prints this and exits 1 (s3_faults.py's own
 # exit code 4 for EADDRINUSE is never reached with werkzeug 3.1)
 _PORT_IN_USE_MARK = "is in use by another program"
 _PORT_TRIES = 3
-LOG_TAIL_LINES = 40
 
 
 class S3ServerError(RuntimeError):
     """The server did not come up; the message holds the tail of its log."""
 
 
-class S3Server:
+class S3Server(LoggedServer):
     """moto's S3 behind ``s3_faults.py`` with its state (faults, request log, server log) in ``state_dir``."""
+
+    error = S3ServerError
 
     def __init__(self, state_dir: str | os.PathLike[str], port: int | None = None) -> None:
         self.state_dir = Path(state_dir).resolve()  # s3_faults.py reports its realpath
@@ -217,27 +217,6 @@ class S3Server:
         )
         client.create_bucket(Bucket=name)
 
-    # --- failures ---------------------------------------------------------------------------------
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def _fail(self, message: str) -> NoReturn:
-        tail = self.log_tail()
-        self.stop(timeout_s=5.0)
-        raise S3ServerError(f"{message}; log {self.log_path}:\n{tail}")
-
     def __enter__(self) -> S3Server:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
