@@ -119,6 +119,18 @@ def tiny_run_overrides(shards: Path, output_dir: Path, tracking_uri: str) -> lis
     ]
 
 
+def recorded_keys(output_dir: Path) -> dict[int, list[str]]:
+    """step -> the sorted sample keys of that global step, over all ranks (train.record_samples=true)."""
+    import json
+
+    steps: dict[int, list[str]] = {}
+    for path in (output_dir / "samples").glob("rank-*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps.setdefault(record["step"], []).extend(record["keys"])
+    return {step: sorted(keys) for step, keys in steps.items()}
+
+
 # --- Slurm ----------------------------------------------------------------------
 
 

@@ -276,11 +276,10 @@ def test_training_from_s3_resumes_on_another_rank_count_and_writes_no_credential
     """A real run from s3://: stopped after 4 steps at 2 ranks (torchrun), resumed at 1 rank to 8 steps;
     its steps hold the samples of the uninterrupted sequence over the local shards, and the secret key
     is in no file, param or log."""
-    import json
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT, tiny_run_overrides
+    from conftest import REPO_ROOT, recorded_keys, tiny_run_overrides
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     url = f"s3://{BUCKET}/cell-shards"
@@ -301,21 +300,13 @@ def test_training_from_s3_resumes_on_another_rank_count_and_writes_no_credential
         assert result.returncode == 0, result.stderr[-4000:]
         return result.stdout + result.stderr
 
-    def keys(out: Path) -> dict[int, list[str]]:
-        steps: dict[int, list[str]] = {}
-        for path in (out / "samples").glob("rank-*.jsonl"):
-            for line in path.read_text().splitlines():
-                record = json.loads(line)
-                steps.setdefault(record["step"], []).extend(record["keys"])
-        return {step: sorted(k) for step, k in steps.items()}
-
     local = DataConfig(root=str(cell_shards), tile_size=64, num_workers=0)
     batches = iter(build_train_loader(local, rank=0, world_size=1, seed=0, global_batch_size=8, micro_batch_size=8,
                                       in_channels=1, num_classes=2, use_weight_map=True))
     uninterrupted = {step: sorted(next(batches)["key"]) for step in range(1, 9)}  # recorded after the step
     resumed = tmp_path / "s3"
     logs = run(url, resumed, 4, 2) + run(url, resumed, 8, 1, "--resume", "auto")
-    assert keys(resumed) == uninterrupted
+    assert recorded_keys(resumed) == uninterrupted
     assert "saved by 2 ranks" in logs
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts]
     leaks = [p for p in written if SECRET.encode() in p.read_bytes()]

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_run_overrides
+from conftest import REPO_ROOT, recorded_keys, tiny_run_overrides
 
 from unetdist import checkpoint as ckpt
 from unetdist.preemption import EXIT_PREEMPTED
@@ -46,16 +46,6 @@ def train(args: list[str], nproc: int = 2, **kwargs) -> subprocess.CompletedProc
 
 def final_model(output_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_checkpoint(ckpt.latest_good_checkpoint(output_dir / "checkpoints"))["model"]
-
-
-def recorded_keys(output_dir: Path) -> dict[int, list[str]]:
-    """step -> the sorted sample keys of that global step, over all ranks."""
-    steps: dict[int, list[str]] = {}
-    for path in (output_dir / "samples").glob("rank-*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            steps.setdefault(record["step"], []).extend(record["keys"])
-    return {step: sorted(keys) for step, keys in steps.items()}
 
 
 def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -84,16 +84,7 @@ class MlflowServer(LoggedServer):
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true",
         }
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                cwd=self.state_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._process = self._spawn(command, env, self.state_dir)
         deadline = time.monotonic() + timeout_s
         while not _health_ok(self.port):
             if self._process.poll() is not None:

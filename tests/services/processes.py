@@ -68,6 +68,12 @@ class LoggedServer:
     def stop(self, timeout_s: float = 10.0) -> None:
         raise NotImplementedError
 
+    def _spawn(self, command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+        """Start the server in its own session, stdin closed, output appended to ``log_path``."""
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

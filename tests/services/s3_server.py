@@ -102,17 +102,8 @@ class S3Server(LoggedServer):
                    "--port", str(self.port)]  # fmt: skip
         # TMPDIR: moto spools big objects there (the script sets it too)
         env = {**os.environ, "TMPDIR": str(self.state_dir / "tmp"), "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "ab") as log:
-            log_start = log.tell()
-            self._process = subprocess.Popen(
-                command,
-                cwd=self.state_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._process = self._spawn(command, env, self.state_dir)
         deadline = time.monotonic() + timeout_s
         while not self._health_ok():
             code = self._process.poll()

@@ -138,7 +138,7 @@ class TrainStream(IterableDataset):
     def micro_batch(self, micro_index: int) -> dict[str, Any]:
         """This rank's micro-batch ``micro_index``: a pure function of the arguments and the data."""
         positions = self.layout.micro_batch_positions(micro_index)
-        epochs, _, _ = self.sequence.locate(positions)
+        epoch = int(positions[0]) // self.sequence.epoch_length  # a micro-batch lies within one epoch
         words = sample_words(self.sequence.seed, positions)  # this batch's random numbers, per position
         if self._schedule is not None:  # one step back: a slower rank may still read the step before
             step_start = int(positions[0]) // self.layout.global_batch_size * self.layout.global_batch_size
@@ -153,7 +153,7 @@ class TrainStream(IterableDataset):
             # numpy, not tensors: small arrays travel pickled inline, while every tensor costs
             # the training process a file-descriptor handoff from the worker.
             batch["augment"] = (spec, params, noise_seeds)
-        batch.update(index=micro_index, epoch=int(epochs[0]), skipped=skipped)
+        batch.update(index=micro_index, epoch=epoch, skipped=skipped)
         return to_model_input(batch, "cpu") if self.options.augment_on == "worker" else batch
 
 
