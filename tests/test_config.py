@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from unetdist.config import ConfigError, TrainConfig, batch_layout, load_config
+from unetdist.batch_layout import batch_layout
+from unetdist.config import ConfigError, TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from unetdist import distributed
-from unetdist.config import batch_layout, load_config
+from unetdist.batch_layout import batch_layout
+from unetdist.config import load_config
 from unetdist.model import build_unet
 from unetdist.optim import build_optimizer
 from unetdist.tracking.run_outputs import RunOutputs

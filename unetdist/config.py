@@ -37,11 +37,24 @@ def _choice(*allowed: str, default: str) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    format: str = _choice("webdataset", "zarr", default="webdataset")
+    format: str = _choice("webdataset", "zarr", "ome-zarr", default="webdataset")
     root: str = ""  # folder written by `python -m unetdist.prepare` (holds dataset.json)
     train_shards: str = ""  # brace pattern / path list; overrides root's train shards
     val_shards: str = ""
+    image_key: str = "image"  # tar members: KEY.<image_key>.npy|png|tif|tiff, the same for mask and weight
+    mask_key: str = "mask"
+    weight_key: str = "weight"
+    mask_kind: str = _choice("classes", "instances", "binary", default="classes")  # instances, binary: -> 0/1
     zarr_store: str = ""  # format=zarr: the store; empty: ROOT/data.zarr
+    image_array: str = ""  # format=zarr, a store of your own: arrays [N, C, H, W] / [N, H, W] (and weight)
+    mask_array: str = ""
+    weight_array: str = ""
+    images: list[str] = field(default_factory=list)  # format=ome-zarr: NGFF image paths/URLs or globs
+    labels: str = ""  # format=ome-zarr: the label image labels/<name> beside each image
+    level: int = 0  # format=ome-zarr: the multiscale level read (0: full resolution)
+    channels: list[int] = field(default_factory=list)  # format=ome-zarr: channel indices; empty: all
+    val_images: list[str] = field(default_factory=list)  # ome-zarr: validation images; empty: val_fraction
+    val_fraction: float = 0.1  # ome-zarr, plain zarr arrays: held out by image (or by region for one image)
     tile_size: int = 96  # model input tile; stored tiles are cropped to it
     num_workers: int = 1
     prefetch_factor: int = 2  # micro-batches in flight per worker
@@ -75,6 +88,8 @@ class DataConfig:
             "data.remote_attempts": (self.remote_attempts >= 1, "a positive number"),
             "data.remote_timeout_s": (self.remote_timeout_s > 0, "a positive number"),
             "data.block_size": (self.block_size >= 0, "zero or a positive number"),
+            "data.level": (self.level >= 0, "zero or a positive number"),
+            "data.val_fraction": (0.0 <= self.val_fraction < 1.0, "a fraction in [0, 1)"),
             "data.tiles_per_image": (self.tiles_per_image >= 1, "a positive number"),
             "data.prefetch_factor": (self.prefetch_factor >= 1, "a positive number"),
             "data.foreground_fraction": (0.0 <= self.foreground_fraction <= 1.0, "a fraction in [0, 1]"),
@@ -100,7 +115,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     kind: str = _choice("ce", "dice_ce", default="ce")
-    use_weight_map: bool = True  # the paper's border weight map, precomputed by prepare
+    # the paper's border weight map: auto uses a stored one, computes it from instance masks
+    # (data.mask_kind=instances), or trains without it for class masks; true requires one
+    use_weight_map: str = _choice("auto", "true", "false", default="auto")
     dice_weight: float = 1.0
 
 
@@ -317,8 +334,14 @@ def _coerce(value: Any, expected: Any, dotted: str, source: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+    if expected is str and isinstance(value, (int, float)):
+        return str(value).lower()  # a bool for a choice like loss.use_weight_map: "true"/"false"
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        items = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+        if isinstance(items, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in items):
+            return list(items)
+        raise ConfigError(f"{source}: {dotted} expects a list of {item.__name__}, got {value!r}")
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(
             f"{source}: {dotted} expects {expected.__name__}, got {value!r} ({type(value).__name__})"
@@ -369,7 +392,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.min_lr_ratio={config.optim.min_lr_ratio}: expected a value in [0, 1]")
     if config.data.format == "zarr" and not (config.data.root or config.data.zarr_store):
         raise ConfigError("data.format=zarr needs data.root (a `prepare --format zarr` folder) or data.zarr_store (the store)")
-    if config.data.format != "zarr" and not (config.data.root or config.data.train_shards):
+    if config.data.format == "ome-zarr" and not config.data.images:
+        raise ConfigError("data.format=ome-zarr needs data.images: NGFF image paths or URLs (globs allowed)")
+    if config.data.format == "webdataset" and not (config.data.root or config.data.train_shards):
         raise ConfigError("data.root or data.train_shards must be set: the folder `python -m unetdist.prepare` wrote")
     if config.checkpoint.resume not in ("never", "auto") and not Path(config.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={config.checkpoint.resume!r}: expected never, auto or an existing checkpoint")
@@ -384,39 +409,6 @@ def _validate_tile_size(model: ModelConfig, tile_size: int) -> None:
         check_input_size(model.preset, depth, tile_size)
     except ValueError as err:
         raise ConfigError(f"data.tile_size={tile_size}: {err}") from None
-
-
-# ---------------------------------------------------------------- derived quantities
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How the global batch is split over ranks and accumulation micro-steps."""
-
-    global_batch_size: int
-    world_size: int
-    per_rank_batch_size: int
-    micro_batch_size: int
-    accumulation_steps: int
-
-
-def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
-    """Derive per-rank batch and accumulation from the global batch; error when it does not divide."""
-    global_batch = train.global_batch_size
-    if global_batch % world_size:
-        lower = global_batch - global_batch % world_size
-        raise ConfigError(
-            f"train.global_batch_size={global_batch} does not divide over {world_size} ranks; "
-            f"use a multiple of {world_size} (e.g. {lower or world_size} or {lower + world_size}) or change --nproc_per_node"
-        )
-    per_rank = global_batch // world_size
-    micro = train.micro_batch_size or per_rank
-    if micro > per_rank or per_rank % micro:
-        raise ConfigError(
-            f"train.micro_batch_size={micro} must divide the per-rank batch {per_rank} "
-            f"(= train.global_batch_size {global_batch} / {world_size} ranks); use a divisor of {per_rank} or 0"
-        )
-    return BatchLayout(global_batch, world_size, per_rank, micro, per_rank // micro)
 
 
 def save_config(config: Config, path: Path) -> None:

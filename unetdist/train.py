@@ -26,7 +26,8 @@ import torch
 
 from unetdist import checkpoint as ckpt
 from unetdist import distributed, preemption
-from unetdist.config import RESUME_SAFE_KEYS, BatchLayout, Config, ConfigError, batch_layout, load_config
+from unetdist.batch_layout import BatchLayout, batch_layout
+from unetdist.config import RESUME_SAFE_KEYS, Config, ConfigError, load_config
 from unetdist.data import build_train_loader, build_val_loader
 from unetdist.distributed import DistributedContext
 from unetdist.logs import setup_logging

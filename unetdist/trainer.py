@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from unetdist import __version__, distributed
 from unetdist import checkpoint as ckpt
-from unetdist.config import BatchLayout, Config
+from unetdist.batch_layout import BatchLayout
+from unetdist.config import Config
 from unetdist.data import to_model_input
 from unetdist.distributed import DistributedContext
 from unetdist.geometry import center_crop
@@ -110,7 +111,7 @@ class Trainer:
         image = batch["image"]
         if self.config.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        weight = batch.get("weight") if self.config.loss.use_weight_map else None
+        weight = batch.get("weight")  # present when the data gives one (loss.use_weight_map)
         return image, batch["mask"], weight
 
     def _forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,7 @@ def _config(args: argparse.Namespace, world_size: int, output_dir: str):
 
 def _build(args: argparse.Namespace, output_dir: str) -> _Parts:
     from unetdist import distributed
-    from unetdist.config import batch_layout
+    from unetdist.batch_layout import batch_layout
     from unetdist.optim import build_optimizer
     from unetdist.preemption import StopSignal
     from unetdist.trainer import build_model
