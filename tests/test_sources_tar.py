@@ -84,10 +84,11 @@ def _corrupt(data: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (hand_sample("no_mask", **{"mask.npy": None}), r"sample no_mask: missing \['mask'\]"),
-        (hand_sample("label", label=3), r"sample label: mask label 3 out of range"),
+        (hand_sample("no_mask", **{"mask.npy": None}), r"sample no_mask: no member for \['mask'\] .*it has "
+         r"\['image.npy', 'weight.npy'\]: set data.image_key and data.mask_key"),
+        (hand_sample("label", label=3), r"sample label: mask label 3 out of range.*data.mask_kind=instances$"),
         (hand_sample("binary", label=255), r"sample binary: mask labels 0/255; binary masks are 0/1 here: "
-         r"prepare the masks with --mask-kind binary, which maps 255 -> 1$"),
+         r"set data.mask_kind=binary$"),
         (hand_sample("shape", **{"mask.npy": np.zeros((TILE, TILE + 1), np.uint8)}), r"sample shape: image size"),
         (hand_sample("dtype", **{"mask.npy": np.zeros((TILE, TILE), np.float32)}), r"sample dtype: mask must be an integer"),
         (hand_sample("npy", **{"image.npy": None, "image.tif": b"not a tiff"}), r"sample npy: cannot decode image.tif"),

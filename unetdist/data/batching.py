@@ -63,14 +63,14 @@ def collate(
     image, image_out = _batch_array((count, channels, size, size), image_dtype, shared)
     mask, mask_out = _batch_array((count, size, size), np.dtype(np.uint8), shared)
     weight, weight_out = (None, None)
-    if samples[0].weight is not None:
+    if any(s.weight is not None for s in samples):
         weight, weight_out = _batch_array((count, size, size), np.dtype(np.float32), shared)
     for slot, (sample, (top, left)) in enumerate(zip(samples, windows, strict=True)):
         ys, xs = slice(top, top + size), slice(left, left + size)
         image_out[slot] = sample.image[:, ys, xs]
         mask_out[slot] = sample.mask[ys, xs]
-        if weight_out is not None:
-            weight_out[slot] = sample.weight[ys, xs]
+        if weight_out is not None:  # a sample without one beside samples with: uniform weights
+            weight_out[slot] = 1.0 if sample.weight is None else sample.weight[ys, xs]
     batch: dict[str, Any] = {
         "image": image,
         "mask": mask,

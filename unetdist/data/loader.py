@@ -49,7 +49,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from unetdist.config import DataConfig
 from unetdist.data.augment import AugmentSpec
 from unetdist.data.batching import BatchOptions, unpack
-from unetdist.data.preflight import check_cache_limit, check_tile_size, check_val_samples, log_topology
+from unetdist.data.preflight import (
+    check_cache_limit,
+    check_tile_size,
+    check_val_samples,
+    log_topology,
+    log_weight_maps,
+)
 from unetdist.data.samples import SampleChecks
 from unetdist.data.sequence import Blocks, GlobalSequence, RankLayout
 from unetdist.data.sources import Source, open_source
@@ -240,6 +246,12 @@ def _options(data: DataConfig, *, train: bool) -> BatchOptions:
     )
 
 
+def sample_checks(data: DataConfig, in_channels: int, num_classes: int, use_weight_map: bool | str) -> SampleChecks:
+    """What the model needs of a sample, and how the data config names and reads its fields."""
+    keys = (data.image_key, data.mask_key, data.weight_key)
+    return SampleChecks(data.tile_size, in_channels, num_classes, use_weight_map, data.mask_kind, keys)
+
+
 def build_train_loader(
     data: DataConfig,
     *,
@@ -249,7 +261,7 @@ def build_train_loader(
     micro_batch_size: int,
     in_channels: int,
     num_classes: int,
-    use_weight_map: bool,
+    use_weight_map: bool | str,
     global_batch_size: int = 0,
     start_sample: int = 0,
     multiprocessing_context: str | None = None,
@@ -261,7 +273,8 @@ def build_train_loader(
     ``source`` replaces the configured store with an already open
     :class:`~unetdist.data.sources.base.Source` (e.g. the bench's in-memory tiles).
     """
-    checks = SampleChecks(data.tile_size, in_channels, num_classes, use_weight_map)
+    checks = sample_checks(data, in_channels, num_classes, use_weight_map)
+    opened = source is None
     if source is None:
         check_tile_size(data)
         source = open_source(data, "train", checks)
@@ -277,6 +290,8 @@ def build_train_loader(
     )
     if rank == 0:
         log_topology(data, source, sequence, layout, block_size)
+        if opened:  # a source given ready (the bench's tiles in memory) has no data set to describe
+            log_weight_maps(source, checks, seed)
     if source.remote:
         check_cache_limit(data)
     # A worker hands over its data.prefetch_factor micro-batches in flight as one item (see pack),
@@ -306,11 +321,11 @@ def build_val_loader(
     micro_batch_size: int,
     in_channels: int,
     num_classes: int,
-    use_weight_map: bool,
+    use_weight_map: bool | str,
     multiprocessing_context: str | None = None,
 ) -> ValLoader:
     """A finite loader of this rank's share of the validation samples (the last batch may be short)."""
-    checks = SampleChecks(data.tile_size, in_channels, num_classes, use_weight_map)
+    checks = sample_checks(data, in_channels, num_classes, use_weight_map)
     source = open_source(data, "val", checks)
     check_val_samples(sum(source.counts), world_size)
     stream = ValStream(

@@ -4,13 +4,18 @@ before any worker starts, naming the setting to change.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 
+import numpy as np
+
 from unetdist.config import ConfigError, DataConfig
+from unetdist.data.augment import sample_words
 from unetdist.data.layout import DATASET_JSON, WHOLE_IMAGES
 from unetdist.data.remote import join, read_bytes
+from unetdist.data.samples import DataError, SampleChecks
 from unetdist.data.sequence import GlobalSequence, RankLayout
 from unetdist.data.sources.base import Source
 
@@ -61,6 +66,26 @@ def log_topology(
         change,
         handover,
     )
+
+
+def log_weight_maps(source: Source, checks: SampleChecks, seed: int) -> None:
+    """The start-up line saying where the border weight maps come from (loss.use_weight_map),
+    judged by the first training sample, read from a copy of the source (the original is
+    pickled into the workers unopened)."""
+    if checks.use_weight_map == "false":
+        log.info("border weight maps: off (loss.use_weight_map=false)")
+        return
+    probe = copy.deepcopy(source)
+    first = probe.read_windows(np.zeros(1, np.int64), np.zeros(1, np.int64), sample_words(seed, np.zeros(1)))[0]
+    if isinstance(first, DataError):
+        return  # the workers name it, by data.on_error
+    if first.weight is None:
+        how = "none: the data stores none and its masks are class ids (data.mask_kind=instances computes them)"
+    elif first.weight_computed:
+        how = "computed from the instance masks in the workers (w0=10, sigma=5)"
+    else:
+        how = "stored with the data"
+    log.info("border weight maps: %s (loss.use_weight_map=%s)", how, checks.use_weight_map)
 
 
 def check_tile_size(data: DataConfig) -> None:

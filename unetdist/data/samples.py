@@ -25,14 +25,32 @@ class DataError(ValueError):
     """A sample that cannot be used; the message names store, key and problem."""
 
 
+MASK_KINDS = ("classes", "instances", "binary")
+# Border weight maps computed in the workers from instance masks: the prepare defaults (the paper's).
+COMPUTED_W0, COMPUTED_SIGMA = 10.0, 5.0
+
+
 @dataclass(frozen=True)
 class SampleChecks:
-    """What a decoded sample must look like for the model it feeds."""
+    """What a decoded sample must look like for the model it feeds, and how to read its mask.
+
+    ``use_weight_map`` (``loss.use_weight_map``): "auto" takes a stored weight map, else computes
+    one from an instance mask, else trains without; "true" requires a stored or computed one;
+    "false" drops it. ``keys`` name the image, mask and weight members (``data.image_key`` ...).
+    """
 
     tile_size: int
     in_channels: int
     num_classes: int
-    use_weight_map: bool
+    use_weight_map: str | bool
+    mask_kind: str = "classes"
+    keys: tuple[str, str, str] = ("image", "mask", "weight")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.use_weight_map, bool):  # callers of before "auto" existed
+            object.__setattr__(self, "use_weight_map", "true" if self.use_weight_map else "false")
+        if self.use_weight_map not in ("auto", "true", "false") or self.mask_kind not in MASK_KINDS:
+            raise ValueError(f"use_weight_map={self.use_weight_map!r}, mask_kind={self.mask_kind!r}: unknown")
 
 
 @dataclass
@@ -44,6 +62,7 @@ class Sample:
     image: np.ndarray
     mask: np.ndarray
     weight: np.ndarray | None
+    weight_computed: bool = False  # computed from an instance mask, not stored (the start-up log says which)
 
 
 def load_npy(data: bytes | memoryview) -> np.ndarray:
@@ -100,9 +119,15 @@ def decode_field(name: str, data: bytes | memoryview) -> np.ndarray:
     raise ValueError(f"no decoder for .{suffix}")
 
 
+def member_names(stem: str) -> tuple[str, ...]:
+    """The member names ``stem`` (``data.image_key`` ...) matches: itself when it ends in a known
+    suffix (``seg.png``, ``png``), and ``stem.npy|png|tif|tiff``."""
+    own = (stem,) if stem.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES else ()
+    return own + tuple(f"{stem}.{suffix}" for suffix in IMAGE_SUFFIXES)
+
+
 def _field(fields: dict[str, memoryview], stem: str, where: str, key: str) -> np.ndarray | None:
-    for suffix in IMAGE_SUFFIXES:
-        name = f"{stem}.{suffix}"
+    for name in member_names(stem):
         if name in fields:
             try:
                 return decode_field(name, fields[name])
@@ -111,14 +136,21 @@ def _field(fields: dict[str, memoryview], stem: str, where: str, key: str) -> np
     return None
 
 
-def decode_sample(fields: dict[str, memoryview], key: str, where: str) -> tuple:
-    """(image, mask, weight-or-None) decoded from a sample's raw tar members."""
-    image = _field(fields, "image", where, key)
-    mask = _field(fields, "mask", where, key)
-    weight = _field(fields, "weight", where, key)
-    missing = [name for name, value in (("image", image), ("mask", mask)) if value is None]
+def decode_sample(
+    fields: dict[str, memoryview], key: str, where: str, keys: tuple[str, str, str] = ("image", "mask", "weight")
+) -> tuple:
+    """(image, mask, weight-or-None) decoded from a sample's raw tar members named by ``keys``."""
+    image_key, mask_key, weight_key = keys
+    image = _field(fields, image_key, where, key)
+    mask = _field(fields, mask_key, where, key)
+    weight = _field(fields, weight_key, where, key)
+    missing = [stem for stem, value in ((image_key, image), (mask_key, mask)) if value is None]
     if missing:
-        raise DataError(f"{where} sample {key}: missing {missing}; it has {sorted(fields)}")
+        raise DataError(
+            f"{where} sample {key}: no member for {missing} (data.image_key={image_key}, "
+            f"data.mask_key={mask_key}, each with .npy/.png/.tif/.tiff or its own suffix); it has "
+            f"{sorted(fields)}: set data.image_key and data.mask_key to those names"
+        )
     if image.ndim == 2:  # single-channel PNG/TIFF
         image = image[None]
     elif is_channels_last(image.shape):  # an RGB(A) picture, as predict reads it
@@ -139,25 +171,45 @@ def check_sample(
         raise DataError(f"{at}: mask must be an integer HxW array, got {mask.dtype} {mask.shape}")
     if image.shape[1:] != mask.shape:
         raise DataError(f"{at}: image size {image.shape[1:]} differs from mask size {mask.shape}")
-    low, high = 0 if mask.dtype.kind == "u" else int(mask.min()), int(mask.max())
-    if low < 0 or high >= checks.num_classes:
-        bad = high if high >= checks.num_classes else low
-        if high == 255 and set(np.unique(mask).tolist()) <= {0, 255}:
-            # a 0/255 binary mask: more classes would be the wrong fix
-            raise DataError(
-                f"{at}: mask labels 0/255; binary masks are 0/1 here: prepare the masks with "
-                "--mask-kind binary, which maps 255 -> 1"
-            )
-        raise DataError(f"{at}: mask label {bad} out of range for num_classes={checks.num_classes} (model.num_classes)")
+    if checks.mask_kind == "classes":
+        _check_class_ids(at, mask, checks.num_classes)
+    instances = mask if checks.mask_kind == "instances" else None
+    if checks.mask_kind != "classes":  # instance ids or any non-zero: foreground 1
+        mask = (mask != 0).astype(np.uint8)
     if min(mask.shape) < checks.tile_size:
         raise DataError(f"{at}: tile {mask.shape} is smaller than data.tile_size={checks.tile_size}")
-    if not checks.use_weight_map:
+    if checks.use_weight_map == "false":
         weight = None
-    elif weight is None:
+    elif weight is not None:
+        if weight.shape != mask.shape or not np.issubdtype(weight.dtype, np.floating):
+            raise DataError(
+                f"{at}: weight must be a float array of the mask's shape {mask.shape}, got {weight.dtype} {weight.shape}"
+            )
+    elif instances is not None:
+        return Sample(key, where, image, mask, computed_weight_map(instances), weight_computed=True)
+    elif checks.use_weight_map == "true":
         raise DataError(
-            f"{at}: missing its weight map (prepare with instance masks and without --no-weight-map, "
-            "or set loss.use_weight_map=false)"
+            f"{at}: missing its weight map (loss.use_weight_map=true): store one (prepare with instance masks), "
+            "set data.mask_kind=instances if the masks hold instance ids, or set loss.use_weight_map=auto"
         )
-    elif weight.shape != mask.shape or not np.issubdtype(weight.dtype, np.floating):
-        raise DataError(f"{at}: weight must be a float array of the mask's shape {mask.shape}, got {weight.dtype} {weight.shape}")
     return Sample(key, where, image, mask, weight)
+
+
+def computed_weight_map(instances: np.ndarray) -> np.ndarray:
+    """The paper's border weight map of an instance mask, as prepare stores it (float32)."""
+    from unetdist.weight_map import border_weight_map
+
+    return border_weight_map(instances, w0=COMPUTED_W0, sigma=COMPUTED_SIGMA).astype(np.float32)
+
+
+def _check_class_ids(at: str, mask: np.ndarray, num_classes: int) -> None:
+    low, high = 0 if mask.dtype.kind == "u" else int(mask.min()), int(mask.max())
+    if 0 <= low and high < num_classes:
+        return
+    bad = high if high >= num_classes else low
+    if high == 255 and set(np.unique(mask).tolist()) <= {0, 255}:  # more classes would be the wrong fix
+        raise DataError(f"{at}: mask labels 0/255; binary masks are 0/1 here: set data.mask_kind=binary")
+    raise DataError(
+        f"{at}: mask label {bad} out of range for num_classes={num_classes} (model.num_classes); "
+        "if the mask holds instance ids, set data.mask_kind=instances"
+    )

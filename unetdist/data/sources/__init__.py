@@ -6,6 +6,7 @@ satisfies :class:`~unetdist.data.sources.base.Source`, which is all the loader r
 * :mod:`~unetdist.data.sources.tar`: webdataset tar shards (``data.format=webdataset``)
 * :mod:`~unetdist.data.sources.zarr_tiles`: a pre-tiled Zarr store (``data.format=zarr``)
 * :mod:`~unetdist.data.sources.zarr_images`: a Zarr store of whole images (``prepare --whole-images``)
+* :mod:`~unetdist.data.sources.ome_zarr`: OME-Zarr (NGFF) images with a label image (``data.format=ome-zarr``)
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ __all__ = ["Source", "TarShards", "ZarrImages", "ZarrTiles", "list_shards", "ope
 
 
 def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
-    """The tar or Zarr source of ``split`` ("train" or "val") named by the data config."""
+    """The tar, Zarr or OME-Zarr source of ``split`` ("train" or "val") named by the data config."""
+    if data.format == "ome-zarr":
+        from unetdist.data.sources.ome_zarr import open_ome_zarr
+
+        configure_remote(data)
+        return open_ome_zarr(data, split, checks)
     if data.format == "zarr":
         store = data.zarr_store or (remote.join(data.root, STORE_NAME) if data.root else "")
         if not store:

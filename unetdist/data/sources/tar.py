@@ -230,7 +230,7 @@ class TarShards(StoredSamples):
     def _decode(self, sample: TarSample, data: memoryview, base: int, path: str) -> Sample | DataError:
         fields = {name: data[offset - base : offset - base + size] for name, offset, size in sample.members}
         try:
-            image, mask, weight = decode_sample(fields, sample.key, f"shard {path}")
+            image, mask, weight = decode_sample(fields, sample.key, f"shard {path}", self.checks.keys)
             return check_sample(sample.key, f"shard {path}", image, mask, weight, self.checks)
         except DataError as err:
             return err

@@ -251,7 +251,7 @@ class ZarrTiles(StoredSamples):
         A chunk the direct path cannot decode raises; it is not handed to zarr, whose Blosc
         codec would read past the end of a cut-short chunk."""
         names = ["image", "mask"] + (
-            ["weight"] if self.checks.use_weight_map and "weight" in self._arrays else []
+            ["weight"] if self.checks.use_weight_map != "false" and "weight" in self._arrays else []
         )
         direct = [self._chunk_files.get(name) for name in names]
         if all(direct):
