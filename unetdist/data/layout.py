@@ -156,7 +156,10 @@ def check_zarr_layout(store: str | Path, split: str, read: MetadataReader | None
     local = read is None
     read = read or local_metadata(store)
     store = str(store)
-    expected = f"expected a Zarr v3 store as `python -m unetdist.prepare --format zarr` writes: {ZARR_LAYOUT}"
+    expected = (
+        f"expected a Zarr v3 store as `python -m unetdist.prepare --format zarr` writes: {ZARR_LAYOUT}; "
+        "for a store of your own arrays, set data.image_array and data.mask_array"
+    )
     if local and not Path(store).is_dir():
         raise ValueError(f"zarr store {store} not found: prepare it with `python -m unetdist.prepare --format zarr`")
 

@@ -5,6 +5,7 @@ satisfies :class:`~unetdist.data.sources.base.Source`, which is all the loader r
 
 * :mod:`~unetdist.data.sources.tar`: webdataset tar shards (``data.format=webdataset``)
 * :mod:`~unetdist.data.sources.zarr_tiles`: a pre-tiled Zarr store (``data.format=zarr``)
+* :mod:`~unetdist.data.sources.zarr_arrays`: a Zarr store of the user's own arrays (``data.image_array`` ...)
 * :mod:`~unetdist.data.sources.zarr_images`: a Zarr store of whole images (``prepare --whole-images``)
 * :mod:`~unetdist.data.sources.ome_zarr`: OME-Zarr (NGFF) images with a label image (``data.format=ome-zarr``)
 """
@@ -19,6 +20,7 @@ from unetdist.data.node_cache import NodeCache
 from unetdist.data.samples import SampleChecks
 from unetdist.data.sources.base import Source
 from unetdist.data.sources.tar import TarShards, list_shards, shard_counts
+from unetdist.data.sources.zarr_arrays import open_zarr_arrays
 from unetdist.data.sources.zarr_images import ZarrImages
 from unetdist.data.sources.zarr_tiles import ZarrTiles
 
@@ -32,6 +34,9 @@ def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
 
         configure_remote(data)
         return open_ome_zarr(data, split, checks)
+    if data.format == "zarr" and (data.image_array or data.mask_array):  # a store of the user's own arrays
+        configure_remote(data)
+        return open_zarr_arrays(data, split, checks, _fetcher(data, split, [data.zarr_store]))
     if data.format == "zarr":
         store = data.zarr_store or (remote.join(data.root, STORE_NAME) if data.root else "")
         if not store:

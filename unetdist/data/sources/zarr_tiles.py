@@ -162,8 +162,17 @@ class ZarrTiles(StoredSamples):
     unit_name = "array"
 
     def __init__(
-        self, store: str | Path, split: str, checks: SampleChecks, fetcher: Fetcher | None = None
+        self,
+        store: str | Path,
+        split: str,
+        checks: SampleChecks,
+        fetcher: Fetcher | None = None,
+        arrays: dict[str, str] | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> None:
+        """``arrays``: a store of the user's own layout, {"image": path, "mask": path, "weight": path}
+        in the store, instead of the prepared ``SPLIT/image`` ...; ``rows``: the split's rows
+        ``[first, stop)`` of those arrays (default all)."""
         self.store, self.split, self.checks = str(store), split, checks
         self.remote = is_remote(self.store)
         self.fetcher = fetcher or (Fetcher(8, None) if self.remote else None)
@@ -171,18 +180,22 @@ class ZarrTiles(StoredSamples):
             raise ValueError(
                 f"zarr store {self.store} not found: prepare it with `python -m unetdist.prepare --format zarr`"
             )
+        self.own_layout = arrays is not None
+        self.paths = arrays or {name: f"{split}/{name}" for name in ("image", "mask", "weight", "origin")}
         self._pid = -1
         self._arrays: dict = {}
         self._origin_chunks: dict[int, np.ndarray] = {}
         self._chunk_files: dict[str, _ChunkFiles | None] = {}
-        group = self._open()
-        if "image" not in group or "mask" not in group:
+        found = self._open()
+        if "image" not in found or "mask" not in found:
+            group = found["group"]
             raise ValueError(
                 f"zarr store {self.store}/{split}: expected arrays image and mask, found {sorted(group.keys())}"
             )
-        self.counts = [int(group["image"].shape[0])]
-        self.chunk_tiles = int(group["image"].chunks[0])
-        self.stems = list(group.attrs.get("images", []))
+        self.first, stop = rows or (0, int(found["image"].shape[0]))
+        self.counts = [stop - self.first]
+        self.chunk_tiles = int(found["image"].chunks[0])
+        self.stems = list(found["group"].attrs.get("images", [])) if arrays is None else []
         self._pid, self._arrays = -1, {}  # reopen after pickling / forking
 
     def __getstate__(self) -> dict:
@@ -194,34 +207,36 @@ class ZarrTiles(StoredSamples):
 
     @property
     def names(self) -> list[str]:
-        return [f"{display(self.store)}/{self.split}"]
+        return [f"{display(self.store)}/{self.paths['image'] if self.own_layout else self.split}"]
 
     def follow(self, schedule: Schedule) -> None:
         if self.fetcher is not None and self.fetcher.cache is not None:
             self.fetcher.cache.schedule = schedule
 
-    def _open(self):
+    def _open(self) -> dict:
+        """{"group": the group holding the image array, and each array present by field name}."""
         import zarr
 
         if self._pid != os.getpid():
-            group = zarr.open_group(zarr_store(self.store), mode="r", path=self.split)
-            self._arrays = {
-                "group": group,
-                **{name: group[name] for name in ("image", "mask", "weight", "origin") if name in group},
-            }
+            root = zarr.open_group(zarr_store(self.store), mode="r")
+            parent = self.paths["image"].rpartition("/")[0]
+            self._arrays = {"group": root[parent] if parent else root}
+            for name, path in self.paths.items():
+                if path and path in root:
+                    self._arrays[name] = root[path]
             self._chunk_files = {
                 name: self._chunk_reader(name) for name in ("image", "mask", "weight") if name in self._arrays
             }
             self._pid = os.getpid()
-        return self._arrays["group"]
+        return self._arrays
 
     def _chunk_reader(self, name: str) -> _ChunkFiles | None:
         if not self.remote:
-            return _ChunkFiles.for_array(Path(self.store) / self.split / name, self._arrays[name])
+            return _ChunkFiles.for_array(Path(self.store) / self.paths[name], self._arrays[name])
         local = _ChunkFiles.for_array(Path("."), self._arrays[name])  # the codec checks, no files
         if local is None:
             return None
-        return _RemoteChunks(join(self.store, self.split, name), self._arrays[name], local.decompress, name)
+        return _RemoteChunks(join(self.store, self.paths[name]), self._arrays[name], local.decompress, name)
 
     def _fetch_chunks(self, readers: list[tuple[str, _ChunkFiles]], runs: list[tuple[int, int]]) -> dict:
         """The bytes of every chunk the runs touch, of every array, fetched together: {(array, chunk): bytes}."""
@@ -239,10 +254,12 @@ class ZarrTiles(StoredSamples):
             held[key] = got
         return held
 
-    def _key(self, origin: np.ndarray, index: int) -> str:
+    def _key(self, origin: np.ndarray, row: int) -> str:
+        if not self.stems:
+            return f"#{row}" if self.own_layout else f"{self.split}#{row}"
         image, top, left = origin.tolist()  # Python ints: cheaper than int() of each numpy scalar
         stem = self.stems[image] if 0 <= image < len(self.stems) else f"image{image}"
-        return sample_key(stem, top, left) if self.stems else f"{self.split}#{index}"
+        return sample_key(stem, top, left)
 
     def _read_runs(self, runs: list[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
         """The fields of each ``[begin, end)`` run: from the chunk files directly where the layout
@@ -310,11 +327,12 @@ class ZarrTiles(StoredSamples):
         return self._read_runs([(begin, end)])[0]
 
     def read(self, unit: int, indices: list[int]) -> list[Sample | DataError]:
+        """Samples ``indices`` of the split, rows ``first + i`` of its arrays."""
         self._open()
-        where = f"zarr store {self.store}/{self.split}"
+        where = f"zarr store {self.store}" + (f" {self.paths['image']}" if self.own_layout else f"/{self.split}")
         results: dict[int, Sample | DataError] = {}
         runs: list[list[int]] = []
-        for i in sorted(set(indices)):
+        for i in sorted({self.first + i for i in indices}):
             if runs and i == runs[-1][-1] + 1:
                 runs[-1].append(i)
             else:
@@ -339,10 +357,11 @@ class ZarrTiles(StoredSamples):
                     one, at = fields, offset
                 key = self._key(one["origin"][at], i)
                 weight = one["weight"][at] if "weight" in one else None
+                image = one["image"][at]
                 try:
                     results[i] = check_sample(
-                        key, where, one["image"][at], one["mask"][at], weight, self.checks
+                        key, where, image[None] if image.ndim == 2 else image, one["mask"][at], weight, self.checks
                     )
                 except DataError as err:
                     results[i] = err
-        return [results[i] for i in indices]
+        return [results[self.first + i] for i in indices]
