@@ -19,7 +19,8 @@ MAX_MODULE_LINES = 450
 # __init__); the longest match wins.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["unetdist", "unetdist.logs", "unetdist.geometry", "unetdist.seeding", "unetdist.precision",
-                    "unetdist.config", "unetdist.distributed", "unetdist.preemption", "unetdist.watchdog",
+                    "unetdist.config", "unetdist.batch_layout", "unetdist.distributed", "unetdist.preemption",
+                    "unetdist.watchdog",
                     # URLs as they may be written or logged: config, checkpoints and tracking all use it
                     "unetdist.redaction",
                     # tile-size arithmetic: config validates tile sizes with it
