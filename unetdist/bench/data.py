@@ -2,6 +2,7 @@
 
     python -m unetdist.bench data --tiles 1024 --tile 256 --workers 2 --batch 32
     python -m unetdist.bench data --format zarr --tiles 1024 --batch 32 --block-sizes 1,2,4,8
+    python -m unetdist.bench data --format ome-zarr --images 8 --image-size 1024   # bench/ngff_data.py
 
 Writes ``--tiles`` synthetic uint16 tiles (``--tile`` px) as npy tar shards, a Zarr store and
 PNG tar shards into ``--dir`` (and, where Mosaic Streaming is importable, an MDS data set of the
@@ -36,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing
-import os
 import sys
 import tempfile
 import time
@@ -47,12 +46,15 @@ import numpy as np
 import torch
 
 from unetdist.bench import peers
+from unetdist.bench.loader_rounds import median_ratio, rate, rounds
 from unetdist.data.sequence import Blocks, GlobalSequence
 from unetdist.data.sources.base import StoredSamples
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("webdataset", "zarr"), default="webdataset")
+    parser.add_argument("--format", choices=("webdataset", "zarr", "ome-zarr"), default="webdataset",
+                        help="ome-zarr: OME-Zarr images against the same images prepared --whole-images "
+                             "(unetdist/bench/ngff_data.py)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--tiles", type=int, default=512)
@@ -62,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="alternating timing windows of loader and ceiling (none given: 7); --source s3: "
                              "rounds per latency of a local and a remote loader, two epochs each (none given: 3)")
     parser.add_argument("--dir", default="", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--images", type=int, default=8, help="--format ome-zarr: whole images written")
+    parser.add_argument("--image-size", type=int, default=1024, help="--format ome-zarr: their side in pixels")
     parser.add_argument("--block-sizes", default="",
                         help="--format zarr: also time the loader at each data.block_size (e.g. 1,2,4,8)")
     parser.add_argument("--device", default="cpu", help="also time the augmentation on this device (e.g. cuda)")
@@ -98,15 +102,6 @@ def _write(folder: Path, tiles: int, size: int) -> None:
 
     names = [f"train-{i:06d}.tar" for i in range(len(counts))]
     (folder / "dataset.json").write_text(json.dumps({"train_shards": names, "train_counts": counts, "val_shards": []}))
-
-
-def _rate(iterator, batches: int, batch: int, buffered: int) -> float:
-    for _ in range(buffered + 1):  # started, and what the workers had prefetched while idle is drained
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    return batches * batch / (time.perf_counter() - start)
 
 
 class _InMemoryTiles(StoredSamples):
@@ -178,47 +173,6 @@ def blocks_per_batch(
     return float(np.mean(distinct))
 
 
-def _cpu_s_of_others() -> float | None:
-    """CPU seconds the machine's other processes (not this one, not its children) have used so far:
-    busy time from ``/proc/stat`` less this process tree's; None where ``/proc`` is not there."""
-    try:
-        ticks = os.sysconf("SC_CLK_TCK")
-        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = sum(fields[:3]) + fields[5] + fields[6]  # user, nice, system, irq, softirq
-        ours = 0
-        for pid in [os.getpid(), *(child.pid for child in multiprocessing.active_children())]:
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ours += int(stat[11]) + int(stat[12])  # utime, stime
-    except (AttributeError, OSError, ValueError, IndexError):
-        return None
-    return (busy - ours) / ticks
-
-
-def _rounds(
-    contestants: dict[str, tuple], batches: int, batch: int, repeats: int
-) -> tuple[dict[str, list[float]], list[float]]:
-    """Samples/s of each ``name: (iterator, items in flight)`` in ``repeats`` rounds of one window each, in
-    turn, and the cores other processes kept busy in each window (none: not measurable here)."""
-    for iterator, buffered in contestants.values():
-        # untimed: every loader's workers start (the next one's would otherwise start in a timed window)
-        _rate(iterator, 4, batch, buffered)
-    rates: dict[str, list[float]] = {name: [] for name in contestants}
-    other_cores = []
-    for round_index in range(repeats):
-        print(f"bench data: round {round_index + 1} of {repeats}", file=sys.stderr, flush=True)
-        for name, (iterator, buffered) in contestants.items():
-            others_before, start = _cpu_s_of_others(), time.perf_counter()
-            rates[name].append(_rate(iterator, batches, batch, buffered))
-            others_after = _cpu_s_of_others()
-            if others_before is not None and others_after is not None:
-                other_cores.append(max(0.0, others_after - others_before) / (time.perf_counter() - start))
-    return rates, other_cores
-
-
-def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
-    return float(np.median(np.divide(numerators, denominators)))
-
-
 def run(args) -> dict[str, float | int | str]:
     import webdataset as wds
     from torch.utils.data import DataLoader
@@ -230,6 +184,11 @@ def run(args) -> dict[str, float | int | str]:
         from unetdist.bench import remote_data
 
         return remote_data.run(args, write_tiles=_write)
+    if args.format == "ome-zarr":
+        from unetdist.bench import ngff_data
+
+        _block_sizes(args)  # refused: block sizes are timed for --format zarr only
+        return ngff_data.run(args)
     args = argparse.Namespace(**{**vars(args), "batch": args.batch or 16, "repeats": args.repeats or 7})
     block_sizes = _block_sizes(args)
     with tempfile.TemporaryDirectory() as scratch:
@@ -266,7 +225,7 @@ def run(args) -> dict[str, float | int | str]:
         for size in block_sizes:
             blocked = dataclasses.replace(data, block_size=size)
             contestants[f"zarr_block{size}"] = (iter(build_train_loader(blocked, **options)), buffered)
-        rates, other_cores = _rounds(contestants, args.batches, args.batch, args.repeats)
+        rates, other_cores = rounds(contestants, args.batches, args.batch, args.repeats)
         medians = {name: float(np.median(values)) for name, values in rates.items()}
         loader_rates, ceiling_rates = rates["loader"], rates["ceiling"]
         sample = next(contestants["loader"][0])
@@ -279,23 +238,23 @@ def run(args) -> dict[str, float | int | str]:
 
         bare = DataLoader(_BareCopy(images, masks, args.batch), batch_size=None, num_workers=args.workers,
                           persistent_workers=args.workers > 0, prefetch_factor=data.prefetch_factor if args.workers else None)
-        bare_rate = _rate(iter(bare), args.batches, args.batch, buffered)
+        bare_rate = rate(iter(bare), args.batches, args.batch, buffered)
 
         pngs = sorted(str(p) for p in folder.glob("png-*.tar"))
         png_pipeline = wds.WebDataset(pngs, shardshuffle=False, empty_check=False, nodesplitter=None,
                                       workersplitter=wds.split_by_worker).repeat().decode("torch").to_tuple("image.png", "mask.png").batched(args.batch)
-        png_rate = _rate(iter(DataLoader(png_pipeline, batch_size=None, num_workers=args.workers)), args.batches, args.batch, 0)
+        png_rate = rate(iter(DataLoader(png_pipeline, batch_size=None, num_workers=args.workers)), args.batches, args.batch, 0)
     loader_rate = medians["loader"]
     tile_mb = args.tile * args.tile * 2 / 1e6
     cores = max(1, args.workers)
     peer_rates = {"wds_npy_samples_per_s": round(medians["wds_npy"], 1)}
     peer_ratios: dict[str, float | str] = {
-        "loader_vs_wds_npy": round(_median_ratio(loader_rates, rates["wds_npy"]), 2),
+        "loader_vs_wds_npy": round(median_ratio(loader_rates, rates["wds_npy"]), 2),
         "mds": mds_version or "not installed",
     }
     if mds_version:
         peer_rates["mds_samples_per_s"] = round(medians["mds"], 1)
-        peer_ratios["loader_vs_mds"] = round(_median_ratio(loader_rates, rates["mds"]), 2)
+        peer_ratios["loader_vs_mds"] = round(median_ratio(loader_rates, rates["mds"]), 2)
     blocks: dict[str, float] = {}
     for size in block_sizes:
         blocks[f"zarr_block{size}_samples_per_s"] = round(medians[f"zarr_block{size}"], 1)
@@ -311,7 +270,7 @@ def run(args) -> dict[str, float | int | str]:
         "bare_copy_samples_per_s": round(bare_rate, 1),
         "png_wds_samples_per_s": round(png_rate, 1),
         **peer_rates,
-        "loader_vs_ceiling": round(_median_ratio(loader_rates, ceiling_rates), 3),
+        "loader_vs_ceiling": round(median_ratio(loader_rates, ceiling_rates), 3),
         "loader_vs_ceiling_windows": "/".join(f"{a / b:.2f}" for a, b in zip(loader_rates, ceiling_rates, strict=True)),
         "loader_vs_png_wds": round(loader_rate / png_rate, 2),
         **peer_ratios,

@@ -5,42 +5,33 @@ The split's arrays are described in :mod:`unetdist.data.layout` (written by
 :class:`unetdist.data.writers.ZarrImageWriter`). Training samples random tile positions, a
 ``data.foreground_fraction`` share of them centred on a pixel of the image's foreground table
 (precomputed at prepare, like nnU-Net's foreground locations, since reading a whole mask per
-sample would be far too slow); validation reads a fixed grid. Like
-:mod:`unetdist.data.sources.zarr_tiles`, stores are opened lazily in the process that reads.
+sample would be far too slow); validation reads a fixed grid (the windows and the reads:
+:mod:`unetdist.data.sources.image_windows`). Like :mod:`unetdist.data.sources.zarr_tiles`, stores
+are opened lazily in the process that reads.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
-from unetdist.data.augment import point_windows
-from unetdist.data.layout import WHOLE_IMAGES, grid_windows, sample_key
+from unetdist.data.layout import WHOLE_IMAGES, sample_key
 from unetdist.data.remote import is_remote, zarr_store
-from unetdist.data.samples import DataError, Sample, SampleChecks, check_sample
+from unetdist.data.samples import Sample, SampleChecks, check_sample
+from unetdist.data.sources.image_windows import ImageWindows, TileRead
 
 log = logging.getLogger(__name__)
 
 
-class ZarrImages:
+class ZarrImages(ImageWindows):
     """Tiles sampled from one split of a whole-image store; picklable, opened lazily per process.
 
-    One unit per image. Training (``sampled``): each image holds ``tiles_per_image`` virtual
-    samples per epoch, which the global sequence permutes like stored tiles; the window of
-    the sample at global position p comes from p's random words
-    (:func:`unetdist.data.augment.sample_words`, the same words that seed its augmentation),
-    so it is a pure function of (seed, p), whatever the ranks and workers; the loader calls
-    :meth:`read_windows`. With ``foreground_fraction`` that share of the windows is centred on
-    a pixel of the image's foreground table (:func:`unetdist.data.augment.point_windows`).
-    Validation: unit i's samples are the tiles of the fixed grid (:func:`grid_windows`) over
-    image i, read by :meth:`read`.
+    One unit per image: training windows from the positions' random words, a
+    ``foreground_fraction`` share of them centred on a pixel of the image's stored foreground
+    table; validation: a fixed grid (:class:`~unetdist.data.sources.image_windows.ImageWindows`).
     """
-
-    unit_name = "image"
-    block_size = 1
 
     def __init__(
         self,
@@ -69,7 +60,7 @@ class ZarrImages:
                 f"zarr store {self.store}/{split}: not a whole-image store (layout {attrs.get('layout')!r})"
             )
         self.stems = list(attrs["images"])
-        self.shapes = [tuple(int(v) for v in shape) for shape in attrs["shapes"]]
+        image_shapes = [tuple(int(v) for v in shape) for shape in attrs["shapes"]]
         self.has_weight = "weights" in group
         # Row counts of the foreground tables; None: a store written before they existed.
         self.foreground_counts = (
@@ -87,130 +78,58 @@ class ZarrImages:
                 foreground_fraction,
             )
             self.foreground_fraction = 0.0
-        size = checks.tile_size
-        small = [stem for stem, (_, h, w) in zip(self.stems, self.shapes, strict=True) if min(h, w) < size]
-        if small:
-            raise ValueError(
-                f"zarr store {self.store}/{split}: image(s) {small[:3]} smaller than data.tile_size={size}"
-            )
-        if self.sampled:
-            self.counts = [tiles_per_image] * len(self.stems)
-        else:
-            self.grids = [grid_windows(h, w, size) for _, h, w in self.shapes]
-            self.counts = [len(grid) for grid in self.grids]
-        self._pid, self._arrays = -1, {}
-        self._points: dict[int, np.ndarray] = {}  # foreground tables read so far (plain arrays)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pid": -1, "_arrays": {}, "_points": {}}
-
-    def follow(self, schedule) -> None:
-        pass
+        self._set_units(
+            [(h, w) for _, h, w in image_shapes],
+            tiles_per_image,
+            [f"zarr store {self.store}/{split}: image {stem}" for stem in self.stems],
+        )
 
     @property
     def names(self) -> list[str]:
         return [f"{self.store}/{self.split}/images/{i}" for i in range(len(self.stems))]
 
-    def _open(self) -> dict:
+    def _fields(self) -> tuple[str, ...]:
+        with_weights = self.has_weight and self.checks.use_weight_map != "false"
+        return ("images", "masks") + (("weights",) if with_weights else ())
+
+    def _array(self, name: str, unit: int):
+        """Array ``name``/<unit> of the split, opened once per process."""
         import zarr
 
-        if self._pid != os.getpid():
-            group = zarr.open_group(zarr_store(self.store), mode="r", path=self.split)
-            names = ("images", "masks") + (
-                ("weights",) if self.has_weight and self.checks.use_weight_map else ()
-            )
-            self._arrays = {name: group[name] for name in names}
-            self._pid = os.getpid()
-        return self._arrays
+        arrays = self._cache("arrays")
+        if (name, unit) not in arrays:
+            if "group" not in arrays:
+                arrays["group"] = zarr.open_group(zarr_store(self.store), mode="r", path=self.split)
+            arrays[name, unit] = arrays["group"][name][str(unit)]
+        return arrays[name, unit]
 
     def foreground(self, unit: int) -> np.ndarray:
         """int32 [K, 2] (y, x): image ``unit``'s foreground table, read once per process."""
         import zarr
 
-        if unit not in self._points:
+        points = self._cache("foreground")
+        if unit not in points:
             if not self.foreground_counts or not self.foreground_counts[unit]:
-                self._points[unit] = np.zeros((0, 2), np.int32)
+                points[unit] = np.zeros((0, 2), np.int32)
             else:
-                self._points[unit] = zarr.open_array(
+                points[unit] = zarr.open_array(
                     zarr_store(self.store), mode="r", path=f"{self.split}/foreground/{unit}"
                 )[...]
-        return self._points[unit]
+        return points[unit]
 
-    def windows(self, units: np.ndarray, words: np.ndarray) -> list[tuple[int, int]]:
-        """Training windows of samples in ``units`` from their positions' random words: uniform, or
-        with probability ``foreground_fraction`` centred on a pixel of the image's foreground table."""
-        shapes = [self.shapes[int(u)][1:] for u in units]
-        return point_windows(
-            shapes,
-            lambda i: self.foreground(int(units[i])),
-            self.checks.tile_size,
-            words,
-            self.foreground_fraction,
-        )
+    def _tile_reads(self, unit: int, top: int, left: int) -> list[TileRead]:
+        window = (slice(top, top + self.checks.tile_size), slice(left, left + self.checks.tile_size))
+        reads = []
+        for name in self._fields():
+            array = self._array(name, unit).async_array
+            selection = (slice(None), *window) if name == "images" else window
+            reads.append(lambda array=array, selection=selection: array.getitem(selection))
+        return reads
 
-    def read_windows(
-        self, units: np.ndarray, indices: np.ndarray, words: np.ndarray
-    ) -> list[Sample | DataError]:
-        """Training samples: image ``units[i]``'s tile at the window drawn from ``words[i]``."""
-        return self._read(list(zip((int(u) for u in units), self.windows(units, words), strict=True)))
+    def _describe(self, unit: int, top: int, left: int) -> tuple[str, str]:
+        return f"zarr store {self.store}/{self.split}/images/{unit}", sample_key(self.stems[unit], top, left)
 
-    def read(self, unit: int, indices: list[int]) -> list[Sample | DataError]:
-        """Validation samples: grid tiles ``indices`` of image ``unit``."""
-        if self.sampled:
-            raise RuntimeError("ZarrImages.read: training windows depend on the position; use read_windows")
-        return self._read([(unit, self.grids[unit][i]) for i in indices])
-
-    def _read(self, wanted: list[tuple[int, tuple[int, int]]]) -> list[Sample | DataError]:
-        import asyncio
-
-        from zarr.core.sync import sync
-
-        groups, size = self._open(), self.checks.tile_size
-        names = [name for name in groups if name != "opened"]
-        opened = self._arrays.setdefault("opened", {})
-        for unit in {unit for unit, _ in wanted}:  # outside the event loop: opening is synchronous
-            for name in names:
-                if (name, unit) not in opened:
-                    opened[name, unit] = groups[name][str(unit)]
-
-        def selection(name: str, top: int, left: int) -> tuple:
-            window = (slice(top, top + size), slice(left, left + size))
-            return (slice(None), *window) if name == "images" else window
-
-        async def fetch(items) -> list:
-            reads = (
-                opened[name, unit].async_array.getitem(selection(name, top, left))
-                for unit, (top, left) in items
-                for name in names
-            )
-            return await asyncio.gather(*reads)
-
-        try:
-            flat = iter(sync(fetch(wanted)))
-            fetched = [{name: next(flat) for name in names} for _ in wanted]
-        except Exception:  # a chunk that fails to decode: isolate it tile by tile
-            fetched = []
-            for item in wanted:
-                try:
-                    flat = iter(sync(fetch([item])))
-                    fetched.append({name: next(flat) for name in names})
-                except Exception as err:  # noqa: BLE001 - any decode failure is bad data
-                    fetched.append(err)
-        out: list[Sample | DataError] = []
-        for (unit, (top, left)), fields in zip(wanted, fetched, strict=True):
-            where = f"zarr store {self.store}/{self.split}/images/{unit}"
-            key = sample_key(self.stems[unit], top, left)
-            if isinstance(fields, Exception):
-                out.append(
-                    DataError(f"{where} sample {key}: cannot decode: {type(fields).__name__}: {fields}")
-                )
-                continue
-            try:
-                out.append(
-                    check_sample(
-                        key, where, fields["images"], fields["masks"], fields.get("weights"), self.checks
-                    )
-                )
-            except DataError as err:
-                out.append(err)
-        return out
+    def _sample(self, unit: int, top: int, left: int, arrays: list[np.ndarray]) -> Sample:
+        where, key = self._describe(unit, top, left)
+        fields = dict(zip(self._fields(), arrays, strict=True))
+        return check_sample(key, where, fields["images"], fields["masks"], fields.get("weights"), self.checks)
