@@ -4,12 +4,15 @@
     python -m unetdist.predict --model runs:/<run_id>/model --input big.zarr --output preds/ --block 2048
     torchrun --nproc_per_node=2 -m unetdist.predict --model ckpt.pt --input big.zarr --output preds/
     python -m unetdist.predict --model ckpt.pt --input s3://bucket/big.zarr --output s3://bucket/preds/
+    python -m unetdist.predict --model ckpt.pt --input cells.ome.zarr [--label-name nuclei --overwrite]
 
-Inputs: image files (.tif/.tiff/.png), folders of them, and Zarr arrays ([H, W] or [C, H, W])
-or groups of arrays. For each image ``<stem>``, in ``--output``: ``<stem>_mask.tif`` (uint8
-class labels), with ``--probabilities`` ``<stem>_prob.tif`` (float16 [K, H, W]), with
-``--instances`` ``<stem>_instances.tif`` (uint16/uint32); a Zarr input gives
-``<stem>_mask.zarr`` (and ``<stem>_prob.zarr``), written block by block.
+Inputs: image files (.tif/.tiff/.png), folders of them, Zarr arrays ([H, W] or [C, H, W]) or
+groups of arrays, and OME-Zarr (NGFF 0.4/0.5) images. For each image ``<stem>``, in ``--output``:
+``<stem>_mask.tif`` (uint8 class labels), with ``--probabilities`` ``<stem>_prob.tif`` (float16
+[K, H, W]), with ``--instances`` ``<stem>_instances.tif`` (uint16/uint32); a Zarr input gives
+``<stem>_mask.zarr`` (and ``<stem>_prob.zarr``), written block by block. An OME-Zarr image gets
+an NGFF label image, ``labels/<--label-name>`` in the image itself (without ``--output``) or
+``<stem>_<label-name>.zarr`` in ``--output``; see :mod:`unetdist.inference.ngff_labels`.
 
 ``--input`` and ``--output`` may be URLs (``s3://``, ``gs://``, ``az://``, ``https://``; credentials
 from the environment only, see :mod:`unetdist.data.remote`): a Zarr store at a URL is read, and
@@ -48,9 +51,11 @@ from unetdist.inference.engine import (
     labels_from_probabilities,
 )
 from unetdist.inference.loading import ModelLoadError, load_model
+from unetdist.inference.ngff_labels import DEFAULT_LABEL_NAME, NgffJob, predict_ngff, prepare_ngff
 from unetdist.inference.zarr_io import (
     DEFAULT_BLOCK,
     FailedElsewhere,
+    is_ngff_image,
     location_name,
     one_line,
     open_zarr_inputs,
@@ -68,11 +73,19 @@ class InputItem:
     stem: str
     path: str  # a local path or a URL
     is_zarr: bool
+    is_ngff: bool = False  # an OME-Zarr image (a Zarr group with NGFF multiscales metadata)
 
     @property
     def shown(self) -> str:
         """The path or URL for messages (a URL without its query string)."""
         return remote.display(self.path)
+
+
+def zarr_input(name: str, location: str) -> InputItem:
+    """The Zarr store ``name`` at ``location``: an OME-Zarr image, or plain arrays."""
+    if is_ngff_image(location):
+        return InputItem(name.removesuffix(".zarr").removesuffix(".ome"), location, True, is_ngff=True)
+    return InputItem(name.removesuffix(".zarr"), location, True)
 
 
 def is_zarr_path(path: Path) -> bool:
@@ -93,14 +106,15 @@ def remote_input(url: str) -> InputItem:
     if not any(remote.exists(remote.join(url, marker)) for marker in ZARR_MARKERS):
         what = "no such Zarr store" if name.endswith(".zarr") else "not a Zarr store"
         raise InputError(f"{remote.display(url)}: {what} (no {' or '.join(ZARR_MARKERS)} there)")
-    return InputItem(name.removesuffix(".zarr"), url, True)
+    return zarr_input(name, url)
 
 
-def list_inputs(locations: list[str]) -> list[InputItem]:
+def list_inputs(locations: list[str], ngff_in_place: bool = False) -> list[InputItem]:
     """Every image named by ``locations`` (files, folders of files, Zarr stores; Zarr stores at
     URLs), in order.
 
-    A missing path or two images with one stem (their outputs would collide) is an InputError.
+    A missing path or two images with one stem (their outputs would collide; not OME-Zarr images
+    written ``ngff_in_place``, into their own labels/) is an InputError.
     """
     items: list[InputItem] = []
     for location in locations:
@@ -111,13 +125,13 @@ def list_inputs(locations: list[str]) -> list[InputItem]:
         if not path.exists():
             raise InputError(f"{path}: no such file or folder")
         if is_zarr_path(path):
-            items.append(InputItem(path.name.removesuffix(".zarr"), str(path), True))
+            items.append(zarr_input(path.name, str(path)))
         elif path.is_dir():
             for child in sorted(path.iterdir()):
                 if child.name.startswith("."):
                     continue
                 if is_zarr_path(child):
-                    items.append(InputItem(child.name.removesuffix(".zarr"), str(child), True))
+                    items.append(zarr_input(child.name, str(child)))
                 elif child.is_file() and child.suffix.lower() in SUPPORTED_SUFFIXES:
                     items.append(InputItem(child.stem, str(child), False))
                 else:
@@ -128,6 +142,8 @@ def list_inputs(locations: list[str]) -> list[InputItem]:
             items.append(InputItem(path.stem, str(path), False))
     seen: dict[str, InputItem] = {}
     for item in items:
+        if item.is_ngff and ngff_in_place:
+            continue
         if item.stem in seen:
             raise InputError(
                 f"{seen[item.stem].shown} and {item.shown} have the same stem {item.stem!r}: "
@@ -244,6 +260,30 @@ def predict_zarr_item(model: torch.nn.Module, item: InputItem, args: argparse.Na
         )
 
 
+def predict_ngff_item(model: torch.nn.Module, job: NgffJob, args: argparse.Namespace, ctx: Any) -> None:
+    instances = {"border_class": args.border_class, "min_distance": args.min_distance}
+    summary = predict_ngff(
+        model,
+        job,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        block=args.block,
+        instances=instances if args.instances else None,
+        **_predict_options(args),
+    )
+    log.info(
+        "%s -> %s: level %d, %d plane(s) of %s, %d label level(s), %.1f s%s",
+        job.shown,
+        remote.display(job.target.location),
+        job.level,
+        summary["planes"],
+        "x".join(map(str, summary["shape"][-2:])),
+        summary["levels"],
+        summary["seconds"],
+        f"; labels/ lists {', '.join(summary['labels'])}" if summary["labels"] else "",
+    )
+
+
 def _predict_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "tile": args.tile,
@@ -263,7 +303,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--input", required=True, nargs="+", help="image files, folders, Zarr arrays/groups (also at URLs)"
     )
-    parser.add_argument("--output", required=True, help="output folder (created), or a URL")
+    parser.add_argument(
+        "--output", help="output folder (created), or a URL; OME-Zarr images: optional (into their labels/)"
+    )
     parser.add_argument("--tile", type=int, help="model input tile side (default: fits the image / model)")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap, padded models")
     parser.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
@@ -272,13 +314,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--flips", action="store_true", help="average over horizontal/vertical flips")
     parser.add_argument("--probabilities", action="store_true", help="also write float16 class probabilities")
     parser.add_argument(
-        "--instances", action="store_true", help="also write instance labels (image files only)"
+        "--instances", action="store_true",
+        help="also write instance labels (image files); OME-Zarr: uint32 instance ids instead of classes",
     )
     parser.add_argument("--border-class", type=int, help="class id of cell borders, if the model has one")
     parser.add_argument(
         "--min-distance", type=int, default=DEFAULT_MIN_DISTANCE, help="instances: seed spacing (px)"
     )
     parser.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="Zarr: output block/chunk side (px)")
+    parser.add_argument("--level", type=int, default=0, help="OME-Zarr: the resolution level to read")
+    parser.add_argument(
+        "--label-name", default=DEFAULT_LABEL_NAME, help="OME-Zarr: the label image's name (labels/<name>)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="OME-Zarr: replace a label image so named")
     return parser.parse_args(argv)
 
 
@@ -300,10 +348,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, ctx: Any) -> int:
     model, meta = load_model(args.model, map_location=ctx.device)
-    items = list_inputs(args.input)
-    if args.instances and any(item.is_zarr for item in items):
-        raise InputError("--instances works on image files only, not on Zarr inputs")
-    prepare_output(args.output)
+    items = list_inputs(args.input, ngff_in_place=args.output is None)
+    jobs = _prepare_ngff_jobs(model, items, args)
+    if args.instances and any(item.is_zarr and not item.is_ngff for item in items):
+        raise InputError("--instances works on image files and OME-Zarr images only, not on Zarr arrays")
+    if args.output is not None:
+        prepare_output(args.output)
     log.info(
         "model %s (%s, %s in, %s classes); %d input(s) on %d rank(s)",
         meta["source"],
@@ -321,15 +371,21 @@ def _run(args: argparse.Namespace, ctx: Any) -> int:
         except (InputError, ValueError, OSError) as err:
             message = str(err)  # reading errors name the file already: name it once
             failures.append(message if message.startswith(item.shown) else f"{item.shown}: {message}")
-    for item in (item for item in items if item.is_zarr):
+    store_work = [
+        (item.shown, lambda item=item: predict_zarr_item(model, item, args, ctx))
+        for item in items
+        if item.is_zarr and not item.is_ngff
+    ]
+    store_work += [(job.shown, lambda job=job: predict_ngff_item(model, job, args, ctx)) for job in jobs]
+    for shown, predict in store_work:
         try:
-            predict_zarr_item(model, item, args, ctx)
+            predict()
         except FailedElsewhere:
             pass  # the rank that failed reports it
         except (InputError, ValueError, OSError) as err:
             # every rank sees the same bad metadata; rank 0 reports it once
             if ctx.is_main or not isinstance(err, InputError):
-                failures.append(f"{item.shown}: {err}")
+                failures.append(f"{shown}: {err}")
     total_failures = int(distributed.all_reduce_sum(torch.tensor([len(failures)]))[0])
     for failure in failures:
         print(f"predict: failed: {failure}", file=sys.stderr)
@@ -340,3 +396,26 @@ def _run(args: argparse.Namespace, ctx: Any) -> int:
             )
         return 2
     return 0
+
+
+def _prepare_ngff_jobs(
+    model: torch.nn.Module, items: list[InputItem], args: argparse.Namespace
+) -> list[NgffJob]:
+    """The OME-Zarr inputs, read and checked before any work: one line naming the first bad one."""
+    name = args.label_name
+    if not name or "/" in name or name.startswith((".", "__")) or name.strip() != name:
+        raise InputError(f"--label-name {name!r}: expected a plain name (no '/', no leading '.' or '__')")
+    others = [item.shown for item in items if not item.is_ngff]
+    if others and (args.output is None or args.level != 0):
+        option = "--output is needed" if args.output is None else "--level applies to OME-Zarr images only"
+        raise InputError(
+            f"{others[0]}: not an OME-Zarr (NGFF) image, a Zarr group with multiscales metadata, so {option}"
+        )
+    ngff_items = [item for item in items if item.is_ngff]
+    if args.probabilities and ngff_items:
+        raise InputError(f"{ngff_items[0].shown}: an OME-Zarr image gets labels only, not --probabilities")
+    return [
+        prepare_ngff(item.path, item.stem, level=args.level, name=name, output=args.output,
+                     overwrite=args.overwrite, in_channels=getattr(model, "in_channels", None))
+        for item in ngff_items
+    ]  # fmt: skip

@@ -16,16 +16,22 @@ paths or URLs (``s3://bucket/big.zarr``): a URL is opened through zarr's ``Objec
 
 Ranks stay in step when one fails (an unreadable block, an output that rank 0 cannot create):
 each phase ends in a collective that every rank reaches, so none waits for one that has left.
+
+``predict_blocks`` writes into any :class:`BlockOutputs`; the NGFF label images of
+:mod:`unetdist.inference.ngff_labels` are one, fed planes of N-D arrays (:class:`PlaneView`), and
+their pyramids are made here too (:func:`downsample`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -70,17 +76,17 @@ def one_line(err: BaseException) -> str:
     return first if len(first) <= ERROR_LINE_CHARS else first[: ERROR_LINE_CHARS - 3] + "..."
 
 
-def _raise_if_any_failed(failure: BaseException | None, name: str) -> None:
+def raise_if_any_failed(failure: BaseException | None, name: str) -> None:
     """Every rank calls this at the same point (it is a collective, so also a barrier): the rank
     that failed raises its error, the others :class:`FailedElsewhere`."""
     failed_ranks = int(distributed.all_reduce_sum(torch.tensor([int(failure is not None)]))[0])
     if failure is not None:
-        _reraise(failure)
+        reraise(failure)
     if failed_ranks:
         raise FailedElsewhere(f"{name}: failed on another rank")
 
 
-def _reraise(failure: BaseException) -> None:
+def reraise(failure: BaseException) -> None:
     if type(failure).__module__.split(".")[0] == "obstore":  # not an OSError, and a debug dump after line 1
         raise OSError(one_line(failure)) from failure
     raise failure
@@ -113,6 +119,52 @@ class ChannelFirst:
         if self.array.ndim == 2:
             return np.asarray(self.array[rows, cols])[None][channels]
         return np.asarray(self.array[channels, rows, cols])
+
+
+class PlaneView:
+    """A ``[C, H, W]`` read-only view of one plane of an N-D array whose last axes are y, x: the
+    axes in ``fixed`` (index -> position) held, ``channel_axis`` (None: one channel) kept."""
+
+    ndim = 3
+
+    def __init__(self, array: Any, fixed: dict[int, int], channel_axis: int | None) -> None:
+        self.array, self.fixed, self.channel_axis = array, fixed, channel_axis
+        channels = 1 if channel_axis is None else array.shape[channel_axis]
+        self.shape = (channels, *array.shape[-2:])
+        self.dtype = array.dtype
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        channels, rows, cols = key
+        index = [self.fixed.get(axis, slice(None)) for axis in range(self.array.ndim)]
+        index[-2:] = [rows, cols]
+        if self.channel_axis is None:
+            return np.asarray(self.array[tuple(index)])[None][channels]
+        index[self.channel_axis] = channels
+        return np.asarray(self.array[tuple(index)])
+
+
+def is_ngff_image(location: str) -> bool:
+    """Whether the Zarr group at ``location`` carries NGFF ``multiscales`` metadata (0.5: in
+    ``zarr.json``'s ``attributes.ome``; 0.4: in ``.zattrs``): one or two small reads."""
+    v3 = _read_json(location, "zarr.json")
+    if v3 is not None:
+        return v3.get("node_type") == "group" and "multiscales" in v3.get("attributes", {}).get("ome", {})
+    return "multiscales" in (_read_json(location, ".zattrs") or {})
+
+
+def _read_json(location: str, key: str) -> dict | None:
+    url = remote.join(location, key)
+    try:
+        if not remote.is_remote(url) and not Path(url).is_file():
+            return None
+        document = json.loads(remote.read_bytes(url))
+    except remote.RemoteError as err:
+        if ": 404" in str(err):
+            return None
+        raise
+    except ValueError:  # not JSON: not metadata we can read
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def open_zarr_inputs(location: str | os.PathLike[str]) -> list[tuple[str, Any]]:
@@ -148,11 +200,47 @@ def block_stats(
     except Exception as err:  # a read that failed (after the store's retries): all ranks stop here
         failure = err
     distributed.all_reduce_sum(table)
-    _raise_if_any_failed(failure, source.name)
+    raise_if_any_failed(failure, source.name)
     total = ChannelStats.from_array(table[0].numpy())
     for row in table[1:]:
         total = total.combine(ChannelStats.from_array(row.numpy()))
     return total
+
+
+class BlockOutputs(Protocol):
+    """Where :func:`predict_blocks` puts an image's predictions.
+
+    ``create`` runs on rank 0 once the sizes are known (the others wait for it); ``open`` on every
+    rank after that, returning ``write(block, probabilities)`` for one ``(top, bottom, left, right)``
+    block and its float32 ``[K, h, w]`` probabilities."""
+
+    def create(self, height: int, width: int, num_classes: int, block_size: int) -> None: ...
+
+    def open(self) -> Callable[[tuple[int, int, int, int], np.ndarray], None]: ...
+
+
+class ZarrOutputs:
+    """uint8 (uint16 past 256 classes) HxW class labels and/or float16 ``[K, H, W]`` probabilities,
+    each its own Zarr array."""
+
+    def __init__(self, labels_location: str | None, probabilities_location: str | None) -> None:
+        self.labels_location, self.probabilities_location = labels_location, probabilities_location
+
+    def create(self, height: int, width: int, num_classes: int, block_size: int) -> None:
+        where = (self.labels_location, self.probabilities_location)
+        _create_outputs(*where, height, width, num_classes, block_size)
+
+    def open(self) -> Callable[[tuple[int, int, int, int], np.ndarray], None]:
+        labels_out, probabilities_out = _open_outputs(self.labels_location, self.probabilities_location)
+
+        def write(block: tuple[int, int, int, int], probabilities: np.ndarray) -> None:
+            top, bottom, left, right = block
+            if labels_out is not None:
+                labels_out[top:bottom, left:right] = probabilities.argmax(axis=0).astype(labels_out.dtype)
+            if probabilities_out is not None:
+                probabilities_out[:, top:bottom, left:right] = probabilities.astype(np.float16)
+
+        return write
 
 
 def predict_zarr(
@@ -175,6 +263,26 @@ def predict_zarr(
     Raises InputError, before any collective, for an array the model cannot take; OutputError
     (on rank 0) for an output that cannot be created; FailedElsewhere on the ranks that did not fail.
     """
+    outputs = ZarrOutputs(
+        *(None if where is None else str(where) for where in (labels_location, probabilities_location))
+    )
+    return predict_blocks(
+        model, array, name, outputs, rank=rank, world_size=world_size, block=block, **predict_options
+    )
+
+
+def predict_blocks(
+    model: nn.Module,
+    array: Any,
+    name: str,
+    outputs: BlockOutputs,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    block: int = DEFAULT_BLOCK,
+    **predict_options: Any,
+) -> dict[str, Any]:
+    """:func:`predict_zarr` into any :class:`BlockOutputs` (an NGFF label plane, for one)."""
     started = time.perf_counter()
     source = ChannelFirst(array, name, ModelGeometry.of(model).in_channels)
     _, height, width = source.shape
@@ -182,34 +290,28 @@ def predict_zarr(
     block_size = tiling.aligned_block_size(block, predictor.plan.step)
     blocks = tiling.block_grid(height, width, block_size)
     stats = block_stats(source, blocks, rank, world_size)
-    outputs = [None if where is None else str(where) for where in (labels_location, probabilities_location)]
 
     failure: BaseException | None = None
     try:
         num_classes = predictor.num_classes or _probe_num_classes(predictor, source, stats)
         if rank == 0:  # one creator; the others open the arrays once it is done (below)
-            _create_outputs(*outputs, height, width, num_classes, block_size)
+            outputs.create(height, width, num_classes, block_size)
     except Exception as err:
         failure = err
-    _raise_if_any_failed(failure, name)
+    raise_if_any_failed(failure, name)
     mine = list(range(rank, len(blocks), world_size))
     tiles = 0
     try:
-        labels_out, probabilities_out = _open_outputs(*outputs)
+        write = outputs.open()
         for index in mine:
-            top, bottom, left, right = blocks[index]
-            probabilities = predictor.predict_block(source, stats, blocks[index])
+            write(blocks[index], predictor.predict_block(source, stats, blocks[index]))
             tiles += len(predictor.plan.tiles_for_block(*blocks[index]))
-            if labels_out is not None:
-                labels_out[top:bottom, left:right] = probabilities.argmax(axis=0).astype(labels_out.dtype)
-            if probabilities_out is not None:
-                probabilities_out[:, top:bottom, left:right] = probabilities.astype(np.float16)
             log.debug("%s: block %d/%d done", name, index + 1, len(blocks))
     except Exception as err:  # let the other ranks reach the barrier, then fail
         failure = err
     distributed.barrier()
     if failure is not None:
-        _reraise(failure)
+        reraise(failure)
     return {
         "blocks": len(blocks),
         "blocks_this_rank": len(mine),
@@ -271,3 +373,37 @@ def _open_outputs(labels_location: str | None, probabilities_location: str | Non
         None if where is None else zarr.open_array(store=remote.zarr_store(where, writable=True), mode="r+")
         for where in (labels_location, probabilities_location)
     )
+
+
+# ---------------------------------------------------------------- label pyramids
+
+
+def nearest(size: int, source_size: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Source indices of positions ``start..stop-1`` of an axis resampled from ``source_size`` to
+    ``size``: the pixel under each target pixel's centre."""
+    positions = np.arange(start, size if stop is None else stop)
+    return np.minimum((2 * positions + 1) * source_size // (2 * size), source_size - 1)
+
+
+def downsample(source: Any, target: Any, rank: int = 0, world_size: int = 1) -> None:
+    """Fill ``target`` with the nearest samples of ``source`` (same axes), chunk by chunk, rank
+    ``rank`` of ``world_size`` taking every ``world_size``-th chunk (so no chunk has two writers)."""
+    chunk_h, chunk_w = target.chunks[-2:]
+    height, width = target.shape[-2:]
+    units = [
+        (plane, (top, min(top + chunk_h, height), left, min(left + chunk_w, width)))
+        for plane in np.ndindex(*target.shape[:-2])
+        for top in range(0, height, chunk_h)
+        for left in range(0, width, chunk_w)
+    ]
+    for plane, (top, bottom, left, right) in units[rank::world_size]:
+        source_plane = tuple(
+            int(nearest(size, source_size, p, p + 1)[0])
+            for p, size, source_size in zip(plane, target.shape[:-2], source.shape[:-2], strict=True)
+        )
+        rows = nearest(target.shape[-2], source.shape[-2], top, bottom)
+        cols = nearest(target.shape[-1], source.shape[-1], left, right)
+        box = np.asarray(
+            source[(*source_plane, slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))]
+        )
+        target[(*plane, slice(top, bottom), slice(left, right))] = box[np.ix_(rows - rows[0], cols - cols[0])]
