@@ -1,13 +1,18 @@
-"""``python -m unetdist.prepare``: image + mask folders -> webdataset shards or a Zarr store.
+"""``python -m unetdist.prepare``: image + mask folders, the user's own shards or OME-Zarr images ->
+webdataset shards or a Zarr store.
 
 Examples::
 
     python -m unetdist.prepare --images raw/images --masks raw/masks --out data/cells --tile 96
     python -m unetdist.prepare --synthetic 32 --out data/toy --format zarr --whole-images
     python -m unetdist.prepare --images raw/images --masks raw/masks --out s3://bucket/cells
+    python -m unetdist.prepare --from-shards 'raw/cells-{000..009}.tar' --image-key png --mask-key seg.png \\
+        --out data/cells
+    python -m unetdist.prepare --from-ome-zarr raw/a.ome.zarr raw/b.ome.zarr --labels nuclei --out data/nuclei
     python -m unetdist.prepare index 's3://bucket/other/train-{000000..000099}.tar'
 
-The work is :func:`unetdist.data.prepare.prepare_dataset`; this module is the command line. An
+The work is :func:`unetdist.data.prepare.prepare_pairs`, over the inputs of
+:mod:`unetdist.data.inputs`; this module is the command line. An
 ``--out`` URL is prepared in a local temporary folder and uploaded, ``dataset.json`` last
 (:mod:`unetdist.data.upload`). ``index`` writes ``SHARD.index.json`` beside tar shards made
 elsewhere (prepare writes it beside its own): remote shards are read by their index.
@@ -23,8 +28,9 @@ import sys
 from pathlib import Path
 
 from unetdist.data.imageio import PrepareError
+from unetdist.data.inputs import FolderPairs, NgffPairs, PairSource, ShardPairs
 from unetdist.data.layout import CODECS, DATASET_JSON
-from unetdist.data.prepare import MASK_KINDS, prepare_dataset
+from unetdist.data.prepare import MASK_KINDS, prepare_pairs
 from unetdist.data.remote import display, is_remote, join, local_path
 from unetdist.data.samples import DataError
 from unetdist.data.synthetic import write_synthetic
@@ -37,10 +43,41 @@ __all__ = ["context_margin", "main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unetdist.prepare",
-        description="Tile images + masks into webdataset shards with a train/val split by image.",
+        description="Tile images + masks (folders, WebDataset shards or OME-Zarr images) into webdataset "
+        "shards or a Zarr store, with a train/val split by image.",
     )
-    parser.add_argument("--images", type=Path, help="folder of images (.tif/.tiff/.png)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="folder of images (.tif/.tiff/.png; an OME-TIFF x.ome.tif by its axes, one image per T/Z plane)",
+    )
     parser.add_argument("--masks", type=Path, help="folder of masks, matched to images by file stem")
+    parser.add_argument(
+        "--from-shards",
+        metavar="PATTERN",
+        help="instead of folders: WebDataset tar shards, a brace pattern of paths or URLs "
+        "('raw/cells-{000..009}.tar'); each sample is one image",
+    )
+    parser.add_argument(
+        "--image-key",
+        help="with --from-shards: the image member's name after the sample key, as data.image_key "
+        "(default image: KEY.image.npy|png|tif|tiff; png: KEY.png)",
+    )
+    parser.add_argument(
+        "--mask-key",
+        help="with --from-shards: the mask member's name after the key (default mask, e.g. seg.png)",
+    )
+    parser.add_argument(
+        "--from-ome-zarr",
+        nargs="+",
+        metavar="URL",
+        help="instead of folders: OME-Zarr (NGFF 0.4/0.5) images, paths or URLs; each t/z plane is one image",
+    )
+    parser.add_argument("--labels", metavar="NAME", help="with --from-ome-zarr: the label image labels/NAME")
+    parser.add_argument("--level", type=int, help="with --from-ome-zarr: the resolution level (default 0)")
+    parser.add_argument(
+        "--channels", metavar="I,J", help="with --from-ome-zarr: channel indices to keep (default all)"
+    )
     parser.add_argument(
         "--out",
         required=True,
@@ -56,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tile", type=int, default=96, help="tile size in pixels")
     parser.add_argument("--shard-size", type=int, default=64, help="tiles per shard")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of IMAGES held out")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, help="fraction of IMAGES held out (of stacks, for their planes)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--w0", type=float, default=10.0, help="border weight amplitude (U-Net paper)")
     parser.add_argument("--sigma", type=float, default=5.0, help="border weight width in pixels")
@@ -132,38 +171,73 @@ def _set_up_logging() -> None:
     redact_log_records()  # image folders, --out and shards may be URLs with credentials
 
 
-def _prepare(args: argparse.Namespace, out_dir: Path) -> dict:
-    """Prepare into the local folder ``out_dir`` (``--out``, or a URL's temporary folder); dataset.json's
-    content."""
-    source: dict = {}
+def _inputs(args: argparse.Namespace, out_dir: Path) -> tuple[PairSource, dict]:
+    """The image/mask pairs the options name, and extra provenance for dataset.json."""
+    folders = args.synthetic is None and (args.images or args.masks)  # --synthetic N writes its own
+    inputs = {
+        "--images/--masks": folders,
+        "--synthetic": args.synthetic is not None,
+        "--from-shards": args.from_shards,
+        "--from-ome-zarr": args.from_ome_zarr,
+    }
+    given = [name for name, value in inputs.items() if value]
+    if len(given) > 1:
+        raise PrepareError(f"give one input, not {' and '.join(given)}")
+    companions = {
+        "--from-shards": {"--image-key": args.image_key, "--mask-key": args.mask_key},
+        "--from-ome-zarr": {"--labels": args.labels, "--level": args.level, "--channels": args.channels},
+    }
+    for needs, options in companions.items():
+        for option, value in options.items():
+            if value is not None and needs not in given:
+                raise PrepareError(f"{option} goes with {needs}")
     if args.synthetic is not None:
         images_dir, masks_dir = write_synthetic(out_dir, args.synthetic, args.image_size, args.seed)
         source = {"synthetic": {"count": args.synthetic, "image_size": args.image_size}}
         if is_remote(args.out):  # uploaded with the data set: named where they will be, not where made
             raw = display(join(args.out, "raw"))
             source.update(images=join(raw, "images"), masks=join(raw, "masks"))
-    elif args.images is None or args.masks is None:
-        raise PrepareError("give --images and --masks, or --synthetic N")
-    else:
-        images_dir, masks_dir = args.images, args.masks
-    return prepare_dataset(
-        images_dir,
-        masks_dir,
-        out_dir,
-        mask_kind=args.mask_kind,
-        tile_size=args.tile,
-        shard_size=args.shard_size,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        w0=args.w0,
-        sigma=args.sigma,
-        weight_map=not args.no_weight_map,
-        source=source,
-        output_format=args.format,
-        context_margin=context_margin(args.context_for, args.tile),
-        whole_images=args.whole_images,
-        zarr_codec=args.zarr_codec,
-    )
+        return FolderPairs(images_dir, masks_dir), source
+    if args.from_shards:
+        return ShardPairs(args.from_shards, args.image_key or "image", args.mask_key or "mask"), {}
+    if args.from_ome_zarr:
+        return NgffPairs(args.from_ome_zarr, args.labels, args.level or 0, _channels(args.channels)), {}
+    if args.images is None or args.masks is None:
+        raise PrepareError(
+            "give --images and --masks, --from-shards PATTERN, --from-ome-zarr URL..., or --synthetic N"
+        )
+    return FolderPairs(args.images, args.masks), {}
+
+
+def _channels(text: str | None) -> list[int] | None:
+    try:
+        return None if text is None else [int(index) for index in text.split(",")]
+    except ValueError:
+        raise PrepareError(f"--channels {text}: expected channel indices, e.g. 0 or 0,2") from None
+
+
+def _prepare(args: argparse.Namespace, out_dir: Path) -> dict:
+    """Prepare into the local folder ``out_dir`` (``--out``, or a URL's temporary folder); dataset.json's
+    content."""
+    pairs, source = _inputs(args, out_dir)
+    with pairs:  # shards at URLs are downloaded to a temporary folder, removed here
+        return prepare_pairs(
+            pairs,
+            out_dir,
+            mask_kind=args.mask_kind,
+            tile_size=args.tile,
+            shard_size=args.shard_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            w0=args.w0,
+            sigma=args.sigma,
+            weight_map=not args.no_weight_map,
+            source=source,
+            output_format=args.format,
+            context_margin=context_margin(args.context_for, args.tile),
+            whole_images=args.whole_images,
+            zarr_codec=args.zarr_codec,
+        )
 
 
 def index_main(argv: list[str]) -> int:

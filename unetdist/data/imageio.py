@@ -1,7 +1,9 @@
-"""Image files in: TIFF/PNG reading, image/mask pairing by stem, and the [C, H, W] layout.
+"""Image files in: TIFF/PNG reading, image/mask pairing by stem, OME-TIFF axes, and the [C, H, W] layout.
 
 Used by prepare (folders of images and masks), and by predict and evaluate, which read the
 same files. Every problem is a :class:`PrepareError` naming the file and what was expected.
+An OME-TIFF (``x.ome.tif``) pairs by the stem ``x`` and is read by its axes
+(:func:`read_ome_tiff`): T and Z planes apart, C and S (RGB samples) as channels.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from unetdist.data.layout import sample_key
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".tif", ".tiff", ".png")
+OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
 
 
 class PrepareError(ValueError):
@@ -37,6 +40,15 @@ def read_array(path: Path) -> np.ndarray:
         raise PrepareError(f"{path}: cannot read image: {err}") from err
 
 
+def file_stem(path: Path) -> str:
+    """The name images and masks pair by: ``x.tif`` -> ``x``, and ``x.ome.tif`` -> ``x`` (not ``x.ome``)."""
+    return path.name[: -len(".ome") - len(path.suffix)] if is_ome_tiff(path) else path.stem
+
+
+def is_ome_tiff(path: Path) -> bool:
+    return path.name.lower().endswith(OME_TIFF_SUFFIXES)
+
+
 def _list_by_stem(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise PrepareError(f"{folder}: not a folder")
@@ -47,11 +59,10 @@ def _list_by_stem(folder: Path) -> dict[str, Path]:
         if path.suffix.lower() not in SUPPORTED_SUFFIXES:
             log.warning("skipping %s: not one of %s", path, ", ".join(SUPPORTED_SUFFIXES))
             continue
-        if path.stem in by_stem:
-            raise PrepareError(
-                f"{folder}: two files with stem {path.stem!r}: {by_stem[path.stem].name}, {path.name}"
-            )
-        by_stem[path.stem] = path
+        stem = file_stem(path)
+        if stem in by_stem:
+            raise PrepareError(f"{folder}: two files with stem {stem!r}: {by_stem[stem].name}, {path.name}")
+        by_stem[stem] = path
     return by_stem
 
 
@@ -68,12 +79,17 @@ def match_by_stem(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Pa
         )
     if not images:
         raise PrepareError(f"{images_dir}: no {'/'.join(SUPPORTED_SUFFIXES)} images found")
+    check_keys(images)
+    return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def check_keys(stems) -> None:
+    """Refuse two stems that would give the same shard keys (:func:`~unetdist.data.layout.sample_key`)."""
     keys: dict[str, str] = {}
-    for stem in images:
+    for stem in stems:
         clash = keys.setdefault(sample_key(stem, 0, 0), stem)
         if clash != stem:
             raise PrepareError(f"stems {clash!r} and {stem!r} give the same shard key once dots become '_'")
-    return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
 
 # What the last axis of a channels-last picture holds: grey, grey + alpha, RGB, RGBA.
@@ -93,31 +109,88 @@ def is_channels_last(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[-1] in PICTURE_CHANNELS and shape[0] > max(PICTURE_CHANNELS)
 
 
-def _tiff_axes(path: Path) -> str:
-    """tifffile's axis letters of a TIFF's first series ("" when it has none or is no TIFF)."""
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        return ""
+def tiff_series(path: Path) -> tuple[str, tuple[int, ...]]:
+    """tifffile's axis letters and shape of a TIFF's first series, from its headers alone."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tiff:
-            return tiff.series[0].axes if tiff.series else ""
-    except Exception:  # read_array has read it already; the axes only shape a warning
+            if not tiff.series:
+                raise ValueError("no image series")
+            return tiff.series[0].axes, tuple(tiff.series[0].shape)
+    except Exception as err:
+        raise PrepareError(f"{path}: cannot read TIFF: {err}") from err
+
+
+def _tiff_axes(path: Path) -> str:
+    """tifffile's axis letters of a TIFF's first series ("" when it has none or is no TIFF)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return ""
+    try:
+        return tiff_series(path)[0]
+    except PrepareError:  # read_array has read it already; the axes only shape a warning
         return ""
 
 
-def image_to_chw(image: np.ndarray, mask_shape: tuple[int, ...], path: Path) -> np.ndarray:
+# OME-TIFF axes (tifffile's letters): planes (time, depth), channels (C, and S: RGB samples), space.
+OME_PLANE_AXES, OME_CHANNEL_AXES, OME_SPACE_AXES = "TZ", "CS", "YX"
+
+
+def ome_plane_counts(axes: str, shape: tuple[int, ...], where: object) -> tuple[int, int]:
+    """(T, Z) of an OME-TIFF series; :class:`PrepareError` for axes other than T, Z, C, S, Y, X."""
+    unknown = [axis for axis in axes if axis not in OME_PLANE_AXES + OME_CHANNEL_AXES + OME_SPACE_AXES]
+    if unknown or "Y" not in axes or "X" not in axes or len(set(axes)) != len(axes):
+        raise PrepareError(
+            f"{where}: OME-TIFF axes {axes} (shape {shape}); expected Y and X, and otherwise only "
+            "T, Z, C and S (RGB samples), each at most once"
+        )
+    sizes = dict(zip(axes, shape, strict=True))
+    return sizes.get("T", 1), sizes.get("Z", 1)
+
+
+def ome_planes(array: np.ndarray, axes: str, where: object) -> np.ndarray:
+    """An OME-TIFF series as [T, Z, C, H, W]: absent axes of size 1, C x S channels (RGB samples)."""
+    ome_plane_counts(axes, array.shape, where)
+    order = "TZCSYX"
+    for axis in order:
+        if axis not in axes:
+            array, axes = array[..., None], axes + axis
+    array = array.transpose([axes.index(axis) for axis in order])
+    t, z, c, s, h, w = array.shape
+    return array.reshape(t, z, c * s, h, w)
+
+
+def read_ome_tiff(path: Path) -> tuple[np.ndarray, str]:
+    """An OME-TIFF's first series as [T, Z, C, H, W] (:func:`ome_planes`), and its own axis letters."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            axes, array = series.axes, series.asarray()
+    except Exception as err:
+        raise PrepareError(f"{path}: cannot read OME-TIFF: {err}") from err
+    return ome_planes(array, axes, path), axes
+
+
+def image_to_chw(
+    image: np.ndarray, mask_shape: tuple[int, ...], path: Path | str, axes: str | None = None
+) -> np.ndarray:
     """[C, H, W]: 2-D -> C=1; channels-last (RGB PNG, most TIFFs) -> transposed.
 
     The mask's HxW decides which axis holds the channels. A TIFF stack of planes (z, time,
     pages) with a 2-D mask becomes a multi-channel 2-D image, with a warning: 3-D
-    segmentation of volumes is not supported yet.
+    segmentation of volumes is not supported yet. ``axes``: the image's TIFF axis letters
+    where known (None: read them from ``path``, "" for none).
     """
     if image.ndim == 2:
         return image[None]
     if image.ndim == 3:
         if image.shape[1:] == tuple(mask_shape):
-            axes = _tiff_axes(path) if image.shape[0] > 1 else ""
+            if image.shape[0] <= 1:
+                axes = ""
+            elif axes is None:
+                axes = _tiff_axes(Path(path))
             if axes and axes[0] not in TIFF_CHANNEL_AXES:
                 log.warning(
                     "%s: a stack of %d planes (shape %s, TIFF axes %s) with a 2-D mask: its planes are "

@@ -1,10 +1,11 @@
-"""Image + mask folders -> tiled webdataset shards or a Zarr store, and ``dataset.json``.
+"""Image/mask pairs -> tiled webdataset shards or a Zarr store, and ``dataset.json``.
 
-Flow: match files by stem -> split images into train/val (by image, so no tile of a val
-image is trained on) -> per image: read, check, weight map on the whole image, tile ->
-a writer per split (:mod:`unetdist.data.writers`) -> ``dataset.json`` (written last, so its
-presence means the rest is complete). The names and formats written are those of
-:mod:`unetdist.data.layout`; the command line is :mod:`unetdist.prepare`.
+Flow: list the input's images (:mod:`unetdist.data.inputs`: folders matched by stem, the
+user's shards, OME-Zarr images) -> split them into train/val (by image, or by stack for the
+planes of one: no tile of a val image is trained on) -> per image: read, check, weight map on
+the whole image, tile -> a writer per split (:mod:`unetdist.data.writers`) -> ``dataset.json``
+(written last, so its presence means the rest is complete). The names and formats written are
+those of :mod:`unetdist.data.layout`; the command line is :mod:`unetdist.prepare`.
 
 Everything is written to a staging folder beside the output folder (``.<name>.partial-<pid>``)
 and moved in only when complete: a failed or interrupted run removes the staging folder and
@@ -18,13 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from unetdist.data.imageio import PrepareError, image_to_chw, match_by_stem, read_array
+from unetdist.data.imageio import PrepareError, check_keys, image_to_chw
+from unetdist.data.inputs import FolderPairs, Pair, PairSource
 from unetdist.data.layout import (
     CODECS,
     DATASET_JSON,
@@ -102,7 +105,7 @@ class _Written:
     first: tuple[int, np.dtype, str] | None = None  # (channels, dtype, stem)
     max_class: int = 1
 
-    def check_like_first(self, image: np.ndarray, stem: str, path: Path) -> None:
+    def check_like_first(self, image: np.ndarray, stem: str, path: Path | str) -> None:
         if self.first is None:
             self.first = (image.shape[0], image.dtype, stem)
             return
@@ -130,6 +133,19 @@ def split_by_image(stems: Sequence[str], val_fraction: float, seed: int) -> tupl
     if val_fraction > 0 and len(order) >= 2:
         num_val = min(max(num_val, 1), len(order) - 1)
     return order[num_val:], order[:num_val]
+
+
+def split_by_group(
+    items: Sequence[tuple[str, str]], val_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Seeded (train, val) stems of ``(stem, group)`` items, splitting whole groups (the planes of
+    one stack) by :func:`split_by_image` of the sorted group names; a group's stems stay together,
+    in their order. Where every stem is its own group, this is :func:`split_by_image` of the stems."""
+    by_group: dict[str, list[str]] = {}
+    for stem, group in items:
+        by_group.setdefault(group, []).append(stem)
+    train, val = split_by_image(sorted(by_group), val_fraction, seed)
+    return [s for group in train for s in by_group[group]], [s for group in val for s in by_group[group]]
 
 
 def _tiles(
@@ -160,11 +176,11 @@ def _tiles(
 # ---------------------------------------------------------------- reading and checking
 
 
-def _load_pair(
-    image_path: Path, mask_path: Path, mask_kind: str, tile_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check one image/mask pair; returns (image [C,H,W], mask [H,W])."""
-    mask = read_array(mask_path)
+def _check_pair(pair: Pair, mask_kind: str, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Check one image/mask pair; returns (image [C,H,W], mask [H,W])."""
+    mask, mask_path, image_path = pair.mask, pair.mask_where, pair.image_where
+    if mask.dtype == bool:  # a boolean .npy mask: 0/1
+        mask = mask.astype(np.uint8)
     if mask.ndim != 2:
         raise PrepareError(
             f"{mask_path}: mask must be a single-channel HxW label image, got shape {mask.shape}"
@@ -182,12 +198,12 @@ def _load_pair(
             "binary masks are 0/1, and --mask-kind binary maps 255 -> 1"
         )
 
-    raw = read_array(image_path)
+    raw = pair.image
     if raw.ndim == 2 and raw.shape != mask.shape:
         raise PrepareError(
-            f"{image_path}: image size {raw.shape} differs from mask {mask_path.name} size {mask.shape}"
+            f"{image_path}: image size {raw.shape} differs from mask {pair.mask_name} size {mask.shape}"
         )
-    image = image_to_chw(raw, mask.shape, image_path)
+    image = image_to_chw(raw, mask.shape, image_path, pair.image_axes)
     if image.dtype not in IMAGE_DTYPES:
         raise PrepareError(
             f"{image_path}: image dtype {image.dtype} not supported; convert to one of "
@@ -219,7 +235,7 @@ def _mask_and_weight(labels: np.ndarray, settings: _Settings) -> tuple[np.ndarra
 def _write_split(
     split: str,
     stems: list[str],
-    pairs: dict[str, tuple[Path, Path]],
+    source: PairSource,
     out_dir: Path,
     settings: _Settings,
     written: _Written,
@@ -234,10 +250,10 @@ def _write_split(
         whole_images=settings.whole_images,
         zarr_codec=settings.zarr_codec,
     ) as writer:
-        for stem in stems:
-            image_path, mask_path = pairs[stem]
-            image, labels = _load_pair(image_path, mask_path, settings.mask_kind, tile_size - 2 * margin)
-            written.check_like_first(image, stem, image_path)
+        for pair in source.read(stems):
+            stem = pair.stem
+            image, labels = _check_pair(pair, settings.mask_kind, tile_size - 2 * margin)
+            written.check_like_first(image, stem, pair.image_where)
             mask, weight = _mask_and_weight(labels, settings)
             written.max_class = max(written.max_class, int(mask.max()))
             if settings.whole_images:
@@ -255,7 +271,7 @@ def _write_split(
 
 def _metadata(settings: _Settings, written: _Written, splits: dict[str, list[str]], provenance: dict) -> dict:
     """The content of dataset.json."""
-    assert written.first is not None  # match_by_stem found >= 1 image
+    assert written.first is not None  # prepare_pairs has >= 1 image
     channels, image_dtype, _ = written.first
     return {
         "format": settings.output_format,
@@ -279,9 +295,14 @@ def _metadata(settings: _Settings, written: _Written, splits: dict[str, list[str
     }
 
 
-def prepare_dataset(
-    images_dir: str | Path,
-    masks_dir: str | Path,
+def prepare_dataset(images_dir: str | Path, masks_dir: str | Path, out_dir: str | Path, **options) -> dict:
+    """:func:`prepare_pairs` of the image and mask files of two folders, matched by stem
+    (:class:`~unetdist.data.inputs.FolderPairs`); ``options``: those of :func:`prepare_pairs`."""
+    return prepare_pairs(FolderPairs(images_dir, masks_dir), out_dir, **options)
+
+
+def prepare_pairs(
+    pairs: PairSource,
     out_dir: str | Path,
     *,
     mask_kind: str = "instances",
@@ -298,7 +319,8 @@ def prepare_dataset(
     whole_images: bool = False,
     zarr_codec: str | None = None,
 ) -> dict:
-    """Write tiled shards and ``dataset.json`` to ``out_dir``; returns the dataset.json content.
+    """Write tiled shards and ``dataset.json`` of the image/mask ``pairs`` (:mod:`unetdist.data.inputs`)
+    to ``out_dir``; returns the dataset.json content.
 
     ``weight_map`` applies to instance masks only (class masks have no instances to
     separate). ``source`` is extra provenance merged into dataset.json's "source".
@@ -320,17 +342,23 @@ def prepare_dataset(
         zarr_codec,
     )
     settings.check()
-    images_dir, masks_dir, out_dir = Path(images_dir), Path(masks_dir), Path(out_dir)
-    pairs = {stem: (image, mask) for stem, image, mask in match_by_stem(images_dir, masks_dir)}
-    train_stems, val_stems = split_by_image(sorted(pairs), val_fraction, seed)
+    out_dir = Path(out_dir)
+    items = pairs.items()
+    stems = [stem for stem, _ in items]
+    repeated = sorted(stem for stem, count in Counter(stems).items() if count > 1)
+    if repeated:  # e.g. a file x_t0_z0.tif beside the planes of x.ome.tif
+        raise PrepareError(f"image stems {repeated} appear more than once; expected one image per stem")
+    if not items:
+        raise PrepareError("no images to prepare")
+    check_keys(stems)
+    train_stems, val_stems = split_by_group(items, val_fraction, seed)
     splits = {"train": train_stems, "val": val_stems}
 
     store = out_dir / STORE_NAME
     if settings.output_format == "zarr" and store.exists() and not store.is_dir():
         raise PrepareError(f"{store}: a file where prepare writes its Zarr store; move it away")
     provenance = {
-        "images": str(images_dir.resolve()),
-        "masks": str(masks_dir.resolve()),
+        **pairs.provenance(),
         "mask_kind": mask_kind,
         "val_fraction": val_fraction,
         "seed": seed,
@@ -342,9 +370,9 @@ def prepare_dataset(
     # replaces prepare's own earlier output as a whole, and only once it is complete.
     with staged_output(out_dir) as staging:
         written = _Written()
-        for split, stems in splits.items():
-            if stems:
-                _write_split(split, stems, pairs, staging, settings, written)
+        for split, split_stems in splits.items():
+            if split_stems:
+                _write_split(split, split_stems, pairs, staging, settings, written)
         meta = _metadata(settings, written, splits, provenance)
         (staging / DATASET_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
