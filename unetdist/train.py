@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("resumed at step %d", trainer.step)
 
         train_loader, val_loader = build_loaders(config, ctx, layout, start_step)
+        outputs.log_data_lineage(config.data, train_loader, val_loader)
         trainer.fit(train_loader, val_loader)
         checkpointer.finish()
         log_models(outputs, trainer, config)

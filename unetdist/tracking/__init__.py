@@ -10,6 +10,7 @@ Modules, each importing only those before it:
 
 - ``base``: ``NullTracker``, run-end statuses, MLflow's request limits.
 - ``mlflow_setup``: MLflow's environment, the default tracking URI, secret redaction.
+- ``datasets``: the data splits as MLflow dataset inputs (from ``unetdist.data.lineage``).
 - ``sender``: the one place where an operation becomes MLflow client calls.
 - ``outbox``: the background queue, its disk spill and the file of unsent calls.
 - ``tracker``: ``MLflowTracker`` and ``make_tracker``.

@@ -7,7 +7,7 @@ seconds for importing it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
+        pass
+
+    def log_dataset_inputs(self, records: Iterable[Mapping[str, Any]]) -> None:
         pass
 
     def log_config(self, config_dict: Mapping[str, Any], filename: str = "config.yaml") -> None:

@@ -5,6 +5,7 @@ writers, and every other rank null objects with the same methods, so the trainin
 never asks which rank it is on. The trainer calls, on every rank::
 
     outputs = RunOutputs.open(config, ctx, start_step, run_id)   # run_id from the checkpoint, or None
+    outputs.log_data_lineage(config.data, train_loader, val_loader)  # the splits: MLflow dataset inputs
     outputs.tracker.log_metrics({...}, step)                     # returns at once (queued)
     outputs.log_val_panels(step, images, truths, predictions)    # when tracking.image_every divides step
     outputs.on_checkpoint_saved(path, is_best=...)               # per tracking.log_checkpoints
@@ -39,11 +40,13 @@ import numpy as np
 import torch
 
 from unetdist import preemption
-from unetdist.config import RESUME_SAFE_KEYS, Config, TrackingConfig, save_config
+from unetdist.config import RESUME_SAFE_KEYS, Config, DataConfig, TrackingConfig, save_config
+from unetdist.data.lineage import describe_split, split_sources
 from unetdist.distributed import DistributedContext
 from unetdist.logs import NullProgress, RichProgress
 from unetdist.redaction import credentials_warning, keys_with_credentials, redact
 from unetdist.tracking.base import LEAVE_RUNNING, NullTracker
+from unetdist.tracking.datasets import dataset_record
 from unetdist.tracking.tracker import MLflowTracker, make_tracker
 
 log = logging.getLogger("unetdist")
@@ -119,6 +122,18 @@ class RunOutputs:
         if tracking.system_metrics and isinstance(tracker, MLflowTracker):
             outputs.system_monitor = _start_system_metrics(tracker, resumed=run_id is not None)
         return outputs
+
+    def log_data_lineage(self, data: DataConfig, train_loader: Any, val_loader: Any | None) -> None:
+        """Record what the run trains on: each split the loaders read as an MLflow dataset input.
+
+        A resumed run records the same splits again; the run lists each once (``tracking.datasets``).
+        """
+        if not self.active:
+            return
+        sources = split_sources(train_loader, val_loader)
+        self.tracker.log_dataset_inputs(
+            [dataset_record(describe_split(data, split, source)) for split, source in sources.items()]
+        )
 
     def log_val_panels(self, step: int, image: Any, truth: Any, pred: Any) -> None:
         """Log image | truth | prediction | error panels of the first ``tracking.num_images`` tiles.

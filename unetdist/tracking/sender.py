@@ -45,7 +45,7 @@ class Sender:
     """Turns queued operations (plain JSON-able dicts) into MLflow client calls, synchronously.
 
     Operations: ``create_run``, ``reattach``, ``params``, ``metrics``, ``tags``,
-    ``artifact``, ``image``, ``pyfunc_model``, ``terminate``.
+    ``dataset_inputs``, ``artifact``, ``image``, ``pyfunc_model``, ``terminate``.
     """
 
     def __init__(self, tracking_uri: str, run_id: str | None, experiment_id: str | None) -> None:
@@ -82,6 +82,10 @@ class Sender:
             from mlflow.entities import RunTag
 
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
+        elif kind == "dataset_inputs":
+            from unetdist.tracking.datasets import dataset_inputs
+
+            self.client.log_inputs(self.run_id, datasets=dataset_inputs(op["datasets"]))
         elif kind == "artifact":
             path = Path(op["path"])
             if path.is_dir():

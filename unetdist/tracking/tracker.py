@@ -21,7 +21,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ import yaml
 
 from unetdist.redaction import redact, redact_params, redact_values
 from unetdist.tracking.base import LEAVE_RUNNING, MAX_PARAM_VALUE_LENGTH, RUN_END_STATUSES, NullTracker
+from unetdist.tracking.datasets import new_records
 from unetdist.tracking.mlflow_setup import (
     default_local_dir,
     default_tracking_uri,
@@ -84,6 +85,7 @@ class MLflowTracker:
         self._sent_event = threading.Condition()
         self._logged_params: dict[str, str] = {}
         self._attempt_tags: set[str] = set()  # attempt.<key> tags already on a reattached run
+        self._dataset_inputs: set[tuple[str, str]] = set()  # (name, digest) of the run's dataset inputs
         self._tags = {key: redact(str(value)) for key, value in (tags or {}).items()}
         self.unsent_path: Path | None = None
 
@@ -98,6 +100,8 @@ class MLflowTracker:
                 run = self._sender.send({"op": "reattach", "tags": self._tags, "experiment": experiment})
                 self._logged_params = dict(run.data.params)
                 self._attempt_tags = {key for key in run.data.tags if key.startswith("attempt.")}
+                listed = run.inputs.dataset_inputs if run.inputs else []
+                self._dataset_inputs = {(d.dataset.name, d.dataset.digest) for d in listed}
         except Exception as error:
             if run_id is not None and is_permanent(error):
                 logger.warning(
@@ -239,6 +243,17 @@ class MLflowTracker:
     def set_tags(self, tags: Mapping[str, object]) -> None:
         """Set (overwrite) run tags; values are logged as strings, redacted."""
         self._put({"op": "tags", "tags": {key: redact(str(value)) for key, value in tags.items()}})
+
+    def log_dataset_inputs(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Queue the run's data splits as MLflow dataset inputs (``tracking.datasets.dataset_record``).
+
+        Splits the run already lists (same name and digest) are skipped; one whose digest
+        changed is added beside the old one, with a warning.
+        """
+        new = new_records(self._dataset_inputs, records)
+        if new:
+            self._put({"op": "dataset_inputs", "datasets": new})
+            self._dataset_inputs.update((record["name"], record["digest"]) for record in new)
 
     def log_config(self, config_dict: Mapping[str, Any], filename: str = "config.yaml") -> None:
         """Write ``config_dict`` (redacted) as YAML under ``local_dir``; log it at the run's artifact root."""
