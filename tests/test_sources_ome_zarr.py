@@ -68,10 +68,13 @@ def checks(in_channels: int = 2) -> SampleChecks:
     return SampleChecks(TILE, in_channels, 2, False, mask_kind="instances")
 
 
-def global_steps(data: DataConfig, world_size: int, steps: int, in_channels: int) -> list[dict]:
+def global_steps(
+    data: DataConfig, world_size: int, steps: int, in_channels: int, start_sample: int = 0
+) -> list[dict]:
     """Per global step: keys, images and masks of all ranks' micro-batches, in rank order."""
     iterators = [
-        iter(build_train_loader(data, rank=rank, world_size=world_size, in_channels=in_channels, **ARGS))
+        iter(build_train_loader(data, rank=rank, world_size=world_size, in_channels=in_channels,
+                                start_sample=start_sample, **ARGS))
         for rank in range(world_size)
     ]
     per_rank = [[[next(batches) for _ in range(GLOBAL // world_size // MICRO)] for _ in range(steps)]
@@ -149,6 +152,8 @@ def test_train_windows_are_the_stored_pixels_alike_at_one_and_two_ranks(cyx, cha
             origins.add((stem, top, left))
     assert len(origins) > 12  # random windows, not a grid
     assert_same(reference, global_steps(dataclasses.replace(data, num_workers=2), 2, 3, in_channels))
+    # resumed after the first step, on another number of ranks: the rest of the same sequence
+    assert_same(reference[1:], global_steps(data, 2, 2, in_channels, start_sample=GLOBAL))
 
 
 def test_val_grid_covers_each_held_out_image_once_across_two_ranks(cyx):

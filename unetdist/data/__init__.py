@@ -1,4 +1,4 @@
-"""Data path: folders -> tar shards or a Zarr store (``prepare``), store -> exact, resumable batches.
+"""Data path: the user's data -> tar shards or a Zarr store (``prepare``), store -> exact, resumable batches.
 
 A sample flows one way: store -> global sequence position -> rank/worker -> decode + checks
 -> crop + augmentation parameters -> batch -> ``to_model_input`` (augment + normalise, on the
@@ -6,11 +6,13 @@ CPU in a worker or on the training device).
 
 Layers, lowest first (a module imports only from its own layer or below):
 
-* ``layout`` (the on-disk contract), ``imageio``, ``samples``, ``cache``, ``sequence``, ``synthetic``
-* ``augment``, ``writers``
-* ``sources`` (``base``: the :class:`Source` protocol; ``tar``, ``zarr_tiles``, ``zarr_images``)
-* ``batching``, ``streams``, ``preflight``
-* ``loader`` (training/validation loaders), ``prepare`` (folders -> a prepared data set)
+* ``layout`` (the on-disk contract), ``imageio``, ``samples``, ``cache``, ``sequence``, ``synthetic``,
+  ``remote`` (object stores), ``ngff`` (OME-Zarr metadata)
+* ``augment``, ``writers``, ``fetch``, ``node_cache``, ``readahead``
+* ``sources`` (``base``: the :class:`Source` protocol; ``tar``, ``zarr_tiles``, ``zarr_arrays``,
+  ``zarr_images`` and ``ome_zarr`` on ``image_windows``)
+* ``batching``, ``streams``, ``preflight``, ``lineage`` (what a run logs as its data sets)
+* ``loader`` (training/validation loaders), ``inputs`` + ``prepare`` (the user's data -> a prepared data set)
 """
 
 from unetdist.data.augment import AugmentSpec, to_model_input

@@ -160,9 +160,9 @@ def common_location(locations: list[str]) -> str:
 
 def split_sources(train_loader: Any, val_loader: Any | None) -> dict[str, Source]:
     """The sources ``build_train_loader`` and ``build_val_loader`` opened, by split (val when present)."""
-    sources = {"train": train_loader.stream.source}
+    sources = {"train": train_loader.source}
     if val_loader is not None:
-        sources["val"] = val_loader.loader.dataset.source
+        sources["val"] = val_loader.source
     return sources
 
 

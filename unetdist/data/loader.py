@@ -74,6 +74,7 @@ class TrainLoader:
 
     def __init__(self, stream: TrainStream, loader_kwargs: dict[str, Any]) -> None:
         self.stream, self.loader_kwargs = stream, loader_kwargs
+        self.source = stream.source
         self.layout, self.sequence = stream.layout, stream.sequence
         self.next_micro = stream.start_micro
         self.skipped_samples = 0
@@ -128,6 +129,11 @@ class ValLoader:
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
+
+    @property
+    def source(self) -> Source:
+        """The source the validation samples come from (what the run logs as its data lineage)."""
+        return self.loader.dataset.source
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for item in self.loader:
