@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,11 +68,25 @@ def uninterrupted(cell_shards, tmp_path_factory):
     return {"model": final_model(root / "run"), "keys": recorded_keys(root / "run"), "losses": sorted(losses)}
 
 
-def test_stop_and_resume_is_bitwise_identical(uninterrupted, cell_shards, tmp_path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = overrides(cell_shards, tmp_path / "run", store)
-    first = train([*args, "train.max_steps=30"])
+@pytest.fixture(scope="module")
+def first_leg(cell_shards, tmp_path_factory) -> Path:
+    """The uninterrupted run's first 30 steps at 2 ranks, stopped there: each resume test continues
+    its own copy of it (output folder and MLflow store)."""
+    root = tmp_path_factory.mktemp("first-leg")
+    first = train([*overrides(cell_shards, root / "run", f"sqlite:///{root / 'mlflow.db'}"), "train.max_steps=30"])
     assert first.returncode == 0, first.stderr[-4000:]
+    return root
+
+
+def continue_copy(first_leg: Path, cell_shards: Path, tmp_path: Path) -> tuple[list[str], str]:
+    """Overrides for continuing a copy of the first leg in ``tmp_path``, and its MLflow store."""
+    shutil.copytree(first_leg, tmp_path, dirs_exist_ok=True)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return overrides(cell_shards, tmp_path / "run", store), store
+
+
+def test_stop_and_resume_is_bitwise_identical(uninterrupted, first_leg, cell_shards, tmp_path):
+    args, store = continue_copy(first_leg, cell_shards, tmp_path)
     second = train([*args, f"train.max_steps={MAX_STEPS}", "--resume", "auto"])
     assert second.returncode == 0, second.stderr[-4000:]
 
@@ -84,10 +99,8 @@ def test_stop_and_resume_is_bitwise_identical(uninterrupted, cell_shards, tmp_pa
     assert losses == uninterrupted["losses"]
 
 
-def test_elastic_resume_on_one_rank_continues_the_global_sequence(uninterrupted, cell_shards, tmp_path):
-    args = overrides(cell_shards, tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    first = train([*args, "train.max_steps=30"], nproc=2)
-    assert first.returncode == 0, first.stderr[-4000:]
+def test_elastic_resume_on_one_rank_continues_the_global_sequence(uninterrupted, first_leg, cell_shards, tmp_path):
+    args, _ = continue_copy(first_leg, cell_shards, tmp_path)
     second = train([*args, f"train.max_steps={MAX_STEPS}", "--resume", "auto"], nproc=1)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "saved by 2 ranks" in second.stderr
