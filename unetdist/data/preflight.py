@@ -80,7 +80,8 @@ def log_weight_maps(source: Source, checks: SampleChecks, seed: int) -> None:
     if isinstance(first, DataError):
         return  # the workers name it, by data.on_error
     if first.weight is None:
-        how = "none: the data stores none and its masks are class ids (data.mask_kind=instances computes them)"
+        how = (f"none: the data stores none and its masks are {checks.mask_kind} (data.mask_kind=instances "
+               "computes them from instance ids)")
     elif first.weight_computed:
         how = "computed from the instance masks in the workers (w0=10, sigma=5)"
     else:
