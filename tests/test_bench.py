@@ -111,3 +111,12 @@ def test_bench_data_local_times_the_peers_and_zarr_block_sizes():
     assert float(pairs["zarr_block1_blocks_per_batch"]) > 3
     done = bench("data", "--block-sizes", "1,2")  # the tar shards have no block size to time
     assert done.returncode == 2 and "--format zarr" in done.stderr
+
+
+def test_bench_data_ome_zarr_beside_the_prepared_store_and_weight_maps():
+    done = bench("data", "--format", "ome-zarr", "--images", "2", "--image-size", "256", "--tile", "64",
+                 "--batch", "4", "--batches", "4", "--repeats", "1")
+    assert done.returncode == 0, done.stderr
+    pairs = final_pairs(done.stdout)
+    for key in ("ngff_samples_per_s", "zarr_samples_per_s", "ngff_vs_zarr", "weight_map_ms_per_tile"):
+        assert float(pairs[key]) > 0, key
