@@ -94,6 +94,27 @@ def test_user_conventions_train_with_key_and_kind_settings(user_shards, name, ca
         assert all("weight" not in batch for batch in batches)
 
 
+def test_computed_weight_maps_are_cached_once_per_node_and_equal(user_shards, tmp_path, monkeypatch):
+    from unetdist.data import weight_cache
+
+    computed = []
+
+    def counting(instances):
+        computed.append(1)
+        return computed_weight_map(instances)
+
+    monkeypatch.setattr(weight_cache, "computed_weight_map", counting)
+    image_key, mask_key, _, kind = CONVENTIONS["png+seg.png instances"]
+    data = config(user_shards["png+seg.png instances"], image_key, mask_key, kind)
+    uncached = one_epoch(data) + one_epoch(data)
+    assert not computed  # without data.cache_dir: computed in check_sample each time
+    cached = dataclasses.replace(data, cache_dir=str(tmp_path / "cache"))
+    first, second = one_epoch(cached), one_epoch(cached)
+    assert len(computed) == COUNT  # each sample's map computed once over two epochs
+    for ours, theirs in zip(first + second, uncached, strict=True):
+        assert ours["key"] == theirs["key"] and np.array_equal(ours["weight"].numpy(), theirs["weight"].numpy())
+
+
 def test_mask_as_instance_ids_is_refused_as_classes_with_the_setting_to_change(user_shards):
     image_key, mask_key, _, _ = CONVENTIONS["png+seg.png instances"]
     data = config(user_shards["png+seg.png instances"], image_key, mask_key, "classes", on_error="skip")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,9 +160,17 @@ def decode_sample(
 
 
 def check_sample(
-    key: str, where: str, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None, checks: SampleChecks
+    key: str,
+    where: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    weight: np.ndarray | None,
+    checks: SampleChecks,
+    weights_of: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Sample:
-    """A :class:`Sample` after checking shapes, dtypes and labels; :class:`DataError` otherwise."""
+    """A :class:`Sample` after checking shapes, dtypes and labels; :class:`DataError` otherwise.
+    ``weights_of`` makes the weight map of an instance mask (default: computed here; a source may
+    cache them: :mod:`unetdist.data.weight_cache`)."""
     at = f"{where} sample {key}"
     if image.ndim != 3 or image.shape[0] != checks.in_channels:
         raise DataError(f"{at}: image shape {image.shape}, expected [{checks.in_channels}, H, W] (model.in_channels)")
@@ -183,10 +192,12 @@ def check_sample(
     elif weight is not None:
         if weight.shape != mask.shape or not np.issubdtype(weight.dtype, np.floating):
             raise DataError(
-                f"{at}: weight must be a float array of the mask's shape {mask.shape}, got {weight.dtype} {weight.shape}"
+                f"{at}: weight must be a float array of the mask's shape {mask.shape}, "
+                f"got {weight.dtype} {weight.shape}"
             )
     elif instances is not None:
-        return Sample(key, where, image, mask, computed_weight_map(instances), weight_computed=True)
+        weight = (weights_of or computed_weight_map)(instances)
+        return Sample(key, where, image, mask, weight, weight_computed=True)
     elif checks.use_weight_map == "true":
         raise DataError(
             f"{at}: missing its weight map (loss.use_weight_map=true): store one (prepare with instance masks), "

@@ -18,17 +18,27 @@ from unetdist.data.fetch import Fetcher
 from unetdist.data.layout import STORE_NAME, check_zarr_layout, is_whole_image_store
 from unetdist.data.node_cache import NodeCache
 from unetdist.data.samples import SampleChecks
-from unetdist.data.sources.base import Source
+from unetdist.data.sources.base import Source, StoredSamples
 from unetdist.data.sources.tar import TarShards, list_shards, shard_counts
 from unetdist.data.sources.zarr_arrays import open_zarr_arrays
 from unetdist.data.sources.zarr_images import ZarrImages
 from unetdist.data.sources.zarr_tiles import ZarrTiles
+from unetdist.data.weight_cache import WeightMapCache
 
 __all__ = ["Source", "TarShards", "ZarrImages", "ZarrTiles", "list_shards", "open_source"]
 
 
 def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
     """The tar, Zarr or OME-Zarr source of ``split`` ("train" or "val") named by the data config."""
+    source = _open_source(data, split, checks)
+    if data.cache_dir and data.mask_kind == "instances" and isinstance(source, StoredSamples):
+        # weight maps computed from instance masks: once per node, not once per epoch (weight_cache.py)
+        identity = "\n".join(["weight maps", split, *map(str, zip(source.names, source.counts, strict=True))])
+        source.weight_cache = WeightMapCache(NodeCache(data.cache_dir, identity, int(data.cache_limit_gb * 2**30)))
+    return source
+
+
+def _open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
     if data.format == "ome-zarr":
         from unetdist.data.sources.ome_zarr import open_ome_zarr
 

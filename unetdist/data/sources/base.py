@@ -11,12 +11,16 @@ Sources are pickled into DataLoader workers, so they open files lazily, per proc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from unetdist.data.node_cache import Schedule
 from unetdist.data.samples import DataError, Sample
+from unetdist.data.weight_cache import WeightMapCache
+
+WeightsOf = Callable[[np.ndarray], np.ndarray]  # an instance mask -> its border weight map
 
 
 @runtime_checkable
@@ -78,9 +82,15 @@ class StoredSamples:
     block_size = 1
     remote = False
     counts: list[int]
+    weight_cache: WeightMapCache | None = None  # computed weight maps in the node cache (open_source sets it)
 
     def follow(self, schedule: Schedule) -> None:
-        pass
+        if self.weight_cache is not None:
+            self.weight_cache.follow(schedule)
+
+    def weights_of(self, unit: int, index: int) -> WeightsOf | None:
+        """How sample (unit, index)'s weight map is made from its instance mask: cached, or None (computed)."""
+        return self.weight_cache.weights_of(unit, index) if self.weight_cache is not None else None
 
     def read(self, unit: int, indices: list[int]) -> list[Sample | DataError]:
         raise NotImplementedError

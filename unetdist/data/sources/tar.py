@@ -28,7 +28,7 @@ from unetdist.data.layout import DATASET_JSON
 from unetdist.data.node_cache import Schedule, entry_name
 from unetdist.data.remote import display, exists, is_remote, join, local_path, read_bytes
 from unetdist.data.samples import DataError, Sample, SampleChecks, check_sample, decode_sample
-from unetdist.data.sources.base import StoredSamples
+from unetdist.data.sources.base import StoredSamples, WeightsOf
 from unetdist.data.sources.tar_index import TarIndex, TarSample, shard_table
 
 _CACHED_SHARD_INDEXES = 256
@@ -161,6 +161,7 @@ class TarShards(StoredSamples):
         return [display(path) for path in self.paths]
 
     def follow(self, schedule: Schedule) -> None:
+        super().follow(schedule)
         if self.fetcher is not None and self.fetcher.cache is not None:
             self.fetcher.cache.schedule = schedule
 
@@ -224,14 +225,16 @@ class TarShards(StoredSamples):
             if isinstance(got, DataError):
                 results.append(DataError(f"shard {path} sample {index.samples[i].key}: {got}"))
                 continue
-            results.append(self._decode(index.samples[i], *got, path))
+            results.append(self._decode(index.samples[i], *got, path, self.weights_of(unit, i)))
         return results
 
-    def _decode(self, sample: TarSample, data: memoryview, base: int, path: str) -> Sample | DataError:
+    def _decode(
+        self, sample: TarSample, data: memoryview, base: int, path: str, weights_of: WeightsOf | None
+    ) -> Sample | DataError:
         fields = {name: data[offset - base : offset - base + size] for name, offset, size in sample.members}
         try:
             image, mask, weight = decode_sample(fields, sample.key, f"shard {path}", self.checks.keys)
-            return check_sample(sample.key, f"shard {path}", image, mask, weight, self.checks)
+            return check_sample(sample.key, f"shard {path}", image, mask, weight, self.checks, weights_of)
         except DataError as err:
             return err
 

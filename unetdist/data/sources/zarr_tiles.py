@@ -210,6 +210,7 @@ class ZarrTiles(StoredSamples):
         return [f"{display(self.store)}/{self.paths['image'] if self.own_layout else self.split}"]
 
     def follow(self, schedule: Schedule) -> None:
+        super().follow(schedule)
         if self.fetcher is not None and self.fetcher.cache is not None:
             self.fetcher.cache.schedule = schedule
 
@@ -359,8 +360,9 @@ class ZarrTiles(StoredSamples):
                 weight = one["weight"][at] if "weight" in one else None
                 image = one["image"][at]
                 try:
+                    image = image[None] if image.ndim == 2 else image
                     results[i] = check_sample(
-                        key, where, image[None] if image.ndim == 2 else image, one["mask"][at], weight, self.checks
+                        key, where, image, one["mask"][at], weight, self.checks, self.weights_of(0, i)
                     )
                 except DataError as err:
                     results[i] = err
