@@ -42,7 +42,7 @@ import torch
 
 from unetdist import distributed
 from unetdist.data import remote
-from unetdist.data.imageio import SUPPORTED_SUFFIXES, read_array
+from unetdist.data.imageio import SUPPORTED_SUFFIXES, file_stem, read_array
 from unetdist.inference.engine import (
     ChannelStats,
     InputError,
@@ -133,13 +133,13 @@ def list_inputs(locations: list[str], ngff_in_place: bool = False) -> list[Input
                 if is_zarr_path(child):
                     items.append(zarr_input(child.name, str(child)))
                 elif child.is_file() and child.suffix.lower() in SUPPORTED_SUFFIXES:
-                    items.append(InputItem(child.stem, str(child), False))
+                    items.append(InputItem(file_stem(child), str(child), False))
                 else:
                     log.warning(
                         "skipping %s: not one of %s or a Zarr store", child, ", ".join(SUPPORTED_SUFFIXES)
                     )
         else:
-            items.append(InputItem(path.stem, str(path), False))
+            items.append(InputItem(file_stem(path), str(path), False))
     seen: dict[str, InputItem] = {}
     for item in items:
         if item.is_ngff and ngff_in_place:
