@@ -178,6 +178,13 @@ def test_zarr_stores_read_from_s3_equal_local(zarr_roots, s3, layout, tmp_path):
     assert_same(global_steps(cached, 2, 3), reference)
     if layout == "tiles":
         assert any((tmp_path / "cache").rglob("u0-i*-image")), "chunks were cached by key"
+    else:  # whole images: chunks through the node cache, so a second pass fetches none
+        assert any((tmp_path / "cache").rglob("z-*")), "chunks were cached"
+        assert any("/c/" in row[1] for row in s3.requests("GET")), "the first pass fetched chunks"
+        s3.clear_requests()
+        assert_same(global_steps(cached, 1, 3), reference)
+        chunk_gets = [row for row in s3.requests("GET") if "/c/" in row[1]]  # v3 chunk keys: c/<i>/<j>
+        assert not chunk_gets, chunk_gets[:3]
 
 
 def test_a_missing_index_or_shard_is_named_and_not_retried(bucket_root, s3):

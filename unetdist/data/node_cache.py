@@ -169,8 +169,10 @@ class NodeCache:
         next use, furthest first, leaving out those the protected window needs."""
         others = sorted((e for e in entries if e[0].parent != self.folder), key=lambda e: e[3])
         ours = [(e, _ENTRY.match(e[1])) for e in entries if e[0].parent == self.folder]
+        # entries of no one sample (zarr_cache's chunks of whole images): oldest first; not partial files
+        unowned = sorted((e for e, m in ours if not m and not e[1].startswith(".")), key=lambda e: e[3])
         ours = [(e, m) for e, m in ours if m]
-        ranked = [(e[0], e[2]) for e in others]
+        ranked = [(e[0], e[2]) for e in others + unowned]
         if not ours:
             return ranked
         schedule = self.schedule

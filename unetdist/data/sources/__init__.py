@@ -19,6 +19,7 @@ from unetdist.data.layout import STORE_NAME, check_zarr_layout, is_whole_image_s
 from unetdist.data.node_cache import NodeCache
 from unetdist.data.samples import SampleChecks
 from unetdist.data.sources.base import Source, StoredSamples
+from unetdist.data.sources.image_windows import ImageWindows
 from unetdist.data.sources.tar import TarShards, list_shards, shard_counts
 from unetdist.data.sources.zarr_arrays import open_zarr_arrays
 from unetdist.data.sources.zarr_images import ZarrImages
@@ -35,6 +36,10 @@ def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
         # weight maps computed from instance masks: once per node, not once per epoch (weight_cache.py)
         identity = "\n".join(["weight maps", split, *map(str, zip(source.names, source.counts, strict=True))])
         source.weight_cache = WeightMapCache(NodeCache(data.cache_dir, identity, int(data.cache_limit_gb * 2**30)))
+    if data.cache_dir and isinstance(source, ImageWindows) and source.remote:
+        # windows of whole images at a URL: each chunk fetched once per node (zarr_cache.py)
+        identity = "\n".join(["zarr chunks", split, *source.names])
+        source.chunk_cache = NodeCache(data.cache_dir, identity, int(data.cache_limit_gb * 2**30))
     return source
 
 

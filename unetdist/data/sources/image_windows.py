@@ -18,7 +18,7 @@ import numpy as np
 
 from unetdist.data.augment import point_windows
 from unetdist.data.layout import grid_windows
-from unetdist.data.node_cache import Schedule
+from unetdist.data.node_cache import NodeCache, Schedule
 from unetdist.data.samples import DataError, Sample, SampleChecks
 
 # One array read of a tile: called (perhaps again, to isolate a failure) inside zarr's event loop.
@@ -68,6 +68,7 @@ class ImageWindows:
     sampled: bool
     foreground_fraction: float
     shapes: list[tuple[int, int]]  # (height, width) of each unit's window area
+    chunk_cache: NodeCache | None = None  # at a URL with data.cache_dir: chunks through it (zarr_cache.py)
     counts: list[int]
     _pid = -1  # the process whose caches _caches holds (see _cache)
 

@@ -34,6 +34,7 @@ from unetdist.data.ngff import NgffImage, label_image, read_image
 from unetdist.data.remote import display, is_remote, zarr_store
 from unetdist.data.samples import Sample, SampleChecks, check_sample
 from unetdist.data.sources.image_windows import ImageWindows, TileRead
+from unetdist.data.zarr_cache import node_cached
 
 AXES = "tczyx"  # the axes a plane is cut from, in NGFF's order
 
@@ -194,7 +195,8 @@ class OmeZarrImages(ImageWindows):
         arrays, groups = self._cache("arrays"), self._cache("groups")
         if (image, path) not in arrays:
             if image not in groups:  # one store (one client, for a URL) per image and process
-                groups[image] = zarr.open_group(zarr_store(self.images[image].url), mode="r")
+                store = node_cached(zarr_store(self.images[image].url), self.chunk_cache)
+                groups[image] = zarr.open_group(store, mode="r")
             arrays[image, path] = groups[image][path]
         return arrays[image, path]
 

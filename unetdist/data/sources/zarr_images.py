@@ -21,6 +21,7 @@ from unetdist.data.layout import WHOLE_IMAGES, sample_key
 from unetdist.data.remote import is_remote, zarr_store
 from unetdist.data.samples import Sample, SampleChecks, check_sample
 from unetdist.data.sources.image_windows import ImageWindows, TileRead
+from unetdist.data.zarr_cache import node_cached
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class ZarrImages(ImageWindows):
         import zarr
 
         self.store, self.split, self.checks = str(store), split, checks
-        # a store at a URL: zarr reads it through obstore (no node cache yet); the stream reads ahead
+        # a store at a URL: zarr reads it through obstore (and the node cache, when open_source gives
+        # one: chunk_cache); the stream reads ahead
         self.remote = is_remote(self.store)
         self.tiles_per_image = tiles_per_image
         self.sampled = split == "train" if sampled is None else sampled
@@ -99,7 +101,8 @@ class ZarrImages(ImageWindows):
         arrays = self._cache("arrays")
         if (name, unit) not in arrays:
             if "group" not in arrays:
-                arrays["group"] = zarr.open_group(zarr_store(self.store), mode="r", path=self.split)
+                store = node_cached(zarr_store(self.store), self.chunk_cache)
+                arrays["group"] = zarr.open_group(store, mode="r", path=self.split)
             arrays[name, unit] = arrays["group"][name][str(unit)]
         return arrays[name, unit]
 
