@@ -13,7 +13,8 @@ the next use of every sample is known exactly (``GlobalSequence.next_use``); the
 furthest in the future goes first, and an entry needed within the protected window (what the
 readers are about to read) is never evicted; when nothing else can go, the new entry is not
 cached (it is still used from memory). Entries of other folders (validation, other runs)
-have no known next use and go first, oldest first.
+have no known next use and go first, oldest first; then this folder's entries of no single
+sample (chunks of whole images, :mod:`unetdist.data.zarr_cache`), oldest first.
 """
 
 from __future__ import annotations
