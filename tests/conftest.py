@@ -119,6 +119,21 @@ def tiny_run_overrides(shards: Path, output_dir: Path, tracking_uri: str) -> lis
     ]
 
 
+def train_tiny_on(data_overrides: list[str], output_dir: Path, *more: str):
+    """A real single-process ``python -m unetdist.train`` of a tiny model on the data the overrides
+    name (32-px tiles, batch 4, no tracking): the completed process, output in its stderr."""
+    import subprocess
+    import sys
+
+    tiny = [
+        "data.tile_size=32", "data.num_workers=1", "model.base_width=4", "model.depth=2",
+        "train.global_batch_size=4", "train.log_every=5", "train.progress=false", "checkpoint.every=0",
+        f"train.output_dir={output_dir}", "tracking.enabled=false",
+    ]  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "unetdist.train", *data_overrides, *tiny, *more],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+
+
 def recorded_keys(output_dir: Path) -> dict[int, list[str]]:
     """step -> the sorted sample keys of that global step, over all ranks (train.record_samples=true)."""
     import json

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from conftest import REPO_ROOT
+from conftest import train_tiny_on
 
 from unetdist.config import DataConfig
 from unetdist.data import build_train_loader, build_val_loader
@@ -92,13 +90,8 @@ def test_prepared_layout_expected_names_the_own_arrays_keys(stores):
 
 @pytest.mark.slow
 def test_real_training_run_on_own_arrays(stores, tmp_path):
-    overrides = [
-        "data.format=zarr", f"data.zarr_store={stores[3]}", "data.image_array=raw/images", "data.mask_array=raw/masks",
-        "data.val_fraction=0.2", "data.tile_size=32", "data.num_workers=1", "model.base_width=4", "model.depth=2",
-        "train.global_batch_size=4", "train.max_steps=20", "train.val_every=10", "train.log_every=5",
-        "train.progress=false", "checkpoint.every=0", f"train.output_dir={tmp_path / 'run'}", "tracking.enabled=false",
-    ]
-    result = subprocess.run([sys.executable, "-m", "unetdist.train", *overrides], capture_output=True, text=True,
-                            timeout=300, cwd=REPO_ROOT)
+    data = ["data.format=zarr", f"data.zarr_store={stores[3]}", "data.image_array=raw/images",
+            "data.mask_array=raw/masks", "data.val_fraction=0.2"]
+    result = train_tiny_on(data, tmp_path / "run", "train.max_steps=20", "train.val_every=10")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "16 train samples" in result.stderr and "border weight maps: none" in result.stderr

@@ -150,21 +150,12 @@ def test_weight_map_required_but_absent_names_the_settings(user_shards):
 @pytest.mark.slow
 def test_real_training_run_on_user_shards(user_shards, tmp_path):
     """The entry point end to end on ShardWriter shards: only member keys and mask kind set."""
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
+    from conftest import train_tiny_on
 
     pattern = user_shards["png+seg.png instances"]
-    output_dir = tmp_path / "run"
-    overrides = [
-        f"data.train_shards={pattern}", f"data.val_shards={pattern}", "data.image_key=png", "data.mask_key=seg.png",
-        "data.mask_kind=instances", "data.tile_size=32", "data.num_workers=1", "model.base_width=4", "model.depth=2",
-        "train.global_batch_size=4", "train.max_steps=30", "train.val_every=0", "train.log_every=5",
-        "train.progress=false", "checkpoint.every=0", f"train.output_dir={output_dir}", "tracking.enabled=false",
-    ]
-    result = subprocess.run([sys.executable, "-m", "unetdist.train", *overrides], capture_output=True, text=True,
-                            timeout=300, cwd=REPO_ROOT)
+    data = [f"data.train_shards={pattern}", f"data.val_shards={pattern}", "data.image_key=png",
+            "data.mask_key=seg.png", "data.mask_kind=instances"]
+    result = train_tiny_on(data, tmp_path / "run", "train.max_steps=30", "train.val_every=0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "border weight maps: computed from the instance masks" in result.stderr
     losses = [float(line.split(" loss ")[1].split()[0]) for line in result.stderr.splitlines() if " loss " in line]

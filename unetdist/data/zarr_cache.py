@@ -28,7 +28,7 @@ def node_cached(store: Any, cache: NodeCache | None) -> Any:
     """``store`` with its whole-chunk reads through ``cache``; ``store`` itself without a cache."""
     if cache is None:
         return store
-    from zarr.storage import WrapperStore
+    from zarr.storage import WrapperStore  # zarr is imported where a store is opened, as elsewhere
 
     class NodeCachedStore(WrapperStore):
         def _with_store(self, inner: Any) -> NodeCachedStore:

@@ -35,11 +35,11 @@ def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
     if data.cache_dir and data.mask_kind == "instances" and isinstance(source, StoredSamples):
         # weight maps computed from instance masks: once per node, not once per epoch (weight_cache.py)
         identity = "\n".join(["weight maps", split, *map(str, zip(source.names, source.counts, strict=True))])
-        source.weight_cache = WeightMapCache(NodeCache(data.cache_dir, identity, int(data.cache_limit_gb * 2**30)))
+        source.weight_cache = WeightMapCache(_node_cache(data, identity))
     if data.cache_dir and isinstance(source, ImageWindows) and source.remote:
         # windows of whole images at a URL: each chunk fetched once per node (zarr_cache.py)
         identity = "\n".join(["zarr chunks", split, *source.names])
-        source.chunk_cache = NodeCache(data.cache_dir, identity, int(data.cache_limit_gb * 2**30))
+        source.chunk_cache = _node_cache(data, identity)
     return source
 
 
@@ -93,5 +93,10 @@ def _fetcher(data: DataConfig, split: str, urls: list[str]) -> Fetcher | None:
     cache = None
     if data.cache_dir:
         identity = "\n".join([split, *urls])
-        cache = NodeCache(data.cache_dir, identity, int(data.cache_limit_gb * 2**30))
+        cache = _node_cache(data, identity)
     return Fetcher(data.requests_in_flight, cache, options=remote_options(data))
+
+
+def _node_cache(data: DataConfig, identity: str) -> NodeCache:
+    """The node cache folder of what ``identity`` names, under ``data.cache_dir`` and its limit."""
+    return NodeCache(data.cache_dir, identity, int(data.cache_limit_gb * 2**30))
