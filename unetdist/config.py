@@ -70,7 +70,7 @@ class DataConfig:
     elastic_sigma_px: float = 10.0
     augment_on: str = _choice("worker", "device", default="worker")  # device: the trainer calls to_model_input
     foreground_fraction: float = 0.0  # share of training crops centred on a foreground pixel
-    normalize: str = _choice("zscore", "range", default="zscore")
+    normalize: str = _choice("zscore", "range", "percentile", default="zscore")  # percentile: clip 1-99.8, then z
     pin_memory: bool = True  # pinned host memory for non-blocking copies (CUDA only; ignored on CPU)
     # Remote data (root/shards/store at s3://, gs://, az://, https://): credentials only from the environment
     cache_dir: str = ""  # node-local cache of remote bytes, shared by the node's ranks; empty: none
@@ -119,6 +119,14 @@ class LossConfig:
     # (data.mask_kind=instances), or trains without it for class masks; true requires one
     use_weight_map: str = _choice("auto", "true", "false", default="auto")
     dice_weight: float = 1.0
+    # semantic: the classes of the mask (instances, binary: background / foreground); boundary:
+    # background / interior / boundary of each object, from instance masks (model.num_classes=3)
+    target: str = _choice("semantic", "boundary", default="semantic")
+    boundary_width_px: int = 2  # boundary target: the rim width (the plan sets it from the object sizes)
+
+    def __post_init__(self) -> None:
+        if self.boundary_width_px < 1:
+            raise ConfigError(f"loss.boundary_width_px={self.boundary_width_px}: expected at least 1")
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute activations in backward: larger tiles, more compute
     record_samples: bool = False  # append each step's sample keys to output_dir/samples/rank-R.jsonl
     watchdog_s: int = 0  # dump all stacks and exit when no step finishes for this long; 0: off
+    tune_decoding: bool = True  # instance masks: grid-search the decoding thresholds for AP on validation at the end
     stop_check_every: int = 5  # steps between the ranks' agreement on a stop signal (a host-side all-reduce)
 
 
@@ -382,6 +391,11 @@ def validate(config: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: expected zero or a positive number")
+    if config.loss.target == "boundary" and config.model.num_classes != 3:
+        raise ConfigError(
+            f"loss.target=boundary trains background / interior / boundary: set model.num_classes=3 "
+            f"(it is {config.model.num_classes})"
+        )
     if config.model.num_classes < 2:
         raise ConfigError(f"model.num_classes={config.model.num_classes}: expected at least 2 (background + one class)")
     if config.optim.lr <= 0:
