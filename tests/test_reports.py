@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unetdist.reports import ERROR_COLORS, MIN_PANEL_HEIGHT_PX, PALETTE, error_map, panel, save_panels
+from unetdist.reports import (
+    ERROR_COLORS,
+    MIN_PANEL_HEIGHT_PX,
+    OUTLINE_COLORS,
+    PALETTE,
+    error_map,
+    panel,
+    save_panels,
+)
 
 
 def test_error_map_colours_each_case():
@@ -51,3 +59,21 @@ def test_save_panels_writes_one_png_per_tile(tmp_path):
         assert path.parent.name == "step-00000040"
         with Image.open(path) as png:
             assert png.mode == "RGB" and png.size[1] >= MIN_PANEL_HEIGHT_PX
+
+
+def test_panel_with_instances_outlines_true_and_predicted_objects():
+    image = np.zeros((1, 20, 20), np.float32)
+    truth = np.zeros((20, 20), np.int64)
+    truth[2:8, 2:8], truth[2:8, 8:14] = 1, 2  # two touching objects
+    pred = np.zeros_like(truth)
+    pred[2:8, 2:14] = 1  # predicted as one: no rim between them
+    classes = (truth > 0).astype(np.int64)
+    strip = panel(image, classes, classes, truth, pred)
+    scale = -(-MIN_PANEL_HEIGHT_PX // 20)
+    assert strip.shape[1] == 5 * 20 * scale + 4 * 2
+    overlay = strip[::scale, 4 * (20 * scale + 2) :: scale]
+    cyan, amber = OUTLINE_COLORS["truth"], OUTLINE_COLORS["prediction"]
+    assert tuple(overlay[4, 7]) == cyan and tuple(overlay[4, 8]) == cyan  # the true rim between the two
+    assert tuple(overlay[2, 5]) == amber  # the predicted outer rim is drawn over the true one
+    assert tuple(overlay[5, 5]) == (0, 0, 0)  # inside: the (black) image
+    assert tuple(overlay[15, 15]) == (0, 0, 0)

@@ -36,6 +36,7 @@ ERROR_COLORS = {
     "false_negative": (40, 90, 240),
     "wrong_class": (240, 210, 40),
 }
+OUTLINE_COLORS = {"truth": (60, 220, 255), "prediction": (255, 200, 0)}  # cyan, amber
 SEPARATOR_PX = 2
 MIN_PANEL_HEIGHT_PX = 160  # small tiles are enlarged (nearest neighbour) to at least this
 
@@ -87,8 +88,36 @@ def error_map(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """``image [C, H, W]``, ``truth``/``pred [h, w]`` -> one uint8 RGB strip: image | truth | pred | errors.
+def outlines(instances: np.ndarray) -> np.ndarray:
+    """Where an object meets another label (background or another object): its one-pixel rim."""
+    instances = np.asarray(instances)
+    edge = np.zeros(instances.shape, dtype=bool)
+    vertical = instances[1:, :] != instances[:-1, :]
+    horizontal = instances[:, 1:] != instances[:, :-1]
+    edge[1:, :] |= vertical
+    edge[:-1, :] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    return edge & (instances > 0)
+
+
+def instance_overlay(image_rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """The image with the true objects' outlines (cyan) and the predicted ones' (amber) drawn on it."""
+    rgb = image_rgb.copy()
+    rgb[outlines(truth)] = OUTLINE_COLORS["truth"]
+    rgb[outlines(pred)] = OUTLINE_COLORS["prediction"]
+    return rgb
+
+
+def panel(
+    image: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    truth_instances: np.ndarray | None = None,
+    pred_instances: np.ndarray | None = None,
+) -> np.ndarray:
+    """``image [C, H, W]``, ``truth``/``pred [h, w]`` -> one uint8 RGB strip: image | truth | pred | errors,
+    and with the instance ids of both, a fifth part: the image with their outlines (:func:`instance_overlay`).
 
     ``h, w`` may be smaller than ``H, W`` (valid-conv models predict the center):
     the image is center-cropped to match.
@@ -98,8 +127,10 @@ def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     if truth.shape != pred.shape:
         raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
     height, width = truth.shape
-    image = center_crop_hw(np.asarray(image), height, width)
-    parts = [image_to_rgb(image), labels_to_rgb(truth), labels_to_rgb(pred), error_map(truth, pred)]
+    image = image_to_rgb(center_crop_hw(np.asarray(image), height, width))
+    parts = [image, labels_to_rgb(truth), labels_to_rgb(pred), error_map(truth, pred)]
+    if truth_instances is not None and pred_instances is not None:
+        parts.append(instance_overlay(image, truth_instances, pred_instances))
     scale = max(1, -(-MIN_PANEL_HEIGHT_PX // height))
     if scale > 1:
         parts = [part.repeat(scale, axis=0).repeat(scale, axis=1) for part in parts]
@@ -111,11 +142,17 @@ def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 
 def save_panels(
-    step: int, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, directory: Path
+    step: int,
+    image: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    directory: Path,
+    instances: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[tuple[int, Path]]:
     """Write ``directory/step-XXXXXXXX/tile-K.png`` for each tile; returns ``(K, path)`` pairs.
 
-    ``image`` is ``[N, C, H, W]`` float, ``truth`` and ``pred`` are ``[N, h, w]`` class maps.
+    ``image`` is ``[N, C, H, W]`` float, ``truth`` and ``pred`` are ``[N, h, w]`` class maps;
+    ``instances``: the true and predicted instance ids ``[N, h, w]``, outlined on the image.
     """
     from PIL import Image
 
@@ -131,6 +168,7 @@ def save_panels(
     written = []
     for index in range(len(image)):
         path = step_dir / f"tile-{index}.png"
-        Image.fromarray(panel(image[index], truth[index], pred[index])).save(path, compress_level=1)
+        ids = (None, None) if instances is None else (instances[0][index], instances[1][index])
+        Image.fromarray(panel(image[index], truth[index], pred[index], *ids)).save(path, compress_level=1)
         written.append((index, path))
     return written

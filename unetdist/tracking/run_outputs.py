@@ -135,11 +135,14 @@ class RunOutputs:
             [dataset_record(describe_split(data, split, source)) for split, source in sources.items()]
         )
 
-    def log_val_panels(self, step: int, image: Any, truth: Any, pred: Any) -> None:
-        """Log image | truth | prediction | error panels of the first ``tracking.num_images`` tiles.
+    def log_val_panels(
+        self, step: int, image: Any, truth: Any, pred: Any, truth_instances: Any = None, pred_instances: Any = None
+    ) -> None:
+        """Log image | truth | prediction | error panels of the first ``tracking.num_images`` tiles,
+        and with instance ids, the image with the true and predicted objects' outlines.
 
-        ``image`` ``[N, C, H, W]`` float, ``truth``/``pred`` ``[N, h, w]`` class maps
-        (arrays or tensors). Does nothing unless ``tracking.image_every`` divides ``step``.
+        ``image`` ``[N, C, H, W]`` float, ``truth``/``pred`` ``[N, h, w]`` class maps, the instances
+        ``[N, h, w]`` ids (arrays or tensors). Does nothing unless ``tracking.image_every`` divides ``step``.
         The PNGs stay in ``output_dir/val_panels/step-XXXXXXXX/``; MLflow gets them as
         the image series ``val/panel_K`` at ``step``.
         """
@@ -149,7 +152,10 @@ class RunOutputs:
         from unetdist.reports import save_panels
 
         arrays = [_to_numpy(value)[:count] for value in (image, truth, pred)]
-        for index, path in save_panels(step, *arrays, self.run_dir / "val_panels"):
+        instances = None
+        if truth_instances is not None and pred_instances is not None:
+            instances = (_to_numpy(truth_instances)[:count], _to_numpy(pred_instances)[:count])
+        for index, path in save_panels(step, *arrays, self.run_dir / "val_panels", instances):
             self.tracker.log_image(path, key=f"val/panel_{index}", step=step)
 
     def on_checkpoint_saved(self, path: Path, is_best: bool = False) -> None:
