@@ -26,7 +26,12 @@ LAYERS: list[tuple[str, list[str]]] = [
                     # tile-size arithmetic: config validates tile sizes with it
                     "unetdist.model.sizes"]),
     ("domain", ["unetdist.data", "unetdist.model", "unetdist.losses", "unetdist.weight_map", "unetdist.metrics",
-                "unetdist.instances", "unetdist.optim", "unetdist.reports", "unetdist.flops"]),
+                "unetdist.instances", "unetdist.optim", "unetdist.reports", "unetdist.flops",
+                # instance segmentation: targets, decoding and its tuning, AP, validation's scoring
+                "unetdist.instance_targets", "unetdist.decoding", "unetdist.instance_metrics",
+                "unetdist.instance_validation",
+                # the fingerprint -> plan rules (pure arithmetic)
+                "unetdist.planning"]),
     ("checkpoint", ["unetdist.checkpoint"]),
     ("inference", ["unetdist.inference"]),
     ("tracking", ["unetdist.tracking"]),

@@ -9,9 +9,12 @@ file the instances are the connected components of the predicted foreground. Tru
 takes them (``--truth-kind classes`` for class masks: instances then by components).
 
 Per image and overall: foreground Dice and IoU (overall: from the summed pixel counts), and
-instances matched one-to-one at IoU >= 0.5: precision TP/(TP+FP), recall TP/(TP+FN), F1,
-and the DSB2018-style AP = TP/(TP+FP+FN) (overall: from the summed counts, plus the mean of
-the per-image APs). Prints a table and writes JSON (default ``<pred>/evaluation.json``).
+instances matched one-to-one at IoU >= 0.5 (:mod:`unetdist.instance_metrics`, StarDist's
+matching): precision TP/(TP+FP), recall TP/(TP+FN), F1, and the DSB2018-style
+AP = TP/(TP+FP+FN) (overall: from the summed counts, plus the mean of the per-image APs).
+The same AP at each IoU threshold 0.5:0.05:0.95 (``ap50``, ``ap55``, ... ``ap95``) and their
+mean ``ap_50_95`` (COCO's summary; overall: from the counts summed per threshold, plus
+``mean_image_ap_50_95``). Prints a table and writes JSON (default ``<pred>/evaluation.json``).
 Exit codes: 0 done; 2 bad input (each failing file is named; the rest are still scored).
 """
 
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from unetdist.instance_metrics import COCO_IOU_THRESHOLDS, ap_names, average_precision, match_counts
 
 log = logging.getLogger(__name__)
 
@@ -82,47 +87,22 @@ def _ratio(numerator: int, denominator: int) -> float:
 def match_instances(
     pred: np.ndarray, truth: np.ndarray, threshold: float = MATCH_IOU
 ) -> tuple[int, int, int]:
-    """(TP, FP, FN) of a one-to-one matching of instance ids at IoU >= ``threshold``.
-
-    Greedy by IoU, highest first: for ``threshold`` > 0.5 every instance can overlap at
-    most one partner that much, so this is the unique (and optimal) matching; at exactly
-    0.5 greedy settles the rare ties.
-    """
+    """(TP, FP, FN) of a one-to-one matching of instance ids at IoU >= ``threshold``
+    (:func:`unetdist.instance_metrics.match_counts`: the most matches, as StarDist counts them)."""
     if pred.shape != truth.shape:
         raise ValueError(f"prediction shape {pred.shape} != truth shape {truth.shape}")
-    pred_ids, pred = np.unique(pred, return_inverse=True)
-    truth_ids, truth = np.unique(truth, return_inverse=True)
-    pred, truth = pred.reshape(-1), truth.reshape(-1)
-    pred_areas = np.bincount(pred, minlength=len(pred_ids))
-    truth_areas = np.bincount(truth, minlength=len(truth_ids))
-    num_pred = int((pred_ids != 0).sum())
-    num_truth = int((truth_ids != 0).sum())
-    pred_background = np.flatnonzero(pred_ids == 0)
-    truth_background = np.flatnonzero(truth_ids == 0)
-    both = np.ones(pred.shape, dtype=bool)
-    if pred_background.size:
-        both &= pred != pred_background[0]
-    if truth_background.size:
-        both &= truth != truth_background[0]
-    pairs, overlap = np.unique(truth[both].astype(np.int64) * len(pred_ids) + pred[both], return_counts=True)
-    truth_of, pred_of = np.divmod(pairs, len(pred_ids))
-    iou = overlap / (truth_areas[truth_of] + pred_areas[pred_of] - overlap)
-    matched_truth, matched_pred = set(), set()
-    for index in np.argsort(-iou, kind="stable"):
-        if iou[index] < threshold:
-            break
-        t, p = int(truth_of[index]), int(pred_of[index])
-        if t not in matched_truth and p not in matched_pred:
-            matched_truth.add(t)
-            matched_pred.add(p)
-    tp = len(matched_truth)
-    return tp, num_pred - tp, num_truth - tp
+    tp, fp, fn = match_counts(truth, pred, (threshold,))[0]
+    return int(tp), int(fp), int(fn)
 
 
 def score_image(pred_instances: np.ndarray, truth_instances: np.ndarray) -> Counts:
     """Counts of one image from instance labels (foreground = id > 0)."""
+    return _counts(pred_instances, truth_instances, match_instances(pred_instances, truth_instances))
+
+
+def _counts(pred_instances: np.ndarray, truth_instances: np.ndarray, matches: tuple[int, int, int]) -> Counts:
     pred_fg, truth_fg = pred_instances > 0, truth_instances > 0
-    tp, fp, fn = match_instances(pred_instances, truth_instances)
+    tp, fp, fn = matches
     return Counts(
         intersection=int((pred_fg & truth_fg).sum()),
         pred_pixels=int(pred_fg.sum()),
@@ -131,6 +111,14 @@ def score_image(pred_instances: np.ndarray, truth_instances: np.ndarray) -> Coun
         fp=fp,
         fn=fn,
     )
+
+
+def coco_scores(counts: np.ndarray) -> dict[str, float]:
+    """``{"ap50": ..., "ap55": ..., "ap95": ..., "ap_50_95": mean}`` of [10, 3] (tp, fp, fn) counts
+    at ``COCO_IOU_THRESHOLDS``."""
+    values = average_precision(counts)
+    per_threshold = dict(zip(ap_names(COCO_IOU_THRESHOLDS), values.tolist(), strict=True))
+    return {**per_threshold, "ap_50_95": float(values.mean())}
 
 
 # ---------------------------------------------------------------- files
@@ -186,6 +174,7 @@ def evaluate_folders(pred_dir: Path, truth_dir: Path, truth_kind: str = "instanc
     images: dict[str, dict] = {}
     failures: dict[str, str] = {}
     total = Counts()
+    total_coco = np.zeros((len(COCO_IOU_THRESHOLDS), 3), dtype=np.int64)
     for stem in stems:
         source = instance_files.get(stem, masks.get(stem))
         try:
@@ -209,28 +198,40 @@ def evaluate_folders(pred_dir: Path, truth_dir: Path, truth_kind: str = "instanc
                 raise EvaluationError(
                     f"{source}: shape {pred.shape} != truth {truths[stem]} shape {truth.shape}"
                 )
-            counts = score_image(pred, truth)
+            try:
+                coco = match_counts(truth, pred, COCO_IOU_THRESHOLDS)
+            except ValueError as err:  # negative ids
+                raise EvaluationError(f"{source} against {truths[stem]}: {err}") from err
+            tp, fp, fn = coco[COCO_IOU_THRESHOLDS.index(MATCH_IOU)].tolist()
+            counts = _counts(pred, truth, (tp, fp, fn))
         except EvaluationError as err:
             failures[str(source)] = str(err)
             continue
         images[stem] = {
             **counts.scores(),
+            **coco_scores(coco),
             "instances_from": "instances file" if stem in instance_files else "connected components",
         }
         total = total + counts
+        total_coco += coco
     per_image_ap = [scores["ap"] for scores in images.values()]
     overall = {
         **total.scores(),
+        **coco_scores(total_coco),
         "images": len(images),
         "mean_image_ap": float(np.mean(per_image_ap)) if per_image_ap else math.nan,
+        "mean_image_ap_50_95": (
+            float(np.mean([s["ap_50_95"] for s in images.values()])) if images else math.nan
+        ),
         "mean_image_dice": float(np.mean([s["dice"] for s in images.values()])) if images else math.nan,
         "match_iou": MATCH_IOU,
+        "iou_thresholds": list(COCO_IOU_THRESHOLDS),
     }
     return {"images": images, "overall": overall, "failures": failures}
 
 
 def format_table(result: dict) -> str:
-    columns = ("dice", "iou", "precision", "recall", "f1", "ap")
+    columns = ("dice", "iou", "precision", "recall", "f1", "ap", "ap75", "ap_50_95")
     header = f"{'image':<28}" + "".join(f"{name:>10}" for name in columns) + f"{'tp/fp/fn':>16}"
     lines = [header]
     rows = [*result["images"].items(), ("OVERALL", result["overall"])]
@@ -238,7 +239,10 @@ def format_table(result: dict) -> str:
         counts = f"{scores['tp']}/{scores['fp']}/{scores['fn']}"
         lines.append(f"{stem:<28}" + "".join(f"{scores[name]:>10.4f}" for name in columns) + f"{counts:>16}")
     lines.append(
-        f"mean per-image AP {result['overall']['mean_image_ap']:.4f} (instances matched at IoU >= {MATCH_IOU})"
+        f"mean per-image AP {result['overall']['mean_image_ap']:.4f} "
+        f"(instances matched at IoU >= {MATCH_IOU}); "
+        f"AP at IoU 0.5:0.05:0.95 {result['overall']['ap_50_95']:.4f} (mean per image "
+        f"{result['overall']['mean_image_ap_50_95']:.4f})"
     )
     return "\n".join(lines)
 
