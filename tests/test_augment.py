@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,3 +34,26 @@ def test_flips_refuse_non_square_tiles():
     with pytest.raises(ValueError, match=r"square tiles, got \(8, 12\)"):
         augment.apply(torch.zeros(1, 1, 8, 12), torch.zeros(1, 8, 12), None, _symmetry_params([1], [0]),
                       torch.zeros(1, dtype=torch.int64), spec)
+
+
+def test_percentile_normalisation_clips_each_sample_and_channel_to_its_own_percentiles_then_zscores():
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 2, 20, 20, generator=generator) * 0.2
+    image[0, 0, 3, 4] = 1.0  # a hot pixel in one sample and channel only
+    image[2, 1, :2, :] = 0.0  # dark debris in another
+    out = augment.normalise(image, "percentile")
+    for b in range(3):
+        for c in range(2):
+            pixels = image[b, c].numpy().ravel()
+            low, high = (np.quantile(pixels, q / 100.0, method="lower") for q in augment.CLIP_PERCENTILES)
+            clipped = np.clip(pixels, low, high)
+            expected = (clipped - clipped.mean()) / (clipped.std() + augment.NORMALISATION_EPSILON)
+            np.testing.assert_allclose(out[b, c].numpy().ravel(), expected, rtol=1e-4, atol=1e-4)
+    # the hot pixel no longer dominates its sample: z-scoring alone leaves it far out and the rest squeezed
+    assert out[0, 0].max() < 3.0 < augment.normalise(image, "zscore")[0, 0].max()
+    assert torch.equal(augment.normalise(image[1:2], "percentile"), out[1:2])  # per sample: not the batch's
+
+
+def test_an_unknown_normalisation_is_named():
+    with pytest.raises(ValueError, match="unknown normalisation 'robust'"):
+        augment.normalise(torch.zeros(1, 1, 4, 4), "robust")

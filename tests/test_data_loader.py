@@ -28,7 +28,7 @@ def roots(tmp_path_factory) -> dict[str, Path]:
     images, masks = write_synthetic(out, count=6, image_size=96, seed=0)
     prepare_dataset(images, masks, out / "tar", tile_size=TILE, shard_size=5, val_fraction=0.2, seed=0)
     prepare_dataset(images, masks, out / "zarr", tile_size=TILE, val_fraction=0.2, seed=0, output_format="zarr")
-    return {"webdataset": out / "tar", "zarr": out / "zarr"}
+    return {"webdataset": out / "tar", "zarr": out / "zarr", "masks": masks}
 
 
 def config(roots, fmt: str, **changes) -> DataConfig:
@@ -224,6 +224,108 @@ def test_open_source_returns_a_declared_source(roots, fmt, unit_name, block_size
     units, indices = np.array([0, 0]), np.array([1, 0])
     by_window = source.read_windows(units, indices, np.zeros((2, 1), np.uint64))  # stored tiles ignore the words
     assert [s.key for s in by_window] == [s.key for s in source.read(0, [1, 0])]
+
+
+# ---------------------------------------------------------------- instance ids, prepare -> loader
+
+
+def _raw_ids(roots, key: str, size: int, inset: int = 0):
+    """The raw instance mask's window of a sample key (``inset`` px in from the tile's corner)."""
+    import tifffile
+
+    stem, top, left = re.fullmatch(r"(.+)_y(\d+)_x(\d+)", key).groups()
+    ids = tifffile.imread(roots["masks"] / f"{stem}.tif")
+    top, left = int(top) + inset, int(left) + inset
+    return ids[top : top + size, left : left + size]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_instance_ids_survive_prepare_and_auto_reads_them(roots, fmt, caplog):
+    import logging
+
+    from unetdist.data.samples import SampleChecks
+    from unetdist.data.sources import mask_kind_of, open_source
+
+    data = config(roots, fmt)
+    assert data.mask_kind == "auto"
+    assert mask_kind_of(data) == ("instances", f"data.mask_kind=auto: instances, from {roots[fmt] / 'dataset.json'}")
+    source = open_source(data, "val", SampleChecks(TILE, 1, 2, True))  # auto in the checks: dataset.json says
+    samples = [sample for unit, count in enumerate(source.counts) for sample in source.read(unit, list(range(count)))]
+    assert len(samples) == 9
+    for sample in samples:
+        raw = _raw_ids(roots, sample.key, TILE)
+        assert sample.instances.dtype == np.uint16 and np.array_equal(sample.instances, raw)
+        assert np.array_equal(sample.mask, (raw > 0).astype(np.uint8))  # trained as foreground
+    with caplog.at_level(logging.INFO, logger="unetdist.data.preflight"):
+        batch = next(iter(build_train_loader(data, rank=0, world_size=1, **ARGS)))
+    assert "instances" not in batch and set(batch["mask"].unique().tolist()) == {0, 1}
+    (line,) = [message for message in caplog.messages if message.startswith("masks:")]
+    assert line.startswith("masks: instance ids, trained as background / foreground") and "\n" not in line
+
+
+@pytest.mark.parametrize(("fmt", "augment_on", "workers"), [("webdataset", "worker", 1), ("zarr", "device", 1),
+                                                             ("webdataset", "device", 0)])  # fmt: skip
+def test_val_batches_carry_the_ids_of_their_window(roots, fmt, augment_on, workers):
+    data = config(roots, fmt, tile_size=16, augment_on=augment_on, num_workers=workers)  # centre 16 of 32
+    val = build_val_loader(data, rank=0, world_size=1, micro_batch_size=4, in_channels=1, num_classes=2,
+                           use_weight_map=True)  # fmt: skip
+    seen = 0
+    for batch in val:
+        instances = batch["instances"]
+        assert instances.dtype == torch.int32 and instances.shape == (len(batch["key"]), 16, 16)
+        model_input = to_model_input(batch, "cpu")  # passes the ids through, untouched
+        assert model_input["instances"] is instances
+        for key, ids, mask in zip(batch["key"], instances, model_input["mask"], strict=True):
+            raw = _raw_ids(roots, key, 16, inset=8)
+            assert np.array_equal(ids.numpy(), raw) and np.array_equal(mask.numpy(), raw > 0)
+            seen += 1
+    assert seen == 9
+
+
+def test_pack_and_unpack_hand_over_the_instance_ids():
+    from unetdist.data.batching import BatchOptions, collate, pack, unpack
+    from unetdist.data.samples import Sample
+
+    ids = np.arange(36, dtype=np.uint16).reshape(6, 6)
+    sample = Sample("k", "here", np.zeros((1, 6, 6), np.uint8), (ids > 0).astype(np.uint8), None, instances=ids)
+    options = BatchOptions(4, "device", "zscore", "raise", 0.0, None, instances=True)
+    batch = collate([sample, sample], [(1, 2), (0, 0)], options)
+    assert batch["instances"].dtype == torch.int32 and np.array_equal(batch["instances"][0].numpy(), ids[1:5, 2:6])
+    (unpacked,) = unpack(pack([batch]))
+    assert torch.equal(unpacked["instances"], batch["instances"]) and torch.equal(unpacked["mask"], batch["mask"])
+    assert "instances" not in collate([sample], [(0, 0)], dataclasses.replace(options, instances=False))
+
+
+def test_mask_kind_of_older_data_sets_and_explicit_kinds(roots, tmp_path: Path):
+    import json
+    import shutil
+
+    from unetdist.data.sources import mask_kind_of
+
+    older = tmp_path / "older"  # a data set prepared before dataset.json said its mask kind: 0/1 masks
+    images, masks = write_synthetic(tmp_path, count=6, image_size=64, seed=2)
+    prepare_dataset(images, masks, older, tile_size=TILE, mask_kind="binary", val_fraction=0.2)
+    meta = json.loads((older / "dataset.json").read_text())
+    del meta["mask_kind"]
+    (older / "dataset.json").write_text(json.dumps(meta))
+    data = DataConfig(root=str(older), tile_size=TILE, num_workers=0)
+    kind, origin = mask_kind_of(data)
+    assert kind == "classes" and "names none (older)" in origin
+    batch = next(iter(build_train_loader(data, rank=0, world_size=1, **{**ARGS, "use_weight_map": "auto"})))
+    assert set(batch["mask"].unique().tolist()) == {0, 1}
+    (older / "dataset.json").write_text(json.dumps({**meta, "mask_kind": "labels"}))
+    with pytest.raises(ValueError, match=r"dataset.json: mask_kind='labels', expected one of classes, instances, binary; "):
+        mask_kind_of(data)
+    (older / "dataset.json").write_text("{")  # never a guess: a wrong kind fails every sample
+    with pytest.raises(ValueError, match=r"dataset.json: cannot read it for data.mask_kind=auto"):
+        mask_kind_of(data)
+    shutil.rmtree(older)
+    assert mask_kind_of(data)[0] == "classes"  # missing: the source names it
+    assert mask_kind_of(DataConfig(train_shards="x-{0..1}.tar"))[0] == "classes"  # the user's own shards
+    assert mask_kind_of(config(roots, "webdataset", mask_kind="binary")) == ("binary", "data.mask_kind=binary")
+    explicit = config(roots, "webdataset", mask_kind="classes", augment=False)  # instance ids read as classes
+    with pytest.raises(DataError, match=r"mask label \d+ out of range .* set data.mask_kind=instances$"):
+        next(iter(build_train_loader(explicit, rank=0, world_size=1, **ARGS)))
 
 
 def test_sample_words_are_a_function_of_seed_and_position_only():

@@ -82,6 +82,7 @@ def test_synthetic_end_to_end_counts_dtypes_keys(synthetic_out: Path):
     meta = json.loads((synthetic_out / "dataset.json").read_text())
     assert meta["format"] == "webdataset" and meta["tile_size"] == TILE and meta["in_channels"] == 1
     assert meta["num_classes"] == 2 and meta["has_weight_map"] and meta["image_dtype"] == "uint8"
+    assert meta["mask_kind"] == "instances" and "val_regions" not in meta  # 6 images: split by image
     assert len(meta["val_images"]) == 2 and not set(meta["val_images"]) & set(meta["train_images"])
     tiles_per_image = len(tile_origins(96, TILE)) ** 2
     all_keys: list[str] = []
@@ -92,7 +93,7 @@ def test_synthetic_end_to_end_counts_dtypes_keys(synthetic_out: Path):
             assert 0 < len(samples) <= 5
             for sample in samples.values():
                 assert sample["image.npy"].dtype == np.uint8 and sample["image.npy"].shape == (1, TILE, TILE)
-                assert sample["mask.npy"].dtype == np.uint8 and sample["mask.npy"].shape == (TILE, TILE)
+                assert sample["mask.npy"].dtype == np.uint16 and sample["mask.npy"].shape == (TILE, TILE)
                 assert sample["weight.npy"].dtype == np.float32 and sample["weight.npy"].shape == (TILE, TILE)
             keys += samples
         assert len(keys) == meta[f"num_{split}_tiles"] == tiles_per_image * len(meta[f"{split}_images"])
@@ -114,7 +115,7 @@ def test_shard_tiles_are_crops_of_whole_image_weight_map(synthetic_out: Path):
             sample = samples[f"{stem}_y{top}_x{left}"]
             window = (slice(top, top + TILE), slice(left, left + TILE))
             np.testing.assert_array_equal(sample["image.npy"][0], image[window])
-            np.testing.assert_array_equal(sample["mask.npy"], instances[window] > 0)
+            np.testing.assert_array_equal(sample["mask.npy"], instances[window])  # the ids, not 0/1
             np.testing.assert_allclose(sample["weight.npy"], weight[window], rtol=1e-6)
 
 
@@ -287,6 +288,29 @@ def test_huge_instance_ids_give_the_weights_of_sequential_ids(tmp_path: Path):
         for left in (0, 32):
             window = (slice(top, top + 32), slice(left, left + 32))
             np.testing.assert_array_equal(samples[f"huge_y{top}_x{left}"]["weight.npy"], expected[window])
+            # stored renumbered 1..K in their order: the synthetic ids again, and uint16
+            stored = samples[f"huge_y{top}_x{left}"]["mask.npy"]
+            assert stored.dtype == np.uint16 and np.array_equal(stored, instances[window])
+
+
+def test_more_than_65535_cells_are_stored_as_uint32_and_widen_the_zarr_mask(tmp_path: Path):
+    """One image of uint16 ids, then one of 256 x 288 = 73,728 cells: the Zarr mask array, made
+    uint16 for the first, is rewritten as uint32 and keeps the first image's tiles."""
+    import zarr
+
+    rng = np.random.default_rng(4)
+    few = synthetic_cells(64, rng)[1]
+    many = (np.arange(256 * 288, dtype=np.uint32) + 1).reshape(256, 288)
+    _write_pair(tmp_path / "images", tmp_path / "masks", "a", np.zeros((64, 64), np.uint8), few)
+    _write_pair(tmp_path / "images", tmp_path / "masks", "b", np.zeros((256, 288), np.uint8), many)
+    meta = prepare_dataset(tmp_path / "images", tmp_path / "masks", tmp_path / "out", tile_size=32, val_fraction=0,
+                           weight_map=False, output_format="zarr")  # fmt: skip
+    group = zarr.open_group(str(tmp_path / "out" / "data.zarr"), mode="r", path="train")
+    assert meta["mask_kind"] == "instances" and group["mask"].dtype == np.uint32
+    raw = {"a": few, "b": many}
+    for (image, top, left), mask in zip(group["origin"][...].tolist(), group["mask"][...], strict=True):
+        stem = group.attrs["images"][image]
+        np.testing.assert_array_equal(mask, raw[stem][top : top + 32, left : left + 32])
 
 
 def test_binary_255_masks_need_mask_kind_binary(tmp_path: Path, capsys):
@@ -304,6 +328,7 @@ def test_binary_255_masks_need_mask_kind_binary(tmp_path: Path, capsys):
     assert main([*argv, "--mask-kind", "binary", "--val-fraction", "0"]) == 0
     meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert meta["num_classes"] == 2 and not meta["has_weight_map"] and meta["source"]["mask_kind"] == "binary"
+    assert meta["mask_kind"] == "binary"
     sample = read_shard(tmp_path / "out" / meta["train_shards"][0])["binary_y0_x0"]
     np.testing.assert_array_equal(sample["mask.npy"], binary[:32, :32] // 255)
 

@@ -174,10 +174,11 @@ def test_val_grid_covers_each_held_out_image_once_across_two_ranks(cyx):
 
 
 def test_planes_of_t_and_z_are_units_and_the_one_image_splits_by_rows(tczyx):
-    data = config([tczyx], val_fraction=0.25, tiles_per_image=2)  # 96 rows: the bottom 32 (>= a tile) are val
+    # 96 rows: the bottom 32 (>= a tile) are val, the 16 above them (half a tile) a gap, 48 train
+    data = config([tczyx], val_fraction=0.25, tiles_per_image=2)
     train, val = (open_ome_zarr(data, split, checks(1)) for split in ("train", "val"))
     assert len(train.counts) == len(val.counts) == 6 and train.counts == [2] * 6
-    assert [(p.t, p.z, p.row0, p.height) for p in train.planes[:2]] == [(0, 0, 0, 64), (0, 1, 0, 64)]
+    assert [(p.t, p.z, p.row0, p.height) for p in train.planes[:2]] == [(0, 0, 0, 48), (0, 1, 0, 48)]
     assert [(p.row0, p.height) for p in val.planes] == [(64, 32)] * 6 and val.counts == [3] * 6
     pixels, labels = stored(tczyx)
     loader = build_train_loader(data, rank=0, world_size=1, in_channels=1, **ARGS)
@@ -187,7 +188,7 @@ def test_planes_of_t_and_z_are_units_and_the_one_image_splits_by_rows(tczyx):
         for key, tile, mask in zip(batch["key"], batch["image"], batch["mask"], strict=True):
             _, t, z, top, left = window(key)
             rows, cols = slice(top, top + TILE), slice(left, left + TILE)
-            assert top + TILE <= 64  # training windows stay above the validation rows
+            assert top + TILE <= 48  # training windows stay above the gap and the validation rows
             assert np.array_equal(tile.numpy(), pixels[t, :, z, rows, cols])
             assert np.array_equal(mask.numpy(), labels[t, z, rows, cols] != 0)
             keys.add(key)
@@ -200,12 +201,13 @@ def test_planes_of_t_and_z_are_units_and_the_one_image_splits_by_rows(tczyx):
 def test_one_image_region_split_keeps_training_windows_off_the_validation_rows(tmp_path):
     pixels, labels = cells(160, seed=4, channels=1)
     url = write_ngff(tmp_path / "one.ome.zarr", pixels, labels, "0.4", "cyx")
-    data = config([url], val_fraction=0.25, foreground_fraction=0.5)  # round(0.25 * 160) = 40 rows held out
+    # round(0.25 * 160) = 40 rows held out, 16 (half a tile) above them a gap: 104 rows train
+    data = config([url], val_fraction=0.25, foreground_fraction=0.5)
     train = open_ome_zarr(data, "train", checks(1))
     units = np.zeros(400, np.int64)
     tops = [top for top, _ in train.windows(units, sample_words(1, np.arange(400)))]
-    assert max(tops) + TILE <= 120 and min(tops) == 0
-    assert (train.foreground(0)[:, 0] < 120).all()
+    assert max(tops) + TILE <= 104 and min(tops) == 0
+    assert (train.foreground(0)[:, 0] < 104).all()
     val = open_ome_zarr(data, "val", checks(1))
     keys = [sample.key for sample in val.read(0, list(range(val.counts[0])))]
     assert sorted({window(k)[3] for k in keys}) == [120, 128] and len(keys) == 2 * 5

@@ -18,6 +18,7 @@ from unetdist.data.synthetic import write_synthetic
 
 TILE = 32
 CHECKS = SampleChecks(tile_size=TILE, in_channels=1, num_classes=2, use_weight_map=True)
+INSTANCES = SampleChecks(tile_size=TILE, in_channels=1, num_classes=2, use_weight_map=True, mask_kind="instances")
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +57,18 @@ def test_list_shards_pattern_and_errors(prepared: Path, tmp_path: Path):
 
 def test_index_matches_webdataset_and_reads_by_index(prepared: Path):
     shards = list_shards(str(prepared), "train")
-    source = TarShards(shards, CHECKS)
+    source = TarShards(shards, INSTANCES)  # prepare stores the instance ids
     for unit, path in enumerate(shards[:3]):
-        expected = [sample["__key__"] for sample in wds.WebDataset(path, shardshuffle=False, empty_check=False)]
+        stored = list(wds.WebDataset(path, shardshuffle=False, empty_check=False).decode())
+        expected = [sample["__key__"] for sample in stored]
         assert [s.key for s in index_tar(path).samples] == expected
         reversed_read = source.read(unit, [len(expected) - 1, 0])
         assert [s.key for s in reversed_read] == [expected[-1], expected[0]]
+        # the ids read back as stored (uint16), the training mask their foreground
+        last = stored[-1]["mask.npy"]
+        assert last.dtype == np.uint16 and last.max() > 1
+        assert np.array_equal(reversed_read[0].instances, last)
+        assert np.array_equal(reversed_read[0].mask, (last > 0).astype(np.uint8))
 
 
 def test_sixteen_bit_png_keeps_its_dtype():

@@ -64,7 +64,9 @@ def test_prepare_writes_whole_images_in_2d_chunks(root):
     assert len(group.attrs["images"]) == 3 and group.attrs["shapes"][0] == [1, SIZE, SIZE]
     image, mask, weight = group["images"]["0"], group["masks"]["0"], group["weights"]["0"]
     assert image.shape == (1, SIZE, SIZE) and image.chunks == (1, SIZE, SIZE)  # images < one 256 chunk
-    assert mask.dtype == np.uint8 and weight.dtype == np.float32 and mask.shape == weight.shape == (SIZE, SIZE)
+    # instance ids stored as ids (uint16), beside the border weights of the whole image
+    assert mask.dtype == np.uint16 and weight.dtype == np.float32 and mask.shape == weight.shape == (SIZE, SIZE)
+    assert int(mask[...].max()) > 1
 
 
 @pytest.mark.parametrize("foreground_fraction", [0.0, 0.5])
@@ -80,7 +82,8 @@ def test_train_tiles_are_sampled_windows_independent_of_ranks_and_workers(root, 
             top, left = int(match["top"]), int(match["left"])
             image, full_mask = images[match["stem"]]
             assert np.array_equal(tile.numpy(), image[:, top : top + TILE, left : left + TILE])
-            assert np.array_equal(mask.numpy(), full_mask[top : top + TILE, left : left + TILE])
+            ids = full_mask[top : top + TILE, left : left + TILE]  # stored instance ids: trained as foreground
+            assert np.array_equal(mask.numpy(), ids > 0)
             origins.add((top, left))
     assert len(origins) > 12  # random positions, not a grid
     other = global_steps(dataclasses.replace(data, num_workers=2), 2, 3)

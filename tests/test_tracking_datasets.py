@@ -198,7 +198,8 @@ def test_training_run_lists_its_splits_and_a_resume_keeps_them(cell_shards, tmp_
         assert json.loads(dataset.source) == {"uri": str(cell_shards)}
         names = [str(cell_shards / shard) for shard in meta[f"{split}_shards"]]
         counts = meta[f"{split}_counts"]
-        assert dataset.digest == sample_list_digest("webdataset", "shard", names, counts, READ_KEYS)
+        read_keys = {**READ_KEYS, "data.mask_kind": "instances"}  # auto: as prepare's dataset.json says
+        assert dataset.digest == sample_list_digest("webdataset", "shard", names, counts, read_keys)
         profile = json.loads(dataset.profile)
         assert profile["samples"] == sum(meta[f"{split}_counts"]) and profile["units"] == len(names)
         assert profile["format"] == "webdataset" and profile["data.mask_key"] == "mask"

@@ -44,7 +44,9 @@ class DataConfig:
     image_key: str = "image"  # tar members: KEY.<image_key>.npy|png|tif|tiff, the same for mask and weight
     mask_key: str = "mask"
     weight_key: str = "weight"
-    mask_kind: str = _choice("classes", "instances", "binary", default="classes")  # instances, binary: -> 0/1
+    # auto: a prepared data set's dataset.json says (older ones, and all other data: classes);
+    # instances: ids, trained as 0/1 (or loss.target=boundary), validated by instance; binary: non-zero -> 1
+    mask_kind: str = _choice("auto", "classes", "instances", "binary", default="auto")
     zarr_store: str = ""  # format=zarr: the store; empty: ROOT/data.zarr
     image_array: str = ""  # format=zarr, a store of your own: arrays [N, C, H, W] / [N, H, W] (and weight)
     mask_array: str = ""

@@ -33,6 +33,7 @@ from unetdist.data.layout import CODECS, DATASET_JSON
 from unetdist.data.prepare import MASK_KINDS, prepare_pairs
 from unetdist.data.remote import display, is_remote, join, local_path
 from unetdist.data.samples import DataError
+from unetdist.data.splits import MIN_IMAGES_TO_SPLIT_BY_IMAGE, region_text
 from unetdist.data.synthetic import write_synthetic
 from unetdist.data.upload import index_shard, remote_output
 from unetdist.redaction import redact_log_records
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unetdist.prepare",
         description="Tile images + masks (folders, WebDataset shards or OME-Zarr images) into webdataset "
-        "shards or a Zarr store, with a train/val split by image.",
+        "shards or a Zarr store, with a train/val split by image (by region of each image for few images).",
     )
     parser.add_argument(
         "--images",
@@ -88,13 +89,18 @@ def _parser() -> argparse.ArgumentParser:
         "--mask-kind",
         choices=MASK_KINDS,
         default="instances",
-        help="instances: cell ids, 0 background (border weight map); classes: class ids 0-255; "
-        "binary: 0 background, any other value (255 of a 0/255 mask) -> 1",
+        help="instances: cell ids, 0 background, stored as ids (uint16/uint32) with a border weight map; "
+        "classes: class ids 0-255; binary: 0 background, any other value (255 of a 0/255 mask) -> 1",
     )
     parser.add_argument("--tile", type=int, default=96, help="tile size in pixels")
     parser.add_argument("--shard-size", type=int, default=64, help="tiles per shard")
     parser.add_argument(
-        "--val-fraction", type=float, default=0.1, help="fraction of IMAGES held out (of stacks, for their planes)"
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of IMAGES held out (of stacks, for their planes); with fewer than "
+        f"{MIN_IMAGES_TO_SPLIT_BY_IMAGE} images, the last part of each image along its longer axis "
+        "(at least a tile, half a tile apart from its training part)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--w0", type=float, default=10.0, help="border weight amplitude (U-Net paper)")
@@ -296,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{meta['in_channels']} channel(s) of {meta['image_dtype']}, {meta['num_classes']} classes, "
         f"weight map {'yes' if meta['has_weight_map'] else 'no'}. Metadata: {metadata}"
     )
+    for stem, region in meta.get("val_regions", {}).items():  # a region split: say where validation is
+        trained = meta["train_regions"][stem]
+        print(f"  {stem}: validates on {region_text(region)}, trains on {region_text(trained)}")
     return 0
 
 

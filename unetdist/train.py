@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = build_optimizer(raw_model.parameters(), config.optim, config.model.preset, ctx.device.type)
         run_id = resume_state.get("mlflow_run_id") if resume_state else None
         outputs = RunOutputs.open(config, ctx, start_step, run_id)
+        outputs.log_config_files(files)  # a plan's reasons and its data fingerprint
         checkpointer = ckpt.CheckpointWriter(
             output_dir / "checkpoints",
             ctx.rank,
@@ -133,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def log_models(outputs: RunOutputs, trainer: Trainer, config: Config) -> None:
     """The final model, and the best one by validation foreground Dice when that is another step."""
-    outputs.log_final_model(trainer.raw_model, config, step=trainer.step)
+    outputs.log_final_model(trainer.raw_model, config, step=trainer.step, decoding=trainer.decoding.to_dict())
     best = trainer.best_checkpoint
     if best is not None and best.name != ckpt.step_name(trainer.step):
         best_state = ckpt.load_checkpoint(best)
         best_model = copy.deepcopy(trainer.raw_model)
         best_model.load_state_dict(best_state["model"])
-        outputs.log_final_model(best_model, config, best=True, step=int(best_state["step"]))
+        outputs.log_final_model(best_model, config, best=True, step=int(best_state["step"]),
+                                decoding=best_state.get("decoding"))  # as tuned then, if it was
 
 
 def find_resume_state(config: Config, ctx: DistributedContext) -> dict[str, Any] | None:
@@ -194,6 +196,8 @@ def build_loaders(config: Config, ctx: DistributedContext, layout: BatchLayout, 
         in_channels=config.model.in_channels,
         num_classes=config.model.num_classes,
         use_weight_map=config.loss.use_weight_map,
+        target=config.loss.target,
+        boundary_width_px=config.loss.boundary_width_px,
     )
     train_loader = build_train_loader(
         config.data,

@@ -28,6 +28,8 @@ from unetdist.config import Config
 from unetdist.data import to_model_input
 from unetdist.distributed import DistributedContext
 from unetdist.geometry import center_crop
+from unetdist.instance_validation import InstanceValidation, ap_metrics, tune_decoding
+from unetdist.instances import DecodeParams
 from unetdist.losses import SegmentationLoss
 from unetdist.metrics import confusion_from_logits, metric_dict
 from unetdist.model import build_unet
@@ -103,6 +105,8 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.best_fg_dice = float("-inf")  # best validation foreground Dice of this job
         self.best_checkpoint: Path | None = None
+        # how predictions become instances: the target's defaults until tuned on validation
+        self.decoding = DecodeParams(target=config.loss.target)
 
     # ------------------------------------------------------------ one step
 
@@ -147,13 +151,17 @@ class Trainer:
     # ------------------------------------------------------------ validation
 
     @torch.no_grad()
-    def validate(self, val_loader: Iterable[dict[str, Any]]) -> dict[str, float]:
-        """Loss and per-class Dice/IoU over the whole validation split, summed across all ranks."""
+    def validate(self, val_loader: Iterable[dict[str, Any]], tune: bool = False) -> dict[str, float]:
+        """Loss, per-class Dice/IoU and, for instance data, AP at IoU 0.5/0.75/0.9 over the whole
+        validation split, summed across all ranks. ``tune``: also choose the decoding thresholds
+        of the highest AP@0.5 (:mod:`unetdist.instance_validation`), kept as ``self.decoding``."""
         self.model.eval()
         num_classes = self.config.model.num_classes
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=self.ctx.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         tiles = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        instance_scores = InstanceValidation(self.decoding, keep_for_tuning=tune)
+        seen_instances = False
         panel_tiles = None
         for index, batch in enumerate(val_loader):
             if self.config.train.val_max_batches and index >= self.config.train.val_max_batches:
@@ -163,18 +171,36 @@ class Trainer:
             loss_sum += self.loss_fn(logits, mask, weight).double() * image.shape[0]
             tiles += image.shape[0]
             confusion += confusion_from_logits(logits, mask, num_classes)
+            predicted = None
+            if batch.get("instances") is not None:  # data with instance masks: decoded and matched
+                seen_instances = True
+                predicted = instance_scores.add(logits, batch["instances"])
             if panel_tiles is None:  # the first val tiles are the same at every validation
                 count = self.config.tracking.num_images
                 truth = center_crop(mask[:count], logits.shape[-2:])
                 panel_tiles = (image[:count], truth, logits[:count].argmax(dim=1))
+                if predicted is not None:
+                    panel_tiles += (center_crop(batch["instances"][:count], logits.shape[-2:]), predicted[:count])
         totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), tiles.view(1)]))
         distributed.all_reduce_sum(confusion)
         metrics = metric_dict(confusion.cpu())
         metrics["val/loss"] = float(totals[0] / totals[1].clamp(min=1))
         metrics["val/tiles"] = float(totals[1])
+        # every rank must take part in the collectives below, also one that saw no validation tile
+        if self._sum_over_ranks(torch.tensor([int(seen_instances)])).item():
+            counts = self._sum_over_ranks(torch.from_numpy(instance_scores.counts))
+            metrics.update(ap_metrics(counts.numpy()))
+            if tune:
+                self.decoding, tuned_ap = tune_decoding(instance_scores, self.decoding.target, self._sum_over_ranks)
+                metrics["val/tuned_ap50"] = tuned_ap
+                log.info("decoding tuned on validation: AP@0.5 %.4f with %s", tuned_ap, self.decoding.to_dict())
         if panel_tiles is not None:
             self.outputs.log_val_panels(self.step, *panel_tiles)
         return metrics
+
+    def _sum_over_ranks(self, counts: torch.Tensor) -> torch.Tensor:
+        """A host tensor summed over ranks (through the device: NCCL reduces only CUDA tensors)."""
+        return distributed.all_reduce_sum(counts.to(self.ctx.device)).cpu()
 
     # ------------------------------------------------------------ the run
 
@@ -215,7 +241,7 @@ class Trainer:
                 is_best = False
                 if (config.val_every and self.step % config.val_every == 0) or is_last:
                     val_start = time.perf_counter()
-                    val_metrics = self.validate(val_loader)
+                    val_metrics = self.validate(val_loader, tune=is_last and config.tune_decoding)
                     is_best = val_metrics["val/fg_dice"] > self.best_fg_dice
                     self.best_fg_dice = max(self.best_fg_dice, val_metrics["val/fg_dice"])
                     self.outputs.tracker.log_metrics(val_metrics, step=self.step)
@@ -281,6 +307,7 @@ class Trainer:
             "config_hash": self.config.digest(),
             "mlflow_run_id": self.outputs.tracker.run_id,
             "world_size": self.ctx.world_size,
+            "decoding": self.decoding.to_dict(),
             "versions": {"torch": str(torch.__version__), "unetdist": __version__},
         }
 
@@ -297,6 +324,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        if state.get("decoding"):  # checkpoints before decoding was tuned have none
+            self.decoding = DecodeParams.from_dict(state["decoding"])
         if state.get("rank_state") is not None:
             set_rng_state(state["rank_state"]["rng"])
         else:

@@ -21,7 +21,7 @@ import platform
 import sys
 from typing import Any
 
-SUBCOMMANDS: tuple[str, ...] = ("train", "data", "predict")
+SUBCOMMANDS: tuple[str, ...] = ("train", "data", "predict", "quality")
 
 Figures = dict[str, Any]
 

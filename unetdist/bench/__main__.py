@@ -1,4 +1,4 @@
-"""``python -m unetdist.bench {train,data,predict,all} [options]``: run benchmarks, print figures.
+"""``python -m unetdist.bench {train,data,predict,quality,all} [options]``: run benchmarks, print figures.
 
     python -m unetdist.bench train --preset padded --base-width 16 --tile 128 --batch 8
     python -m unetdist.bench train --help

@@ -2,9 +2,11 @@
 
 :func:`collate` copies each sample's window straight into the compact batch (stored dtypes):
 ``{"image": [B,C,T,T], "mask": [B,T,T] uint8, "weight": [B,T,T] f32, "key": [...],
-"normalize": ...}``. :func:`pack` puts a worker's micro-batches into one shared-memory block
-(why: its docstring) and :func:`unpack` gives them back as views. :func:`replace_bad` applies
-``data.on_error`` to a micro-batch's reads.
+"normalize": ...}``, and, in validation batches of instance masks, ``"instances": [B,T,T]
+int32`` (the ids of the same window; training batches leave them out: memory). :func:`pack`
+puts a worker's micro-batches into one shared-memory block (why: its docstring) and
+:func:`unpack` gives them back as views. :func:`replace_bad` applies ``data.on_error`` to a
+micro-batch's reads.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class BatchOptions:
     on_error: str
     foreground_fraction: float
     spec: AugmentSpec | None  # None: no augmentation (validation, or data.augment off)
+    instances: bool = False  # batches carry the samples' instance ids (validation of instance masks)
 
 
 def _batch_array(
@@ -65,12 +68,17 @@ def collate(
     weight, weight_out = (None, None)
     if any(s.weight is not None for s in samples):
         weight, weight_out = _batch_array((count, size, size), np.dtype(np.float32), shared)
+    instances, instances_out = (None, None)
+    if options.instances:  # shared: to_model_input passes it through as it is, to the training process
+        instances, instances_out = _batch_array((count, size, size), np.dtype(np.int32))
     for slot, (sample, (top, left)) in enumerate(zip(samples, windows, strict=True)):
         ys, xs = slice(top, top + size), slice(left, left + size)
         image_out[slot] = sample.image[:, ys, xs]
         mask_out[slot] = sample.mask[ys, xs]
         if weight_out is not None:  # a sample without one beside samples with: uniform weights
             weight_out[slot] = 1.0 if sample.weight is None else sample.weight[ys, xs]
+        if instances_out is not None:
+            instances_out[slot] = 0 if sample.instances is None else sample.instances[ys, xs]
     batch: dict[str, Any] = {
         "image": image,
         "mask": mask,
@@ -79,6 +87,8 @@ def collate(
     }
     if weight is not None:
         batch["weight"] = weight
+    if instances is not None:
+        batch["instances"] = instances
     return batch
 
 

@@ -3,24 +3,26 @@
 ``python -m unetdist.prepare`` writes one folder; every writer and every source reads its
 vocabulary from here, so a format detail lives in one place::
 
-    ROOT/dataset.json          written last: its presence means the rest is complete
+    ROOT/dataset.json          written last: its presence means the rest is complete; its
+                               "mask_kind" (MASK_KIND_KEY) says what the masks hold
     ROOT/train-%06d.tar ...    webdataset shards (SHARD_PATTERNS); samples keyed sample_key(...)
                                beside each, SHARD.index.json: its member table (sources/tar_index.py)
     ROOT/data.zarr/            or one Zarr v3 store (STORE_NAME), with a group per split:
 
     pre-tiled (unetdist.data.sources.zarr_tiles)
         SPLIT/image   [N, C, T, T]  the stored dtype (IMAGE_DTYPES)
-        SPLIT/mask    [N, T, T]     uint8 class ids
+        SPLIT/mask    [N, T, T]     uint8 class ids (or 0/1), or uint16/uint32 instance ids
         SPLIT/weight  [N, T, T]     float32 border weights (when prepared with them)
-        SPLIT/origin  [N, 3]        int32 (image number, top, left) -> sample_key(stem, top, left)
+        SPLIT/origin  [N, 3]        int32 (image number, top, left in that image) -> sample_key(...)
         attributes: "images" (the stems), "chunk_tiles"
 
     whole images, ``--whole-images`` (unetdist.data.sources.zarr_images)
         SPLIT/images/<i>      [C, H, W]  the stored dtype, chunked in 2-D squares
-        SPLIT/masks/<i>       [H, W]     uint8 class ids
+        SPLIT/masks/<i>       [H, W]     as SPLIT/mask: uint8 class ids, or uint16/uint32 instance ids
         SPLIT/weights/<i>     [H, W]     float32 border weights (when prepared with them)
         SPLIT/foreground/<i>  [K, 2]     int32 (y, x) of up to FOREGROUND_CAP mask > 0 pixels
-        attributes: "layout" = WHOLE_IMAGES, "images", "shapes", "chunk", "foreground"
+        attributes: "layout" = WHOLE_IMAGES, "images", "shapes", "chunk", "foreground", and
+        "offsets": (top, left) of each stored image in its source image (0, 0 when absent)
 
 :func:`check_zarr_layout` holds a store to that contract when it is opened, from the Zarr v3
 metadata files alone, so a store of another layout is one message saying what was expected.
@@ -45,6 +47,10 @@ SHARD_PATTERNS = {"train": "train-%06d.tar", "val": "val-%06d.tar"}
 OWN_SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar(\.index\.json)?$")
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+# Stored masks: uint8 class ids or 0/1; instance ids (dataset.json "mask_kind": "instances") as
+# uint16, or uint32 where an image has more than 65,535 cells.
+MASK_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+MASK_KIND_KEY = "mask_kind"  # dataset.json: "instances", "classes" or "binary"; absent (older): "classes"
 
 # Compressors of pre-tiled Zarr stores (what each costs: unetdist.data.writers).
 CODECS = ("none", "lz4", "zstd")

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 from unetdist.config import DataConfig
 from unetdist.data import remote
 from unetdist.data.layout import STORE_NAME
+from unetdist.data.sources import mask_kind_of
 from unetdist.data.sources.base import Source
 from unetdist.redaction import redact
 
@@ -122,7 +123,7 @@ def read_keys(data: DataConfig, split: str) -> dict[str, Any]:
     own_arrays = data.format == "ome-zarr" or (data.format == "zarr" and data.image_array)
     if own_arrays and not data.val_images:
         keys["val_fraction"] = data.val_fraction  # validation is held out of the same images
-    keys["mask_kind"] = data.mask_kind
+    keys["mask_kind"] = mask_kind_of(data)[0]  # as read: "auto" resolved
     return {f"data.{key}": value for key, value in keys.items() if value not in ("", [])}
 
 

@@ -20,7 +20,12 @@ micro-batch carries its index and :class:`TrainLoader` checks it. A worker reads
 ``data.foreground_fraction``), draws each sample's augmentation parameters from (seed, position) and builds a batch of ``{"image": [B,C,T,T]
 stored dtype, "mask": [B,T,T] uint8, "weight": [B,T,T] f32, "key": [...], "augment": ...,
 "normalize": ...}`` — or, with ``data.augment_on=worker``, the model-ready float32 batch
-(:func:`unetdist.data.augment.to_model_input` already run).
+(:func:`unetdist.data.augment.to_model_input` already run). Validation batches of instance
+masks also carry ``"instances": [B,T,T] int32``, the ids of the same window.
+
+Masks (``data.mask_kind``, resolved at start-up: ``auto`` reads a prepared data set's
+dataset.json): class ids are trained as they are; instance ids as background / foreground, or,
+with ``target="boundary"`` (``loss.target``), as background / interior / boundary.
 
 Bad samples: ``data.on_error=raise`` stops with the :class:`DataError` naming store, key
 and problem; ``skip`` logs it, counts it (``batch["skipped"]``, ``TrainLoader.skipped_samples``)
@@ -53,8 +58,10 @@ from unetdist.data.preflight import (
     check_cache_limit,
     check_tile_size,
     check_val_samples,
+    log_masks,
     log_topology,
     log_weight_maps,
+    resolve_mask_kind,
 )
 from unetdist.data.samples import SampleChecks
 from unetdist.data.sequence import Blocks, GlobalSequence, RankLayout
@@ -249,13 +256,22 @@ def _options(data: DataConfig, *, train: bool) -> BatchOptions:
         on_error=data.on_error,
         foreground_fraction=data.foreground_fraction if train else 0.0,
         spec=spec,
+        instances=not train and data.mask_kind == "instances",  # for validation's instance AP; not training
     )
 
 
-def sample_checks(data: DataConfig, in_channels: int, num_classes: int, use_weight_map: bool | str) -> SampleChecks:
+def sample_checks(
+    data: DataConfig,
+    in_channels: int,
+    num_classes: int,
+    use_weight_map: bool | str,
+    target: str = "semantic",
+    boundary_width_px: int = 2,
+) -> SampleChecks:
     """What the model needs of a sample, and how the data config names and reads its fields."""
     keys = (data.image_key, data.mask_key, data.weight_key)
-    return SampleChecks(data.tile_size, in_channels, num_classes, use_weight_map, data.mask_kind, keys)
+    return SampleChecks(data.tile_size, in_channels, num_classes, use_weight_map, data.mask_kind, keys,
+                        target, boundary_width_px)  # fmt: skip
 
 
 def build_train_loader(
@@ -272,17 +288,23 @@ def build_train_loader(
     start_sample: int = 0,
     multiprocessing_context: str | None = None,
     source: Source | None = None,
+    target: str = "semantic",
+    boundary_width_px: int = 2,
 ) -> TrainLoader:
     """This rank's endless training micro-batches, continuing the global sequence at ``start_sample``.
 
     ``global_batch_size`` 0 means ``micro_batch_size * world_size`` (no accumulation).
     ``source`` replaces the configured store with an already open
     :class:`~unetdist.data.sources.base.Source` (e.g. the bench's in-memory tiles).
+    ``target``, ``boundary_width_px``: ``loss.target`` and ``loss.boundary_width_px`` (boundary:
+    the masks' instance ids become background / interior / boundary).
     """
-    checks = sample_checks(data, in_channels, num_classes, use_weight_map)
     opened = source is None
-    if source is None:
+    if opened:
         check_tile_size(data)
+    data, mask_origin = resolve_mask_kind(data, target)
+    checks = sample_checks(data, in_channels, num_classes, use_weight_map, target, boundary_width_px)
+    if opened:
         source = open_source(data, "train", checks)
     layout = RankLayout(
         global_batch_size or micro_batch_size * world_size, world_size, rank, micro_batch_size
@@ -297,6 +319,7 @@ def build_train_loader(
     if rank == 0:
         log_topology(data, source, sequence, layout, block_size)
         if opened:  # a source given ready (the bench's tiles in memory) has no data set to describe
+            log_masks(checks, mask_origin)
             log_weight_maps(source, checks, seed)
     if source.remote:
         check_cache_limit(data)
@@ -329,9 +352,13 @@ def build_val_loader(
     num_classes: int,
     use_weight_map: bool | str,
     multiprocessing_context: str | None = None,
+    target: str = "semantic",
+    boundary_width_px: int = 2,
 ) -> ValLoader:
-    """A finite loader of this rank's share of the validation samples (the last batch may be short)."""
-    checks = sample_checks(data, in_channels, num_classes, use_weight_map)
+    """A finite loader of this rank's share of the validation samples (the last batch may be short);
+    with instance masks each batch carries their ids, ``"instances"`` int32 [B, T, T]."""
+    data, _ = resolve_mask_kind(data, target)
+    checks = sample_checks(data, in_channels, num_classes, use_weight_map, target, boundary_width_px)
     source = open_source(data, "val", checks)
     check_val_samples(sum(source.counts), world_size)
     stream = ValStream(

@@ -5,6 +5,7 @@ before any worker starts, naming the setting to change.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from unetdist.data.layout import DATASET_JSON, WHOLE_IMAGES
 from unetdist.data.remote import join, read_bytes
 from unetdist.data.samples import DataError, SampleChecks
 from unetdist.data.sequence import GlobalSequence, RankLayout
+from unetdist.data.sources import mask_kind_of
 from unetdist.data.sources.base import Source
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,33 @@ def log_topology(
         change,
         handover,
     )
+
+
+def resolve_mask_kind(data: DataConfig, target: str) -> tuple[DataConfig, str]:
+    """``data`` with ``mask_kind`` resolved (auto: :func:`~unetdist.data.sources.mask_kind_of`), and
+    where the kind comes from; refuses ``loss.target=boundary`` for masks that are not instance ids."""
+    kind, origin = mask_kind_of(data)
+    if target == "boundary" and kind != "instances":
+        raise ConfigError(
+            f"loss.target=boundary derives background / interior / boundary from instance ids, but "
+            f"data.mask_kind is {kind} ({origin}): set data.mask_kind=instances if the masks hold instance "
+            "ids, else loss.target=semantic"
+        )
+    return dataclasses.replace(data, mask_kind=kind), origin
+
+
+def log_masks(checks: SampleChecks, origin: str) -> None:
+    """The start-up line saying what the masks hold and what the model is trained on."""
+    trained = {
+        "classes": "class ids, trained as they are",
+        "binary": "0 / non-zero, trained as background / foreground",
+        "instances": "instance ids, trained as background / foreground; validation matches the instances",
+    }[checks.mask_kind]
+    if checks.mask_kind == "instances" and checks.target == "boundary":
+        rim = checks.boundary_width_px
+        trained = (f"instance ids, trained as background / interior / boundary with a {rim} px rim "
+                   "(loss.target=boundary); validation matches the instances")  # fmt: skip
+    log.info("masks: %s (%s)", trained, origin)
 
 
 def log_weight_maps(source: Source, checks: SampleChecks, seed: int) -> None:

@@ -1,11 +1,17 @@
 """Image/mask pairs -> tiled webdataset shards or a Zarr store, and ``dataset.json``.
 
 Flow: list the input's images (:mod:`unetdist.data.inputs`: folders matched by stem, the
-user's shards, OME-Zarr images) -> split them into train/val (by image, or by stack for the
-planes of one: no tile of a val image is trained on) -> per image: read, check, weight map on
-the whole image, tile -> a writer per split (:mod:`unetdist.data.writers`) -> ``dataset.json``
-(written last, so its presence means the rest is complete). The names and formats written are
-those of :mod:`unetdist.data.layout`; the command line is :mod:`unetdist.prepare`.
+user's shards, OME-Zarr images) -> split them into train/val (:mod:`unetdist.data.splits`: by
+image, or by stack for the planes of one, so no tile of a val image is trained on; with fewer
+than five images, by a region of each image) -> per image: read, check, weight map on the
+whole image, crop to its region, tile -> a writer per split (:mod:`unetdist.data.writers`) ->
+``dataset.json`` (written last, so its presence means the rest is complete). The names and
+formats written are those of :mod:`unetdist.data.layout`; the command line is :mod:`unetdist.prepare`.
+
+Masks are stored as what they mean: instance ids as uint16 (uint32 past 65,535 cells in an
+image), so validation can match instances and the loader can derive other targets from them
+(``loss.target=boundary``); class ids and 0/1 as uint8. dataset.json's ``"mask_kind"`` says
+which, and ``data.mask_kind=auto`` reads it.
 
 Everything is written to a staging folder beside the output folder (``.<name>.partial-<pid>``)
 and moved in only when complete: a failed or interrupted run removes the staging folder and
@@ -18,34 +24,48 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import shutil
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from unetdist.data.imageio import PrepareError, check_keys, image_to_chw
+from unetdist.data.imageio import PrepareError, check_keys
 from unetdist.data.inputs import FolderPairs, Pair, PairSource
 from unetdist.data.layout import (
     CODECS,
     DATASET_JSON,
-    IMAGE_DTYPES,
+    MASK_KIND_KEY,
     STORE_NAME,
     WHOLE_IMAGES,
     grid_windows,
     sample_key,
     tile_origins,
 )
+from unetdist.data.pair_masks import check_pair, stored_mask
+from unetdist.data.splits import (
+    MIN_IMAGES_TO_SPLIT_BY_IMAGE,
+    Region,
+    RegionTooSmall,
+    holdout_regions,
+    region_text,
+    split_by_group,
+    split_by_image,
+)
 from unetdist.data.staging import staged_output
 from unetdist.data.writers import open_split_writer
+
+__all__ = ["MASK_KINDS", "prepare_dataset", "prepare_pairs", "split_by_group", "split_by_image"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-# instances: cell ids (0 background), stored as 0/1 with border weights; classes: class ids
-# 0-255 stored as they are; binary: 0 background, any other value (255 of a 0/255 mask) -> 1.
+# instances: cell ids (0 background), stored as ids (uint16/uint32) with border weights;
+# classes: class ids 0-255 stored as they are; binary: 0 background, any other value (255 of
+# a 0/255 mask) -> 1.
 MASK_KINDS = ("instances", "classes", "binary")
 
 
@@ -104,6 +124,7 @@ class _Written:
     counts: dict[str, int] = field(default_factory=lambda: {split: 0 for split in SPLITS})
     first: tuple[int, np.dtype, str] | None = None  # (channels, dtype, stem)
     max_class: int = 1
+    regions: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # split -> stem -> region
 
     def check_like_first(self, image: np.ndarray, stem: str, path: Path | str) -> None:
         if self.first is None:
@@ -120,40 +141,21 @@ class _Written:
 # ---------------------------------------------------------------- pure helpers
 
 
-def split_by_image(stems: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded (train, val) split of image stems; both lists keep a seeded random order.
-
-    val gets ``round(val_fraction * n)`` images (half rounds up), at least one when
-    ``val_fraction > 0`` and ``n >= 2``, and never all of them.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    order = [stems[i] for i in np.random.default_rng(seed).permutation(len(stems))]
-    num_val = math.floor(val_fraction * len(order) + 0.5)
-    if val_fraction > 0 and len(order) >= 2:
-        num_val = min(max(num_val, 1), len(order) - 1)
-    return order[num_val:], order[:num_val]
-
-
-def split_by_group(
-    items: Sequence[tuple[str, str]], val_fraction: float, seed: int
-) -> tuple[list[str], list[str]]:
-    """Seeded (train, val) stems of ``(stem, group)`` items, splitting whole groups (the planes of
-    one stack) by :func:`split_by_image` of the sorted group names; a group's stems stay together,
-    in their order. Where every stem is its own group, this is :func:`split_by_image` of the stems."""
-    by_group: dict[str, list[str]] = {}
-    for stem, group in items:
-        by_group.setdefault(group, []).append(stem)
-    train, val = split_by_image(sorted(by_group), val_fraction, seed)
-    return [s for group in train for s in by_group[group]], [s for group in val for s in by_group[group]]
-
-
 def _tiles(
-    stem: str, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None, tile_size: int, margin: int = 0
+    stem: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    weight: np.ndarray | None,
+    tile_size: int,
+    margin: int = 0,
+    offset: tuple[int, int] = (0, 0),
 ) -> Iterator[dict]:
     """Tiles covering the image; with ``margin`` (overlap-tile, valid-conv presets) the
-    ``tile_size - 2*margin`` output windows cover it and each tile adds the mirrored context."""
+    ``tile_size - 2*margin`` output windows cover it and each tile adds the mirrored context.
+    ``offset``: where the image (a region) lies in its source image; keys and origins are the
+    source image's pixels, so a region's keys never repeat another region's."""
     height, width = mask.shape
+    top0, left0 = offset
     if margin:
         image = np.pad(image, ((0, 0), (margin, margin), (margin, margin)), mode="symmetric")
         mask = np.pad(mask, margin, mode="symmetric")
@@ -163,8 +165,8 @@ def _tiles(
         for left in tile_origins(width, stride):
             window = (slice(top, top + tile_size), slice(left, left + tile_size))
             sample = {
-                "__key__": sample_key(stem, top, left),
-                "__origin__": (stem, top, left),
+                "__key__": sample_key(stem, top0 + top, left0 + left),
+                "__origin__": (stem, top0 + top, left0 + left),
                 "image.npy": np.ascontiguousarray(image[(slice(None), *window)]),
                 "mask.npy": np.ascontiguousarray(mask[window]),
             }
@@ -173,63 +175,60 @@ def _tiles(
             yield sample
 
 
-# ---------------------------------------------------------------- reading and checking
-
-
-def _check_pair(pair: Pair, mask_kind: str, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Check one image/mask pair; returns (image [C,H,W], mask [H,W])."""
-    mask, mask_path, image_path = pair.mask, pair.mask_where, pair.image_where
-    if mask.dtype == bool:  # a boolean .npy mask: 0/1
-        mask = mask.astype(np.uint8)
-    if mask.ndim != 2:
-        raise PrepareError(
-            f"{mask_path}: mask must be a single-channel HxW label image, got shape {mask.shape}"
-        )
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise PrepareError(f"{mask_path}: mask must hold integer labels, got dtype {mask.dtype}")
-    if mask.size and mask.min() < 0:
-        raise PrepareError(f"{mask_path}: negative label {mask.min()}; labels are 0 (background) and up")
-    if mask_kind == "classes" and mask.max() > 255:
-        raise PrepareError(f"{mask_path}: class id {mask.max()} does not fit the uint8 class mask")
-    classes_255 = mask_kind == "classes" and mask.size and mask.max() == 255
-    if classes_255 and set(np.unique(mask).tolist()) <= {0, 255}:
-        raise PrepareError(
-            f"{mask_path}: labels 0/255, a binary mask: as class ids they would make 256 classes; "
-            "binary masks are 0/1, and --mask-kind binary maps 255 -> 1"
-        )
-
-    raw = pair.image
-    if raw.ndim == 2 and raw.shape != mask.shape:
-        raise PrepareError(
-            f"{image_path}: image size {raw.shape} differs from mask {pair.mask_name} size {mask.shape}"
-        )
-    image = image_to_chw(raw, mask.shape, image_path, pair.image_axes)
-    if image.dtype not in IMAGE_DTYPES:
-        raise PrepareError(
-            f"{image_path}: image dtype {image.dtype} not supported; convert to one of "
-            f"{', '.join(str(d) for d in IMAGE_DTYPES)}"
-        )
-    if min(mask.shape) < tile_size:
-        raise PrepareError(f"{image_path}: image size {mask.shape} is smaller than the tile size {tile_size}")
-    return image, mask
-
-
-def _mask_and_weight(labels: np.ndarray, settings: _Settings) -> tuple[np.ndarray, np.ndarray | None]:
-    """The stored uint8 class mask of a label image, and its border weight map (or None)."""
-    if settings.mask_kind == "binary":
-        return (labels > 0).astype(np.uint8), None
-    if settings.mask_kind == "classes":
-        return labels.astype(np.uint8), None
-    weight = None
-    if settings.with_weight:
-        from unetdist.weight_map import border_weight_map
-
-        # On the whole image: a cell just outside a tile still shapes its border weights.
-        weight = border_weight_map(labels, w0=settings.w0, sigma=settings.sigma).astype(np.float32)
-    return (labels > 0).astype(np.uint8), weight
-
-
 # ---------------------------------------------------------------- writing
+
+
+def _read(
+    pair: Pair, settings: _Settings, written: _Written
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(image, stored mask, weight or None) of a pair, checked against the first image."""
+    image, labels = check_pair(pair, settings.mask_kind, settings.tile_size - 2 * settings.context_margin)
+    written.check_like_first(image, pair.stem, pair.image_where)
+    weight_map = (settings.w0, settings.sigma) if settings.with_weight else None
+    mask, weight = stored_mask(labels, settings.mask_kind, weight_map)
+    if settings.mask_kind == "classes":  # instance ids and 0/1 are two classes
+        written.max_class = max(written.max_class, int(mask.max()))
+    return image, mask, weight
+
+
+def _write_image(
+    split: str,
+    writer,
+    stem: str,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    settings: _Settings,
+    written: _Written,
+    region: Region | None = None,
+) -> None:
+    """Write one image of ``split`` (its ``region`` (y0, y1, x0, x1) only, when given): whole, or as tiles."""
+    image, mask, weight = arrays
+    offset = (0, 0)
+    if region is not None:
+        y0, y1, x0, x1 = region
+        image, mask = image[:, y0:y1, x0:x1], mask[y0:y1, x0:x1]
+        weight = None if weight is None else weight[y0:y1, x0:x1]  # computed on the whole image first
+        offset = (y0, x0)
+        written.regions.setdefault(split, {})[stem] = list(region)
+    if settings.whole_images:
+        writer.write_image(stem, image, mask, weight, offset)
+        written.counts[split] += len(grid_windows(*mask.shape, settings.tile_size))  # validation's grid
+        log.info("%s: %s stored whole", split, stem)
+        return
+    for sample in _tiles(stem, image, mask, weight, settings.tile_size, settings.context_margin, offset):
+        writer.write(stem, sample)
+        written.counts[split] += 1
+    log.info("%s: %s -> %s tiles so far", split, stem, written.counts[split])
+
+
+def _split_writer(split: str, out_dir: Path, settings: _Settings):
+    return open_split_writer(
+        settings.output_format,
+        out_dir,
+        split,
+        shard_size=settings.shard_size,
+        whole_images=settings.whole_images,
+        zarr_codec=settings.zarr_codec,
+    )
 
 
 def _write_split(
@@ -241,32 +240,45 @@ def _write_split(
     written: _Written,
 ) -> None:
     """Read, check and write every image of ``split``, adding what was written to ``written``."""
-    tile_size, margin = settings.tile_size, settings.context_margin
-    with open_split_writer(
-        settings.output_format,
-        out_dir,
-        split,
-        shard_size=settings.shard_size,
-        whole_images=settings.whole_images,
-        zarr_codec=settings.zarr_codec,
-    ) as writer:
+    with _split_writer(split, out_dir, settings) as writer:
         for pair in source.read(stems):
-            stem = pair.stem
-            image, labels = _check_pair(pair, settings.mask_kind, tile_size - 2 * margin)
-            written.check_like_first(image, stem, pair.image_where)
-            mask, weight = _mask_and_weight(labels, settings)
-            written.max_class = max(written.max_class, int(mask.max()))
-            if settings.whole_images:
-                writer.write_image(stem, image, mask, weight)
-                written.counts[split] += len(grid_windows(*mask.shape, tile_size))  # validation's grid
-                log.info("%s: %s stored whole", split, stem)
-                continue
-            for sample in _tiles(stem, image, mask, weight, tile_size, margin):
-                writer.write(stem, sample)
-                written.counts[split] += 1
-            log.info("%s: %s -> %s tiles so far", split, stem, written.counts[split])
+            _write_image(split, writer, pair.stem, _read(pair, settings, written), settings, written)
     # after closing: the tar writer names its last shard when it closes it
     written.shards[split], written.shard_counts[split] = list(writer.shards), list(writer.shard_counts)
+
+
+def _write_regions(
+    stems: list[str],
+    source: PairSource,
+    out_dir: Path,
+    settings: _Settings,
+    written: _Written,
+    val_fraction: float,
+) -> None:
+    """Every image into both splits: its region of :func:`~unetdist.data.splits.holdout_regions`
+    trains, its last part validates. :class:`RegionTooSmall` names the first image that cannot."""
+    window = settings.tile_size - 2 * settings.context_margin
+    with ExitStack() as stack:
+        writers = {split: stack.enter_context(_split_writer(split, out_dir, settings)) for split in SPLITS}
+        for pair in source.read(stems):
+            arrays = _read(pair, settings, written)
+            height, width = arrays[1].shape
+            try:
+                regions = holdout_regions(height, width, settings.tile_size, val_fraction, window)
+            except RegionTooSmall as err:
+                raise RegionTooSmall(f"{pair.image_where}: {err}") from None
+            for split, region in (("train", regions.train), ("val", regions.val)):
+                _write_image(split, writers[split], pair.stem, arrays, settings, written, region)
+            log.info("%s (%dx%d): validates on %s, trains on %s", pair.stem, height, width,
+                     region_text(regions.val), region_text(regions.train))  # fmt: skip
+    for split, writer in writers.items():
+        written.shards[split], written.shard_counts[split] = list(writer.shards), list(writer.shard_counts)
+
+
+def _clear(folder: Path) -> None:
+    """Remove what a region split wrote to the staging folder before it fell back to splitting by image."""
+    for path in folder.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _metadata(settings: _Settings, written: _Written, splits: dict[str, list[str]], provenance: dict) -> dict:
@@ -274,6 +286,7 @@ def _metadata(settings: _Settings, written: _Written, splits: dict[str, list[str
     assert written.first is not None  # prepare_pairs has >= 1 image
     channels, image_dtype, _ = written.first
     return {
+        MASK_KIND_KEY: settings.mask_kind,
         "format": settings.output_format,
         "train_shards": written.shards["train"],
         "val_shards": written.shards["val"],
@@ -291,6 +304,8 @@ def _metadata(settings: _Settings, written: _Written, splits: dict[str, list[str
         "has_weight_map": settings.with_weight,
         "train_images": sorted(splits["train"]),
         "val_images": sorted(splits["val"]),
+        # a region split: (y0, y1, x0, x1) of each image's part in each split
+        **{f"{split}_regions": written.regions[split] for split in SPLITS if written.regions.get(split)},
         "source": provenance,
     }
 
@@ -328,19 +343,15 @@ def prepare_pairs(
     samples tiles from it, validation reads a fixed grid (the tile counts are the grid's).
     ``zarr_codec`` (pre-tiled zarr only) compresses the tiles; None: uncompressed, the fastest
     to read (see :mod:`unetdist.data.writers`).
+
+    Validation (``val_fraction`` > 0): whole images (stacks), or, with fewer than
+    :data:`~unetdist.data.splits.MIN_IMAGES_TO_SPLIT_BY_IMAGE`, the last part of every image
+    (:func:`~unetdist.data.splits.holdout_regions`; dataset.json's ``val_regions`` and
+    ``train_regions``). One image too small for that is an error naming it; of several, whole
+    images are held out instead, as before region splits.
     """
-    settings = _Settings(
-        mask_kind,
-        tile_size,
-        shard_size,
-        w0,
-        sigma,
-        weight_map,
-        output_format,
-        context_margin,
-        whole_images,
-        zarr_codec,
-    )
+    settings = _Settings(mask_kind, tile_size, shard_size, w0, sigma, weight_map, output_format,
+                         context_margin, whole_images, zarr_codec)  # fmt: skip
     settings.check()
     out_dir = Path(out_dir)
     items = pairs.items()
@@ -351,8 +362,8 @@ def prepare_pairs(
     if not items:
         raise PrepareError("no images to prepare")
     check_keys(stems)
-    train_stems, val_stems = split_by_group(items, val_fraction, seed)
-    splits = {"train": train_stems, "val": val_stems}
+    by_image = dict(zip(SPLITS, split_by_group(items, val_fraction, seed), strict=True))
+    images = len({group for _, group in items})  # the planes of a stack count once
 
     store = out_dir / STORE_NAME
     if settings.output_format == "zarr" and store.exists() and not store.is_dir():
@@ -369,10 +380,25 @@ def prepare_pairs(
     # Stale shards of an earlier, larger run would match the shard patterns: the new data set
     # replaces prepare's own earlier output as a whole, and only once it is complete.
     with staged_output(out_dir) as staging:
-        written = _Written()
-        for split, split_stems in splits.items():
-            if split_stems:
-                _write_split(split, split_stems, pairs, staging, settings, written)
+        written, splits = _Written(), None
+        if val_fraction > 0 and images < MIN_IMAGES_TO_SPLIT_BY_IMAGE:
+            try:
+                _write_regions(stems, pairs, staging, settings, written, val_fraction)
+                splits = {"train": stems, "val": stems}
+            except RegionTooSmall as err:
+                if images == 1:
+                    raise RegionTooSmall(f"{err}; use a smaller --tile or a larger image") from None
+                # what prepared before region splits existed still prepares as it did (info: the
+                # command line's errors stay one line, and its output what it was)
+                log.info("%d images (fewer than %d): a region of each would validate, but %s; holding out "
+                            "whole images instead", images, MIN_IMAGES_TO_SPLIT_BY_IMAGE, err)  # fmt: skip
+                _clear(staging)
+                written = _Written()
+        if splits is None:
+            splits = by_image
+            for split, split_stems in splits.items():
+                if split_stems:
+                    _write_split(split, split_stems, pairs, staging, settings, written)
         meta = _metadata(settings, written, splits, provenance)
         (staging / DATASET_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return meta

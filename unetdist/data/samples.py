@@ -27,6 +27,10 @@ class DataError(ValueError):
 
 
 MASK_KINDS = ("classes", "instances", "binary")
+# auto: what the data set says (resolved by open_source and the loader, from a prepared data
+# set's dataset.json); a source opened without them reads its masks as classes.
+AUTO = "auto"
+TARGETS = ("semantic", "boundary")  # loss.target
 # Border weight maps computed in the workers from instance masks: the prepare defaults (the paper's).
 COMPUTED_W0, COMPUTED_SIGMA = 10.0, 5.0
 
@@ -38,25 +42,37 @@ class SampleChecks:
     ``use_weight_map`` (``loss.use_weight_map``): "auto" takes a stored weight map, else computes
     one from an instance mask, else trains without; "true" requires a stored or computed one;
     "false" drops it. ``keys`` name the image, mask and weight members (``data.image_key`` ...).
+    ``mask_kind`` (``data.mask_kind``): "auto" reads masks as classes unless resolved first (see
+    :data:`AUTO`). ``target`` (``loss.target``): "semantic" trains the mask's classes (instance
+    ids: foreground 1); "boundary" the background / interior / boundary classes of instance ids
+    (:func:`unetdist.instance_targets.boundary_classes`, a rim of ``boundary_width_px``).
     """
 
     tile_size: int
     in_channels: int
     num_classes: int
     use_weight_map: str | bool
-    mask_kind: str = "classes"
+    mask_kind: str = AUTO
     keys: tuple[str, str, str] = ("image", "mask", "weight")
+    target: str = "semantic"
+    boundary_width_px: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.use_weight_map, bool):  # callers of before "auto" existed
             object.__setattr__(self, "use_weight_map", "true" if self.use_weight_map else "false")
-        if self.use_weight_map not in ("auto", "true", "false") or self.mask_kind not in MASK_KINDS:
-            raise ValueError(f"use_weight_map={self.use_weight_map!r}, mask_kind={self.mask_kind!r}: unknown")
+        known = self.mask_kind in (*MASK_KINDS, AUTO) and self.target in TARGETS
+        if self.use_weight_map not in ("auto", "true", "false") or not known:
+            settings = f"mask_kind={self.mask_kind!r}, target={self.target!r}"
+            raise ValueError(f"use_weight_map={self.use_weight_map!r}, {settings}: unknown")
+        if self.target == "boundary" and self.mask_kind not in ("instances", AUTO):
+            raise ValueError(f"target=boundary needs instance ids, not mask_kind={self.mask_kind!r}")
 
 
 @dataclass
 class Sample:
-    """A checked sample: image [C,H,W] in its stored dtype, mask [H,W] integer, weight [H,W] or None."""
+    """A checked sample: image [C,H,W] in its stored dtype, mask [H,W] integer (the training
+    target), weight [H,W] or None, and the instance ids [H,W] the mask came from (instance
+    masks only; validation batches carry them)."""
 
     key: str
     where: str  # shard file or store, for messages
@@ -64,6 +80,7 @@ class Sample:
     mask: np.ndarray
     weight: np.ndarray | None
     weight_computed: bool = False  # computed from an instance mask, not stored (the start-up log says which)
+    instances: np.ndarray | None = None
 
 
 def load_npy(data: bytes | memoryview) -> np.ndarray:
@@ -180,10 +197,14 @@ def check_sample(
         raise DataError(f"{at}: mask must be an integer HxW array, got {mask.dtype} {mask.shape}")
     if image.shape[1:] != mask.shape:
         raise DataError(f"{at}: image size {image.shape[1:]} differs from mask size {mask.shape}")
-    if checks.mask_kind == "classes":
+    if checks.mask_kind in ("classes", AUTO):
         _check_class_ids(at, mask, checks.num_classes)
     instances = mask if checks.mask_kind == "instances" else None
-    if checks.mask_kind != "classes":  # instance ids or any non-zero: foreground 1
+    if instances is not None and checks.target == "boundary":
+        from unetdist.instance_targets import boundary_classes
+
+        mask = boundary_classes(instances, checks.boundary_width_px)
+    elif checks.mask_kind in ("instances", "binary"):  # instance ids or any non-zero: foreground 1
         mask = (mask != 0).astype(np.uint8)
     if min(mask.shape) < checks.tile_size:
         raise DataError(f"{at}: tile {mask.shape} is smaller than data.tile_size={checks.tile_size}")
@@ -197,13 +218,13 @@ def check_sample(
             )
     elif instances is not None:
         weight = (weights_of or computed_weight_map)(instances)
-        return Sample(key, where, image, mask, weight, weight_computed=True)
+        return Sample(key, where, image, mask, weight, weight_computed=True, instances=instances)
     elif checks.use_weight_map == "true":
         raise DataError(
             f"{at}: missing its weight map (loss.use_weight_map=true): store one (prepare with instance masks), "
             "set data.mask_kind=instances if the masks hold instance ids, or set loss.use_weight_map=auto"
         )
-    return Sample(key, where, image, mask, weight)
+    return Sample(key, where, image, mask, weight, instances=instances)
 
 
 def computed_weight_map(instances: np.ndarray) -> np.ndarray:

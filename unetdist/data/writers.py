@@ -50,6 +50,7 @@ from unetdist.data.layout import (
     DEFAULT_CODEC,
     FOREGROUND_CAP,
     FOREGROUND_SEED,
+    MASK_DTYPES,
     SHARD_PATTERNS,
     STORE_NAME,
     WHOLE_IMAGES,
@@ -79,6 +80,13 @@ def compressors(codec: str, dtype: np.dtype) -> list:
         shuffle = BloscShuffle.noshuffle if dtype.kind == "f" else BloscShuffle.bitshuffle
         return [BloscCodec(cname="lz4", clevel=5, shuffle=shuffle, typesize=dtype.itemsize)]
     raise ValueError(f"zarr codec {codec!r}: expected one of {', '.join(CODECS)}")
+
+
+def mask_dtype(mask: np.ndarray) -> np.dtype:
+    """The stored dtype of a mask: uint16 or uint32 instance ids as they are, anything else uint8
+    (0/1 or class ids; :mod:`unetdist.data.layout`)."""
+    dtype = np.dtype(mask.dtype)
+    return dtype if dtype in MASK_DTYPES else np.dtype(np.uint8)
 
 
 def chunk_tiles_for(channels: int, tile_size: int, itemsize: int) -> int:
@@ -124,13 +132,7 @@ class ZarrWriter:
             chunks=(n, channels, size, size),
             compressors=compressors(self.codec, image.dtype),
         )
-        self.group.create_array(
-            "mask",
-            shape=(0, size, size),
-            dtype=np.uint8,
-            chunks=(n, size, size),
-            compressors=compressors(self.codec, np.dtype(np.uint8)),
-        )
+        self._create_mask(mask_dtype(sample["mask"]), size)
         if sample.get("weight") is not None:
             self.group.create_array(
                 "weight",
@@ -144,12 +146,33 @@ class ZarrWriter:
             "origin", shape=(0, 3), dtype=np.int32, chunks=(1 << 16, 3), compressors=[ZstdCodec(level=1)]
         )
 
+    def _create_mask(self, dtype: np.dtype, size: int, rows: np.ndarray | None = None) -> None:
+        mask = self.group.create_array(
+            "mask",
+            shape=(0, size, size),
+            dtype=dtype,
+            chunks=(self.chunk_tiles, size, size),
+            compressors=compressors(self.codec, dtype),
+            overwrite=rows is not None,
+        )
+        if rows is not None and len(rows):
+            mask.append(rows.astype(dtype))
+
+    def _widen_mask(self, dtype: np.dtype) -> None:
+        """Rewrite the mask array as ``dtype`` (instance ids past uint16 in a later image: rare)."""
+        mask = self.group["mask"]
+        self._create_mask(dtype, mask.shape[-1], mask[...])
+
     def write(self, stem: str, top: int, left: int, image: np.ndarray, mask: np.ndarray, weight) -> None:
         if not self.stems or self.stems[-1] != stem:
             self.stems.append(stem)
         sample = {"image": image, "mask": mask, "weight": weight, "origin": (len(self.stems) - 1, top, left)}
         if self.group is None:
             self._create(sample)
+        wider = np.promote_types(self.group["mask"].dtype, mask_dtype(mask))
+        if wider != self.group["mask"].dtype:
+            self._flush()
+            self._widen_mask(wider)
         self.pending.append(sample)
         if len(self.pending) == self.chunk_tiles:
             self._flush()
@@ -158,7 +181,8 @@ class ZarrWriter:
         if not self.pending:
             return
         self.group["image"].append(np.stack([s["image"] for s in self.pending]))
-        self.group["mask"].append(np.stack([s["mask"] for s in self.pending]).astype(np.uint8))
+        mask = self.group["mask"]
+        mask.append(np.stack([s["mask"] for s in self.pending]).astype(mask.dtype))
         if "weight" in self.group:
             self.group["weight"].append(np.stack([s["weight"] for s in self.pending]).astype(np.float32))
         self.group["origin"].append(np.asarray([s["origin"] for s in self.pending], dtype=np.int32))
@@ -172,11 +196,13 @@ class ZarrWriter:
 
 
 class ZarrImageWriter:
-    """Whole images of one split: ``SPLIT/images/<i>`` [C,H,W], ``masks/<i>`` [H,W] uint8,
-    ``weights/<i>`` [H,W] float32, chunked in ``chunk`` x ``chunk`` pixel squares (all channels
-    in a chunk), so a tile read decodes only the chunks it overlaps, and ``foreground/<i>``
-    (:func:`~unetdist.data.layout.foreground_points`). The group attributes list the stems, the
-    [C,H,W] shape of each image and the foreground tables' cap, seed and row counts."""
+    """Whole images of one split: ``SPLIT/images/<i>`` [C,H,W], ``masks/<i>`` [H,W] (uint8, or
+    uint16/uint32 instance ids: :func:`mask_dtype`), ``weights/<i>`` [H,W] float32, chunked in
+    ``chunk`` x ``chunk`` pixel squares (all channels in a chunk), so a tile read decodes only the
+    chunks it overlaps, and ``foreground/<i>`` (:func:`~unetdist.data.layout.foreground_points`).
+    The group attributes list the stems, the [C,H,W] shape of each image, where each lies in its
+    source image (``offsets``: a region held out of it, prepare's region split) and the
+    foreground tables' cap, seed and row counts."""
 
     def __init__(
         self, store: Path, split: str, chunk: int = IMAGE_CHUNK, foreground_cap: int = FOREGROUND_CAP
@@ -186,8 +212,17 @@ class ZarrImageWriter:
         self.stems: list[str] = []
         self.shapes: list[list[int]] = []
         self.foreground_counts: list[int] = []
+        self.offsets: list[list[int]] = []
 
-    def write_image(self, stem: str, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None) -> None:
+    def write_image(
+        self,
+        stem: str,
+        image: np.ndarray,
+        mask: np.ndarray,
+        weight: np.ndarray | None,
+        offset: tuple[int, int] = (0, 0),
+    ) -> None:
+        """Store ``image`` whole; ``offset``: (top, left) of this region in the source image (keys say it)."""
         import zarr
         from zarr.codecs import ZstdCodec
 
@@ -202,7 +237,7 @@ class ZarrImageWriter:
         points = foreground_points(mask, self.foreground_cap)
         fields = [
             ("images", image, (channels, ch, cw)),
-            ("masks", mask.astype(np.uint8), (ch, cw)),
+            ("masks", mask.astype(mask_dtype(mask), copy=False), (ch, cw)),
             ("foreground", points, (max(len(points), 1), 2)),
         ]
         if weight is not None:
@@ -215,6 +250,7 @@ class ZarrImageWriter:
         self.stems.append(stem)
         self.shapes.append([int(channels), int(height), int(width)])
         self.foreground_counts.append(len(points))
+        self.offsets.append([int(offset[0]), int(offset[1])])
 
     def close(self) -> None:
         if self.group is not None:
@@ -228,6 +264,7 @@ class ZarrImageWriter:
                     "layout": WHOLE_IMAGES,
                     "images": self.stems,
                     "shapes": self.shapes,
+                    "offsets": self.offsets,
                     "chunk": self.chunk,
                     "foreground": foreground,
                 }
@@ -313,8 +350,15 @@ class ZarrImageSplitWriter(ZarrTileSplitWriter):
     def __init__(self, out_dir: Path, split: str) -> None:
         self.writer = ZarrImageWriter(out_dir / STORE_NAME, split)
 
-    def write_image(self, stem: str, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None) -> None:
-        self.writer.write_image(stem, image, mask, weight)
+    def write_image(
+        self,
+        stem: str,
+        image: np.ndarray,
+        mask: np.ndarray,
+        weight: np.ndarray | None,
+        offset: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.writer.write_image(stem, image, mask, weight, offset)
 
 
 def open_split_writer(

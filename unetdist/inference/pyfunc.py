@@ -62,10 +62,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def save_model_files(model: torch.nn.Module, config: Config, directory: Path) -> dict[str, str]:
+def save_model_files(
+    model: torch.nn.Module, config: Config, directory: Path, decoding: dict | None = None
+) -> dict[str, str]:
     """Write ``weights.pt`` and ``unet.json`` for ``model`` into ``directory``; returns their paths.
 
-    The weights are copied to the CPU first, so the caller may go on training.
+    ``unet.json`` also holds the training target (``loss.target``) and ``decoding``, the
+    tuned :class:`~unetdist.instances.DecodeParams` as ``to_dict()`` (None: not tuned), which
+    ``unetdist.predict --instances`` decodes with. The weights are copied to the CPU first, so
+    the caller may go on training.
     """
     directory.mkdir(parents=True, exist_ok=True)
     network = unwrap_model(model)
@@ -81,6 +86,8 @@ def save_model_files(model: torch.nn.Module, config: Config, directory: Path) ->
         "norm": config.model.norm,
         "tile_size": config.data.tile_size,
         "precision": config.train.precision,
+        "target": config.loss.target,
+        "decoding": decoding,
     }
     spec_path = directory / SPEC_FILE
     spec_path.write_text(json.dumps(spec, indent=2))

@@ -27,6 +27,7 @@ FAILED with the tag ``unetdist.error``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -135,6 +136,28 @@ class RunOutputs:
             [dataset_record(describe_split(data, split, source)) for split, source in sources.items()]
         )
 
+    def log_config_files(self, files: list[str]) -> None:
+        """The ``--config`` files as given, under ``inputs/`` (a plan's comments say why each value was
+        chosen; the resolved config.yaml loses them); beside a plan, its data fingerprint
+        (``plan.fingerprint.json``), also as the params ``fingerprint.<name>``."""
+        if not self.active:
+            return
+        from unetdist.data.fingerprint import Fingerprint, FingerprintError, fingerprint_path
+
+        for name in files:
+            path = Path(name)
+            self.tracker.log_artifact(path, "inputs")
+            fingerprint_file = fingerprint_path(path)
+            if not fingerprint_file.is_file():
+                continue
+            self.tracker.log_artifact(fingerprint_file, "inputs")
+            try:
+                summary = Fingerprint.from_dict(json.loads(fingerprint_file.read_text())).summary()
+            except (ValueError, FingerprintError) as err:  # the run does not depend on it: say so, go on
+                log.warning("%s: not logged as params: %s", fingerprint_file, err)
+                continue
+            self.tracker.log_params({f"fingerprint.{key}": value for key, value in summary.items()})
+
     def log_val_panels(
         self, step: int, image: Any, truth: Any, pred: Any, truth_instances: Any = None, pred_instances: Any = None
     ) -> None:
@@ -182,9 +205,10 @@ class RunOutputs:
         self.tracker.log_artifact(path, f"{artifact_path}/{path.name}")
 
     def log_final_model(
-        self, model: torch.nn.Module, config: Config, best: bool = False, step: int = 0
+        self, model: torch.nn.Module, config: Config, best: bool = False, step: int = 0, decoding: dict | None = None
     ) -> None:
-        """Log ``model`` as an MLflow pyfunc model (``model``, or ``best_model`` with ``best``).
+        """Log ``model`` as an MLflow pyfunc model (``model``, or ``best_model`` with ``best``), with
+        ``decoding`` (``DecodeParams.to_dict()``), how ``predict --instances`` decodes its output.
 
         The weights are saved now under ``output_dir/mlflow-model/{final,best}``; the
         upload (and registration under ``tracking.register_as`` with the alias
@@ -196,7 +220,7 @@ class RunOutputs:
         from unetdist.inference.pyfunc import save_model_files
 
         kind = "best" if best else "final"
-        files = save_model_files(model, config, self.run_dir / "mlflow-model" / kind)
+        files = save_model_files(model, config, self.run_dir / "mlflow-model" / kind, decoding=decoding)
         self.tracker.log_pyfunc_model(
             {
                 "name": "best_model" if best else "model",

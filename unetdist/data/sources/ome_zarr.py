@@ -13,9 +13,11 @@ stay ids: ``data.mask_kind`` says how to read them).
 
 The validation split: the images in ``data.val_images``, else the last ceil(f * N) of N >= 2 images
 (f = ``data.val_fraction``), else, for a single image, its bottom round(f * H) rows (at least a
-tile); training windows never reach into them. ``data.foreground_fraction``: each plane's
-foreground table is built when first needed, in each process, from the coarsest label level
-downsampled at most tile_size / 4 (a tile centre needs no finer position).
+tile), with a gap of half a tile above them that neither split reads (prepare's rule:
+:func:`unetdist.data.splits.holdout_lengths`); training windows never reach into them.
+``data.foreground_fraction``: each plane's foreground table is built when first needed, in each
+process, from the coarsest label level downsampled at most tile_size / 4 (a tile centre needs
+no finer position).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from unetdist.data.ngff import NgffImage, label_image, read_image
 from unetdist.data.remote import display, is_remote, zarr_store
 from unetdist.data.samples import Sample, SampleChecks, check_sample
 from unetdist.data.sources.image_windows import ImageWindows, TileRead
+from unetdist.data.splits import fits, holdout_lengths
 from unetdist.data.zarr_cache import node_cached
 
 AXES = "tczyx"  # the axes a plane is cut from, in NGFF's order
@@ -262,17 +265,17 @@ def _stem(url: str) -> str:
 
 
 def _region(plane: Plane, image: ImageLevels, rows: tuple[str, float], tile_size: int) -> Plane:
-    """The training (top) or validation (bottom) rows of a plane of the one image (a region split)."""
+    """The training (top) or validation (bottom) rows of a plane of the one image (a region split),
+    half a tile apart (:func:`~unetdist.data.splits.holdout_lengths`, as prepare splits one image)."""
     part, fraction = rows
-    held = max(tile_size, round(fraction * image.height))
-    if image.height - held < tile_size:
+    lengths = holdout_lengths(image.height, tile_size, fraction)
+    if not fits(lengths, tile_size):
         raise ValueError(
-            f"ome-zarr {display(image.url)}: {image.height} rows cannot hold out {held} validation rows "
-            f"(data.val_fraction={fraction}, at least data.tile_size) and keep {tile_size} to train on; "
-            "give more images, data.val_images, or data.val_fraction=0"
+            f"ome-zarr {display(image.url)}: {image.height} rows cannot hold out {lengths.val} validation "
+            f"rows (data.val_fraction={fraction}, at least data.tile_size) and a {lengths.gap}-row gap and "
+            f"keep {tile_size} to train on; give more images, data.val_images, or data.val_fraction=0"
         )
-    kept = image.height - held
-    row0, height = (kept, held) if part == "val" else (0, kept)
+    row0, height = (image.height - lengths.val, lengths.val) if part == "val" else (0, lengths.train)
     return Plane(plane.image, plane.t, plane.z, row0, height)
 
 

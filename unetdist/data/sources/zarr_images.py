@@ -62,6 +62,10 @@ class ZarrImages(ImageWindows):
                 f"zarr store {self.store}/{split}: not a whole-image store (layout {attrs.get('layout')!r})"
             )
         self.stems = list(attrs["images"])
+        # where each stored image lies in its source image (a region of it: prepare's region split);
+        # keys are the source image's pixels, so a region's keys never repeat the other region's
+        self.offsets = [tuple(int(v) for v in offset) for offset in attrs.get("offsets", [])]
+        self.offsets += [(0, 0)] * (len(self.stems) - len(self.offsets))  # stores written before offsets
         image_shapes = [tuple(int(v) for v in shape) for shape in attrs["shapes"]]
         self.has_weight = "weights" in group
         # Row counts of the foreground tables; None: a store written before they existed.
@@ -130,7 +134,9 @@ class ZarrImages(ImageWindows):
         return reads
 
     def _describe(self, unit: int, top: int, left: int) -> tuple[str, str]:
-        return f"zarr store {self.store}/{self.split}/images/{unit}", sample_key(self.stems[unit], top, left)
+        top0, left0 = self.offsets[unit]
+        key = sample_key(self.stems[unit], top0 + top, left0 + left)
+        return f"zarr store {self.store}/{self.split}/images/{unit}", key
 
     def _sample(self, unit: int, top: int, left: int, arrays: list[np.ndarray]) -> Sample:
         where, key = self._describe(unit, top, left)
