@@ -120,3 +120,19 @@ def test_bench_data_ome_zarr_beside_the_prepared_store_and_weight_maps():
     pairs = final_pairs(done.stdout)
     for key in ("ngff_samples_per_s", "zarr_samples_per_s", "ngff_vs_zarr", "weight_map_ms_per_tile"):
         assert float(pairs[key]) > 0, key
+
+
+def test_bench_predict_compares_instances_with_the_bare_whole_image_forward():
+    done = bench("predict", "--height", "72", "--width", "104", "--images", "2", "--repeats", "1",
+                 "--base-width", "4", "--depth", "2", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    pairs = final_pairs(done.stdout)
+    for key in ("whole_forward_s", "predict_s", "forward_s", "cli_instances_s", "sliding_s",
+                "predict_vs_forward", "instances_vs_forward", "cli_vs_forward", "sliding_vs_predict"):
+        assert float(pairs[key]) > 0, key
+    assert float(pairs["decode_s"]) >= 0
+    assert (pairs["image_px"], pairs["tile"], pairs["tiles"]) == ("72x104", "72x104", "1")  # one pass
+    done = bench("predict", "--size", "200", "--images", "1", "--repeats", "1", "--base-width", "4",
+                 "--depth", "2", "--memory-gb", "0.0005", "--preset", "padded")
+    assert done.returncode == 0, done.stderr
+    assert int(final_pairs(done.stdout)["tiles"]) > 1  # a budget too small for one pass: tiles

@@ -30,9 +30,9 @@ def _network() -> torch.nn.Module:
     return build_unet("padded", 1, 2, base_width=4, depth=2).eval()
 
 
-def _model_dir(directory: Path) -> Path:
+def _model_dir(directory: Path, decoding: dict | None = None) -> Path:
     """A model folder laid out as MLflow writes one: MLmodel + artifacts/{weights.pt,unet.json}."""
-    save_model_files(_network(), CONFIG, directory / "artifacts")
+    save_model_files(_network(), CONFIG, directory / "artifacts", decoding=decoding)
     mlmodel = {
         "flavors": {
             "python_function": {
@@ -102,6 +102,11 @@ def _break_spec(model: Path) -> None:
     (model / "artifacts" / "unet.json").write_text(json.dumps({"preset": "padded"}))
 
 
+def _break_decoding(model: Path) -> None:
+    spec = json.loads((model / "artifacts" / "unet.json").read_text())
+    (model / "artifacts" / "unet.json").write_text(json.dumps({**spec, "decoding": {"threshold": 2}}))
+
+
 def _break_weights_bytes(model: Path) -> None:
     (model / "artifacts" / "weights.pt").write_bytes(b"\x00garbage")
 
@@ -124,6 +129,7 @@ def _break_weights_shape(model: Path) -> None:
         (_break_weights_bytes, f"{NOT_TENSORS}Unsupported operand"),
         (_break_weights_object, f"{NOT_TENSORS}Unsupported global: GLOBAL test_inference_loading._NotA"),
         (_break_weights_shape, "weights.pt does not match the network of its unet.json (preset=padded"),
+        (_break_decoding, "unet.json's decoding {'threshold': 2} is not usable: decode params: threshold=2"),
     ],
 )  # fmt: skip
 def test_broken_model_files_are_one_error_naming_model_and_file(
@@ -154,3 +160,31 @@ def test_predict_cli_broken_model_exits_2_with_one_line(tmp_path: Path, capsys) 
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1, error  # no traceback
     assert error[0].startswith(f"predict: error: {model}: {NOT_TENSORS}")
+
+
+def test_model_folder_carries_its_decoding_into_predict(tmp_path: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    from unetdist.inference import predict_array
+    from unetdist.inference.cli import main
+    from unetdist.instances import DecodeParams, decode_instances
+
+    tuned = DecodeParams(threshold=0.7, min_size=25)
+    model = _model_dir(tmp_path / "model", decoding=tuned.to_dict())
+    network, meta = load_model(str(model))
+    assert (meta["target"], meta["decoding"]) == ("semantic", tuned.to_dict())
+    image = np.random.default_rng(4).integers(0, 255, (70, 90)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    out = tmp_path / "out"
+    assert main(["--model", str(model), "--input", str(tmp_path / "image.tif"), "--output", str(out),
+                 "--instances", "--device", "cpu"]) == 0  # fmt: skip
+    expected = decode_instances(predict_array(network, image, return_probabilities=True), tuned)
+    np.testing.assert_array_equal(tifffile.imread(out / "image_instances.tif"), expected)
+    # a model logged before decoding was stored: the defaults of the semantic target
+    spec = json.loads((model / "artifacts" / "unet.json").read_text())
+    del spec["decoding"], spec["target"]
+    (model / "artifacts" / "unet.json").write_text(json.dumps(spec))
+    assert {key: load_model(str(model))[1][key] for key in ("target", "decoding")} == {
+        "target": "semantic", "decoding": None
+    }

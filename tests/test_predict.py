@@ -1,5 +1,7 @@
 """Inference at any image size: overlap-tile exactness, seamless Gaussian blending, Zarr
-block-wise and distributed prediction under a memory limit, the CLI, instances."""
+block-wise and distributed prediction under a memory limit, the CLI, instances; tiles from the
+memory budget equal one whole-image pass; instances decoded as the model stores it, or as
+``--tune`` chooses."""
 
 from __future__ import annotations
 
@@ -17,10 +19,21 @@ import torch
 from torch import nn
 
 from unetdist.data.augment import NORMALISATION_EPSILON
-from unetdist.inference import ChannelStats, InputError, ModelGeometry, engine, predict_array, tiling
+from unetdist.data.synthetic import synthetic_cells
+from unetdist.decoding import best_params, decoding_grid, tuning_counts
+from unetdist.inference import (
+    ChannelStats,
+    InputError,
+    ModelGeometry,
+    TilePredictor,
+    engine,
+    predict_array,
+    tiling,
+)
 from unetdist.inference.loading import ModelLoadError, load_model
+from unetdist.inference.planning import plan_tiles, tiles_per_batch
 from unetdist.inference.zarr_io import predict_zarr
-from unetdist.instances import instances_from_labels
+from unetdist.instances import DecodeParams, decode_instances, instances_from_labels
 from unetdist.model import build_unet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +237,7 @@ def test_zarr_two_ranks_equal_one(tmp_path: Path) -> None:
         "--block",
         "64",
         "--probabilities",
+        "--instances",
     ]
     single = _run(
         [sys.executable, "-m", "unetdist.predict", *common, "--output", str(tmp_path / "one")], tmp_path
@@ -232,7 +246,7 @@ def test_zarr_two_ranks_equal_one(tmp_path: Path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     double = _run([*torchrun, "-m", "unetdist.predict", *common, "--output", str(tmp_path / "two")], tmp_path)
     assert double.returncode == 0, double.stderr
-    for name in ("big_mask.zarr", "big_prob.zarr"):
+    for name in ("big_mask.zarr", "big_prob.zarr", "big_instances.zarr"):
         one = zarr.open_array(str(tmp_path / "one" / name))[:]
         two = zarr.open_array(str(tmp_path / "two" / name))[:]
         np.testing.assert_array_equal(one, two)
@@ -461,3 +475,203 @@ def test_cli_names_a_colour_file_once(tmp_path: Path, capsys) -> None:
         f"predict: failed: {image}: 3 colour channels (shape (120, 140, 3)), the model expects 1 "
         "(train with model.in_channels=3, or convert to grey)"
     ]
+
+
+# ---------------------------------------------------------------- tiles from the memory budget
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_padded_tiles_equal_one_whole_image_pass(depth: int) -> None:
+    """The context plan is exact: one pass, budget-sized tiles and explicit tiles all give the
+    probabilities of one forward over the whole image (mirrored up to the pooling period)."""
+    torch.manual_seed(0)
+    model = _randomise_batchnorm(build_unet("padded", 1, 3, base_width=4, depth=depth))
+    geometry = ModelGeometry.of(model)
+    period, context = geometry.pool_period, geometry.context
+    assert context == {2: 24, 3: 48}[depth]  # the zero padding's reach, rounded up to the period
+    image = np.random.default_rng(0).integers(0, 255, (150, 230)).astype(np.uint8)
+    padded = np.pad(image, ((0, -150 % period), (0, -230 % period)), mode="reflect")
+    x = engine.normalise(padded[None], ChannelStats.of(image[None]))
+    with torch.inference_mode():
+        whole = torch.softmax(model(torch.from_numpy(x)[None]), 1)[0, :, :150, :230].numpy()
+
+    assert TilePredictor(model, 150, 230).plan.num_tiles == 1  # it fits the default budget: one pass
+    budget = (2 * context + 2 * period) * 240 * geometry.bytes_per_pixel / 2**30  # a few tiles' worth
+    for options in ({}, {"memory_gb": budget}, {"tile": 4 * context + period}):
+        plan = TilePredictor(model, 150, 230, **options).plan
+        assert (plan.num_tiles > 1) == bool(options), options
+        probabilities = predict_array(model, image, return_probabilities=True, **options)
+        assert np.abs(probabilities - whole).max() < 1e-5, options
+    # today's sliding window over one 512 tile: the same wherever its mirrored far side cannot reach
+    sliding = predict_array(model, image, tile=512, overlap=0.25, return_probabilities=True)
+    inside = (slice(None), slice(0, 150 - context), slice(0, 230 - context))
+    assert np.abs(sliding[inside] - whole[inside]).max() < 1e-5
+
+
+def test_valid_conv_tiles_from_the_budget_equal_one_pass() -> None:
+    torch.manual_seed(0)
+    model = build_unet("paper", 1, 2, base_width=4, depth=2)
+    image = np.random.default_rng(1).integers(0, 255, (90, 90)).astype(np.uint8)
+    whole = _whole_image_pass(model, image)
+    one = TilePredictor(model, 90, 90)
+    assert one.plan.num_tiles == 1 and one.tile_shape == (132, 132)  # the smallest tile keeping 90 px
+    small_budget = 100 * 100 * ModelGeometry.of(model).bytes_per_pixel / 2**30
+    assert TilePredictor(model, 90, 90, memory_gb=small_budget).plan.num_tiles > 1
+    for memory_gb in (None, small_budget):
+        stitched = predict_array(model, image, memory_gb=memory_gb, return_probabilities=True)
+        assert np.abs(stitched - whole).max() < 1e-5
+
+
+def test_tile_plans_of_a_700x1100_image() -> None:
+    model = build_unet("padded", 1, 2, base_width=32, depth=4)
+    geometry = ModelGeometry.of(model)
+    whole = plan_tiles(geometry, 700, 1100, tile=None, overlap=None, memory_bytes=3 * 2**30)
+    assert (whole.num_tiles, whole.input_shape) == (1, (704, 1104))
+    tiled = plan_tiles(geometry, 700, 1100, tile=None, overlap=None, memory_bytes=2**29)
+    assert tiled.num_tiles == 6 and tiled.input_shape == (576, 576) and not tiled.blend
+    for axis, length in ((tiled.rows, 700), (tiled.cols, 1100)):
+        assert all(start % 16 == 0 for start in axis.starts)  # on the pooling grid
+        assert axis.starts[0] == 0 and axis.starts[-1] + axis.input_size == -(-length // 16) * 16
+        ends = [end for _, end in axis.kept]
+        assert [begin for begin, _ in axis.kept] == [0, *ends[:-1]] and ends[-1] == length  # a partition
+        for start, (begin, end) in zip(axis.starts, axis.kept, strict=True):  # 96 px of context inside
+            assert (begin == 0 or begin >= start + 96) and (end == length or end <= start + 576 - 96)
+    assert tiles_per_batch(geometry, tiled, 2**29, requested=8) == 1
+    assert tiles_per_batch(geometry, tiled, 2**32, requested=8) == 8
+    narrow = plan_tiles(geometry, 300, 20000, tile=None, overlap=None, memory_bytes=2**30)
+    assert narrow.input_shape[0] == 304 and narrow.input_shape[1] > 1000  # the short side whole
+    legacy = plan_tiles(geometry, 700, 1100, tile=None, overlap=0.25, memory_bytes=3 * 2**30)
+    assert legacy.blend and legacy.input_shape == (512, 512) and legacy.num_tiles == 6
+
+
+# ---------------------------------------------------------------- instances as the model decodes them
+
+
+def _decoding_checkpoint(directory: Path, decoding: DecodeParams | None, num_classes: int = 2) -> Path:
+    torch.manual_seed(3)
+    config = {"preset": "padded", "in_channels": 1, "num_classes": num_classes, "base_width": 4, "depth": 2}
+    state = {
+        "model": build_unet("padded", 1, num_classes, base_width=4, depth=2).state_dict(),
+        "config": {"model": {**config, "norm": "batch"}, "data": {"tile_size": 64},
+                   "loss": {"target": "semantic" if num_classes == 2 else "boundary"}},
+        "step": 7,
+        "decoding": None if decoding is None else decoding.to_dict(),
+    }  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / "model.pt")
+    return directory / "model.pt"
+
+
+def test_predict_decodes_instances_with_the_models_stored_params(tmp_path: Path) -> None:
+    from unetdist.inference.cli import main
+
+    stored = DecodeParams(threshold=0.65, min_size=30, min_distance=5)
+    checkpoint = _decoding_checkpoint(tmp_path / "ckpt", stored)
+    model, meta = load_model(str(checkpoint))
+    assert meta["decoding"] == stored.to_dict() and meta["target"] == "semantic"
+    image = synthetic_cells(96, np.random.default_rng(7))[0]
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    probabilities = predict_array(model, image, return_probabilities=True)
+    base = ["--model", str(checkpoint), "--input", str(tmp_path / "cells.tif"), "--device", "cpu"]
+    assert main([*base, "--output", str(tmp_path / "stored"), "--instances"]) == 0
+    instances = tifffile.imread(tmp_path / "stored" / "cells_instances.tif")
+    np.testing.assert_array_equal(instances, decode_instances(probabilities, stored))
+    assert not np.array_equal(instances, decode_instances(probabilities, DecodeParams()))  # it matters
+    # one field from the command line, the rest as stored; flips: the averaged probabilities decoded
+    override = ["--instances", "--threshold", "0.55", "--flips"]
+    assert main([*base, "--output", str(tmp_path / "override"), *override]) == 0
+    overridden = tifffile.imread(tmp_path / "override" / "cells_instances.tif")
+    flipped = predict_array(model, image, flips=True, return_probabilities=True)
+    expected = decode_instances(flipped, DecodeParams(threshold=0.55, min_size=30, min_distance=5))
+    np.testing.assert_array_equal(overridden, expected)
+    # a boundary-target model without stored params decodes with the boundary defaults
+    boundary = _decoding_checkpoint(tmp_path / "boundary", None, num_classes=3)
+    boundary_model, _ = load_model(str(boundary))
+    assert main(["--model", str(boundary), *base[2:], "--output", str(tmp_path / "b"), "--instances"]) == 0
+    boundary_probabilities = predict_array(boundary_model, image, return_probabilities=True)
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "b" / "cells_instances.tif"),
+        decode_instances(boundary_probabilities, DecodeParams("boundary")),
+    )
+
+
+def test_bad_decoding_options_are_one_line(tmp_path: Path, capsys) -> None:
+    from unetdist.inference.cli import main
+
+    checkpoint = _decoding_checkpoint(tmp_path / "ckpt", None)
+    tifffile.imwrite(tmp_path / "x.tif", np.zeros((32, 32), np.uint8))
+    base = ["--model", str(checkpoint), "--input", str(tmp_path / "x.tif"), "--output", str(tmp_path / "o")]
+    capsys.readouterr()
+    for extra, message in (
+        (["--threshold", "1.5"], "--threshold 1.5: decode params: threshold=1.5, expected a probability in"),
+        (["--border-class", "2"], f"--border-class 2: {checkpoint} has classes 0-1 only"),
+        (["--tune", str(tmp_path / "x.tif")], f"--tune {tmp_path / 'x.tif'}: not a prepared data set"),
+    ):
+        assert main([*base, "--instances", *extra]) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert "Traceback" not in err and last.startswith(f"predict: error: {message}"), last
+
+
+def test_tune_on_a_prepared_data_set_writes_and_uses_its_choice(cell_shards: Path, tmp_path: Path) -> None:
+    from unetdist.inference.cli import main
+    from unetdist.inference.tuning import tuning_samples
+
+    checkpoint = _decoding_checkpoint(tmp_path / "ckpt", DecodeParams(threshold=0.65))
+    image = cell_shards / "raw" / "images" / "cells_0000.tif"
+    out = tmp_path / "out"
+    assert main(["--model", str(checkpoint), "--input", str(image), "--output", str(out), "--device", "cpu",
+                 "--tune", str(cell_shards)]) == 0  # fmt: skip
+    written = json.loads((out / "decoding.json").read_text())
+    dataset = json.loads((cell_shards / "dataset.json").read_text())
+    assert written["samples"] == dataset["num_val_tiles"] and 0.0 <= written["ap50"] <= 1.0
+    samples = tuning_samples(str(cell_shards), None, 1)
+    areas = np.concatenate([np.bincount(sample.truth.ravel())[1:] for sample in samples])
+    tuned = DecodeParams.from_dict(written["decoding"])
+    assert tuned in decoding_grid("semantic", float(np.median(areas[areas > 0])))
+    model, _ = load_model(str(checkpoint))
+    probabilities = predict_array(model, tifffile.imread(image), return_probabilities=True)
+    np.testing.assert_array_equal(
+        tifffile.imread(out / "cells_0000_instances.tif"), decode_instances(probabilities, tuned)
+    )
+
+
+def test_tuning_over_folders_equals_the_grid_search_of_all_images(cell_shards: Path) -> None:
+    """Predicting image by image and summing the counts (as the ranks do) picks what one grid
+    search over all the images' probabilities picks."""
+    from unetdist.inference.tuning import tune_decoding, tuning_samples
+
+    raw = cell_shards / "raw"
+    samples = tuning_samples(str(raw / "images"), str(raw / "masks"), 1)[:6]
+    torch.manual_seed(5)
+    model = build_unet("padded", 1, 2, base_width=4, depth=2).eval()
+    result = tune_decoding(model, samples, "semantic", device="cpu")
+    areas = np.concatenate([np.bincount(sample.truth.ravel())[1:] for sample in samples])
+    grid = decoding_grid("semantic", float(np.median(areas[areas > 0])))
+    probabilities = [predict_array(model, sample.image, return_probabilities=True) for sample in samples]
+    params, ap = best_params(grid, tuning_counts(probabilities, [sample.truth for sample in samples], grid))
+    assert (result.params, result.ap50, result.samples, result.grid_points) == (params, ap, 6, len(grid))
+
+
+def test_zarr_instances_are_decoded_from_the_whole_image(tmp_path: Path) -> None:
+    import zarr
+
+    from unetdist.inference.cli import main
+
+    stored = DecodeParams(threshold=0.6, min_size=20)
+    checkpoint = _decoding_checkpoint(tmp_path / "ckpt", stored)
+    image = synthetic_cells(160, np.random.default_rng(8))[0][:150]
+    _write_zarr(tmp_path / "cells.zarr", image, (64, 64))
+    out = tmp_path / "out"
+    assert main(["--model", str(checkpoint), "--input", str(tmp_path / "cells.zarr"), "--output", str(out),
+                 "--device", "cpu", "--instances", "--block", "64", "--memory-gb", "0.002"]) == 0  # fmt: skip
+    model, _ = load_model(str(checkpoint))
+    probabilities = predict_array(model, image, return_probabilities=True)  # tiling changes nothing
+    kept = probabilities.astype(np.float16).astype(np.float32)  # the scratch array's float16
+    expected = decode_instances(kept, stored)
+    instances = zarr.open_array(str(out / "cells_instances.zarr"))
+    chunks = zarr.open_array(str(out / "cells_mask.zarr")).chunks
+    assert instances.dtype == np.uint32 and instances.chunks == chunks and chunks[0] < 150  # several blocks
+    assert expected.max() > 3
+    np.testing.assert_array_equal(instances[:], expected)
+    assert sorted(path.name for path in out.iterdir()) == ["cells_instances.zarr", "cells_mask.zarr"]

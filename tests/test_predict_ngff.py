@@ -16,6 +16,7 @@ from unetdist.inference import predict_array
 from unetdist.inference.cli import main
 from unetdist.inference.ngff_labels import PYRAMID_MIN_SIDE, _halved_levels
 from unetdist.inference.zarr_io import downsample
+from unetdist.instances import DecodeParams, decode_instances
 from unetdist.model import build_unet
 
 BUCKET = "unetdist-ngff"
@@ -175,6 +176,12 @@ def test_an_existing_label_is_replaced_only_with_overwrite(
     assert _predict(checkpoints[1], *seg, "--instances", "--overwrite") == 0
     replaced = zarr.open_array(str(path / "labels" / "seg" / "0"))
     assert replaced.dtype == np.uint32 and replaced[:].max() >= 1  # instance ids now
+    # decoded from the whole plane's probabilities (kept as float16 meanwhile), as the model decodes
+    model = build_unet("padded", 1, 3, base_width=4, depth=2)
+    model.load_state_dict(torch.load(checkpoints[1])["model"])
+    probabilities = predict_array(model.eval(), image, tile=64, device="cpu", return_probabilities=True)
+    expected = decode_instances(probabilities.astype(np.float16).astype(np.float32), DecodeParams())
+    np.testing.assert_array_equal(replaced[:], expected)
     assert sorted(p.name for p in (path / "labels").iterdir()) == [".zattrs", ".zgroup", "seg"]
     assert zarr.open_group(str(path / "labels")).attrs["labels"] == ["seg"]
 
@@ -274,3 +281,9 @@ def test_s3_image_gets_its_labels_there(s3, checkpoints: dict[int, Path], tmp_pa
     assert len(list(group["labels/unetdist"].arrays())) == 4
     _check_spec(group["labels/unetdist"], "0.5", in_image=True)
     np.testing.assert_array_equal(group["s0"][:], image)  # the image itself untouched
+
+    # instance ids: the probabilities wait in a scratch array in the bucket, deleted once decoded
+    assert _predict(checkpoints[2], "--input", url, "--overwrite", "--instances") == 0
+    assert group["labels/unetdist/0"].dtype == np.uint32 and group["labels/unetdist/0"][:].max() >= 1
+    keys = [key.removeprefix(f"{url}/") for key in remote.list_objects(f"{url}/labels")]
+    assert not [key for key in keys if ".partial" in key], keys

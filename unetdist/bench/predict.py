@@ -1,34 +1,67 @@
-"""``python -m unetdist.bench predict``: whole-image prediction speed next to the raw forward.
+"""``python -m unetdist.bench predict``: prediction and instance decoding next to the bare forward.
 
-    python -m unetdist.bench predict --size 2048 --preset padded --base-width 8 --depth 3
+    python -m unetdist.bench predict --height 700 --width 1100 --images 6 --base-width 8 --depth 3
+    python -m unetdist.bench predict --size 2048 --preset paper --base-width 16
 
-Times ``predict_array`` on one ``size`` x ``size`` image (normalise, cut tiles, batches,
-Gaussian blend or overlap-tile stitching, argmax) and then only the model's forward passes
-over exactly the same tiles, pre-cut and pre-normalised. Both in image megapixels per
-second; ``predict_vs_forward`` near 1 means the tiling machinery costs little. The model
-has random weights: speed does not depend on them.
+On ``--images`` synthetic cell images of ``height`` x ``width`` (``unetdist.data.synthetic``),
+times, summed over the images, best of ``--repeats``:
+
+- ``whole_forward_s``: one bare forward (softmax included) over each whole image, padded to
+  what the model takes (a multiple of ``2**depth``; valid-conv models: their context margin),
+  pre-normalised and already on the device: the floor any prediction can reach;
+- ``predict_s``: ``predict_array``'s probabilities (normalise, the tile plan of
+  :mod:`unetdist.inference.planning`, batches, stitching) and ``forward_s`` the bare forwards
+  of exactly its tiles (``predict_vs_forward`` near 1: the tiling machinery costs little);
+- ``decode_s``: ``decode_instances`` of those probabilities with the default ``DecodeParams``;
+- ``instances_vs_forward`` = whole_forward_s / (predict_s + decode_s): what predicting and
+  decoding one after the other keep of the bare forward's throughput (1: all of it);
+- ``cli_instances_s``: ``predict --instances``'s own loop over the images as TIFF files
+  (:func:`unetdist.inference.files.predict_files`: reading, predicting, and on its worker
+  thread the class labels, decoding and TIFF writes, overlapping the next forward), and
+  ``cli_vs_forward`` = whole_forward_s / cli_instances_s;
+- ``sliding_s``: the probabilities by the Gaussian sliding window of 512 tiles overlapping by
+  0.25 (padded models; the plan before the memory budget), ``sliding_vs_predict`` its time
+  over ``predict_s``.
+
+Each function is run once to warm up, then they take turns ``--repeats`` times (the best of
+each is reported), so a shared machine's changing load skews the ratios little.
+
+The model has random weights: speed does not depend on them, except the decoding's, which
+depends on what the probabilities look like (random weights give ragged blobs; expect a
+trained model's cells to decode at least as fast).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-SMALL_ARGS = ["--size", "512", "--repeats", "1"]
+if TYPE_CHECKING:
+    from unetdist.inference.tiling import TilePlan
+    from unetdist.instances import DecodeParams
+
+SMALL_ARGS = ["--size", "256", "--images", "2", "--repeats", "1"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=int, default=2048, help="image side in pixels")
+    parser.add_argument("--height", type=int, default=700, help="image height in pixels")
+    parser.add_argument("--width", type=int, default=1100, help="image width in pixels")
+    parser.add_argument("--size", type=int, help="square images of this side (instead of --height/--width)")
+    parser.add_argument("--images", type=int, default=6, help="images per timed run")
     parser.add_argument("--preset", default="padded", choices=("paper", "article", "padded"))
     parser.add_argument("--base-width", type=int, default=8)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--in-channels", type=int, default=1)
-    parser.add_argument("--num-classes", type=int, default=2)
-    parser.add_argument("--tile", type=int, help="model input tile (default: predict_array's choice)")
-    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--num-classes", type=int, default=2, help="2: semantic decoding; 3: boundary")
+    parser.add_argument("--tile", type=int, help="model input tile (default: from the memory budget)")
+    parser.add_argument("--memory-gb", type=float, help="activation budget (default: sized for the device)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -36,9 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, float | int | str]:
-    from unetdist.inference.engine import ChannelStats, TilePredictor, normalise, predict_array
+    from unetdist.data.synthetic import synthetic_cells
+    from unetdist.inference.engine import TilePredictor, predict_array
+    from unetdist.instances import DecodeParams, decode_instances
     from unetdist.model import build_unet
 
+    height, width = (args.size, args.size) if args.size else (args.height, args.width)
     torch.manual_seed(0)
     device = torch.device(
         "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -50,65 +86,131 @@ def run(args: argparse.Namespace) -> dict[str, float | int | str]:
         .to(device)
         .eval()
     )
-    image = (
-        np.random.default_rng(0).integers(0, 255, (args.in_channels, args.size, args.size)).astype(np.uint8)
-    )
+    rng = np.random.default_rng(0)
+    side = max(height, width, 16)
+    images = [
+        np.repeat(synthetic_cells(side, rng)[0][None, :height, :width], args.in_channels, axis=0)
+        for _ in range(args.images)
+    ]
     options = {
-        "tile": args.tile,
-        "overlap": args.overlap,
-        "batch_size": args.batch,
-        "precision": args.precision,
+        "tile": args.tile, "batch_size": args.batch, "precision": args.precision, "memory_gb": args.memory_gb
     }
-    predictor = TilePredictor(model, args.size, args.size, device=device, **options)
-    megapixels = args.size * args.size / 1e6
+    predictor = TilePredictor(model, height, width, device=device, **options)
+    params = DecodeParams(target="boundary" if args.num_classes == 3 else "semantic")
+    probabilities = [
+        predict_array(model, image, device=device, return_probabilities=True, **options) for image in images
+    ]
+    whole_plan = TilePredictor(model, height, width, device=device, memory_gb=1e6).plan  # one pass, any size
+    whole_inputs = [_tiles_of(image, whole_plan, device) for image in images]
+    tile_inputs = [_tiles_of(image, predictor.plan, device) for image in images]
 
-    predict_array(model, image[:, : predictor.tile, : predictor.tile], device=device, **options)  # warm-up
-    predict_s = min(
-        _timed(lambda: predict_array(model, image, device=device, **options), device)
-        for _ in range(args.repeats)
-    )
+    def forward_all(inputs: list[list[torch.Tensor]]) -> None:
+        for tiles in inputs:
+            for start in range(0, len(tiles), predictor.batch_size):
+                predictor.forward(torch.stack(tiles[start : start + predictor.batch_size]))
 
-    tiles = predictor.plan.tiles_for_block(0, args.size, 0, args.size)
-    size = predictor.tile
-    stats = ChannelStats.of(image)
-    from unetdist.inference.tiling import read_mirrored
-
-    batches = []
-    for start in range(0, len(tiles), args.batch):
-        cut = [
-            read_mirrored(image, t.input_top, t.input_top + size, t.input_left, t.input_left + size)
-            for t in tiles[start : start + args.batch]
-        ]
-        batches.append(
-            torch.from_numpy(normalise(np.stack(cut).reshape(-1, size, size), stats))
-            .reshape(len(cut), -1, size, size)
-            .to(device)
-        )
-
-    def forward_all() -> None:
-        for batch in batches:
-            predictor.forward(batch)
-
-    forward_s = min(_timed(forward_all, device) for _ in range(args.repeats))
-    return {
-        "image_px": args.size,
+    with tempfile.TemporaryDirectory(prefix="unetdist-bench-predict-") as scratch:
+        cli = _cli_loop(model, images, Path(scratch), {**options, "device": device}, params)
+        timed: dict[str, Callable[[], object]] = {
+            "whole_forward_s": lambda: forward_all(whole_inputs),
+            "forward_s": lambda: forward_all(tile_inputs),
+            "predict_s": lambda: [
+                predict_array(model, image, device=device, return_probabilities=True, **options)
+                for image in images
+            ],
+            "decode_s": lambda: [decode_instances(p, params) for p in probabilities],
+            "cli_instances_s": cli,
+        }
+        if predictor.geometry.padded:
+            sliding = {**options, "tile": 512, "overlap": 0.25}
+            timed["sliding_s"] = lambda: [
+                predict_array(model, image, device=device, **sliding) for image in images
+            ]
+        seconds = _interleaved(timed, device, args.repeats)
+    instances_s = seconds["predict_s"] + seconds["decode_s"]
+    figures: dict[str, float | int | str] = {
+        "image_px": f"{height}x{width}",
+        "images": args.images,
         "preset": args.preset,
         "base_width": args.base_width,
         "depth": args.depth,
-        "tile": size,
-        "tiles": len(tiles),
-        "batch": args.batch,
+        "tile": "x".join(map(str, predictor.tile_shape)),
+        "tiles": predictor.plan.num_tiles,
+        "batch": predictor.batch_size,
         "precision": args.precision,
         "device": str(device),
-        "predict_s": round(predict_s, 3),
-        "forward_s": round(forward_s, 3),
-        "predict_mpix_per_s": round(megapixels / predict_s, 4),
-        "forward_mpix_per_s": round(megapixels / forward_s, 4),
-        "predict_vs_forward": round(forward_s / predict_s, 4),
+        **{name: round(value, 4) for name, value in seconds.items()},
+        "instances_s": round(instances_s, 4),
+        "predict_vs_forward": round(seconds["forward_s"] / seconds["predict_s"], 4),
+        "predict_vs_whole_forward": round(seconds["whole_forward_s"] / seconds["predict_s"], 4),
+        "instances_vs_forward": round(seconds["whole_forward_s"] / instances_s, 4),
+        "cli_vs_forward": round(seconds["whole_forward_s"] / seconds["cli_instances_s"], 4),
     }
+    if "sliding_s" in seconds:
+        figures["sliding_vs_predict"] = round(seconds["sliding_s"] / seconds["predict_s"], 4)
+    megapixels = args.images * height * width / 1e6
+    figures.update(
+        predict_mpix_per_s=round(megapixels / seconds["predict_s"], 4),
+        instances_mpix_per_s=round(megapixels / seconds["cli_instances_s"], 4),
+        whole_forward_mpix_per_s=round(megapixels / seconds["whole_forward_s"], 4),
+    )
+    return figures
 
 
-def _timed(function, device: torch.device) -> float:  # noqa: ANN001
+def _cli_loop(
+    model: torch.nn.Module, images: list[np.ndarray], scratch: Path, options: dict, params: DecodeParams
+) -> Callable[[], None]:
+    """``predict --instances``'s loop over ``images``, written as TIFF files into ``scratch``."""
+    import tifffile
+
+    from unetdist.inference.files import predict_files
+    from unetdist.inference.inputs import list_inputs
+    from unetdist.inference.instance_decoding import InstanceDecoder
+
+    folder = scratch / "images"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        tifffile.imwrite(folder / f"image{index:03d}.tif", image)
+    items = list_inputs([str(folder)])
+
+    def predict() -> None:
+        decoder = InstanceDecoder(params)
+        failures = predict_files(model, items, output=str(scratch), options=options, decoder=decoder)
+        if failures:
+            raise RuntimeError(f"bench predict: {failures[0]}")
+
+    return predict
+
+
+def _tiles_of(image: np.ndarray, plan: TilePlan, device: torch.device) -> list[torch.Tensor]:
+    """The normalised model inputs of ``plan``'s tiles of ``image``, on ``device``."""
+    from unetdist.inference.engine import ChannelStats, normalise
+    from unetdist.inference.tiling import read_mirrored
+
+    size_y, size_x = plan.input_shape
+    stats = ChannelStats.of(image)
+    inputs = []
+    for t in plan.tiles_for_block(0, plan.height, 0, plan.width):
+        region = read_mirrored(image, t.input_top, t.input_top + size_y, t.input_left, t.input_left + size_x)
+        inputs.append(torch.from_numpy(normalise(region, stats)).to(device))
+    return inputs
+
+
+def _interleaved(
+    timed: dict[str, Callable[[], object]], device: torch.device, repeats: int
+) -> dict[str, float]:
+    """The best of ``repeats`` seconds of each function, after one warm-up run each; the functions
+    take turns, so a machine that slows down or speeds up meanwhile skews no ratio."""
+    for function in timed.values():
+        function()
+    best = dict.fromkeys(timed, float("inf"))
+    for _ in range(max(repeats, 1)):
+        for name, function in timed.items():
+            best[name] = min(best[name], _timed(function, device))
+    return best
+
+
+def _timed(function: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()

@@ -5,6 +5,7 @@ From Python::
     from unetdist.inference import load_model, predict_array
     model, meta = load_model("runs/quickstart/checkpoints/step-00000200.pt")   # or "runs:/<id>/model"
     labels = predict_array(model, image)            # HxW uint8 class ids, any image size
+    probabilities = predict_array(model, image, return_probabilities=True)   # [K, H, W] float32
 
 From the shell: ``python -m unetdist.predict`` (see unetdist.inference.cli).
 """
@@ -15,7 +16,6 @@ from unetdist.inference.engine import (
     ModelGeometry,
     TilePredictor,
     as_chw,
-    choose_tile,
     labels_from_probabilities,
     predict_array,
 )
@@ -26,7 +26,6 @@ __all__ = [
     "ModelGeometry",
     "TilePredictor",
     "as_chw",
-    "choose_tile",
     "labels_from_probabilities",
     "predict_array",
 ]

@@ -10,9 +10,22 @@ Inputs: image files (.tif/.tiff/.png), folders of them, Zarr arrays ([H, W] or [
 groups of arrays, and OME-Zarr (NGFF 0.4/0.5) images. For each image ``<stem>``, in ``--output``:
 ``<stem>_mask.tif`` (uint8 class labels), with ``--probabilities`` ``<stem>_prob.tif`` (float16
 [K, H, W]), with ``--instances`` ``<stem>_instances.tif`` (uint16/uint32); a Zarr input gives
-``<stem>_mask.zarr`` (and ``<stem>_prob.zarr``), written block by block. An OME-Zarr image gets
-an NGFF label image, ``labels/<--label-name>`` in the image itself (without ``--output``) or
-``<stem>_<label-name>.zarr`` in ``--output``; see :mod:`unetdist.inference.ngff_labels`.
+``<stem>_mask.zarr`` (and ``<stem>_prob.zarr``, ``<stem>_instances.zarr`` uint32), written block
+by block. An OME-Zarr image gets an NGFF label image, ``labels/<--label-name>`` in the image
+itself (without ``--output``) or ``<stem>_<label-name>.zarr`` in ``--output`` (class ids, or with
+``--instances`` instance ids); see :mod:`unetdist.inference.ngff_labels`.
+
+How fast: each image is one forward pass when its activations fit ``--memory-gb`` (default sized
+for the device), else the largest tiles that do, overlapping only by the network's receptive
+field (:mod:`unetdist.inference.planning`); the result does not depend on the tiling.
+
+Instances (``--instances``) are decoded from the class probabilities (averaged over ``--flips``
+first) with the decoding the model was trained with, tuned on its validation data
+(:mod:`unetdist.inference.instance_decoding`); ``--threshold``, ``--seed-threshold``,
+``--min-size`` and ``--min-distance`` override single fields, and ``--tune DATA`` chooses them
+anew on annotated images, writes them to ``<output>/decoding.json`` and predicts with them
+(:mod:`unetdist.inference.tuning`). ``--border-class`` decodes the class labels of a model
+trained with a border class, as before the boundary target.
 
 ``--input`` and ``--output`` may be URLs (``s3://``, ``gs://``, ``az://``, ``https://``; credentials
 from the environment only, see :mod:`unetdist.data.remote`): a Zarr store at a URL is read, and
@@ -28,166 +41,33 @@ codes: 0 done; 2 bad model or input; 1 any other failure.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
-import os
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from unetdist import distributed
 from unetdist.data import remote
-from unetdist.data.imageio import SUPPORTED_SUFFIXES, file_stem, read_array
-from unetdist.inference.engine import (
-    ChannelStats,
-    InputError,
-    TilePredictor,
-    as_chw,
-    labels_from_probabilities,
-)
+from unetdist.inference.engine import InputError
+from unetdist.inference.files import predict_files
+from unetdist.inference.inputs import InputItem, list_inputs
+from unetdist.inference.instance_decoding import OVERRIDABLE, InstanceDecoder, write_decoding_json
 from unetdist.inference.loading import ModelLoadError, load_model
-from unetdist.inference.ngff_labels import DEFAULT_LABEL_NAME, NgffJob, predict_ngff, prepare_ngff
+from unetdist.inference.ngff_labels import DEFAULT_LABEL_NAME, NgffJob, prepare_ngff
+from unetdist.inference.ngff_predict import predict_ngff
+from unetdist.inference.zarr_instances import predict_zarr_instances
 from unetdist.inference.zarr_io import (
     DEFAULT_BLOCK,
     FailedElsewhere,
-    is_ngff_image,
-    location_name,
     one_line,
     open_zarr_inputs,
     predict_zarr,
 )
-from unetdist.instances import DEFAULT_MIN_DISTANCE, instances_from_labels
 from unetdist.precision import PRECISIONS
 
 log = logging.getLogger("unetdist.predict")
-ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")  # v3, then v2 array and group
-
-
-@dataclass(frozen=True)
-class InputItem:
-    stem: str
-    path: str  # a local path or a URL
-    is_zarr: bool
-    is_ngff: bool = False  # an OME-Zarr image (a Zarr group with NGFF multiscales metadata)
-
-    @property
-    def shown(self) -> str:
-        """The path or URL for messages (a URL without its query string)."""
-        return remote.display(self.path)
-
-
-def zarr_input(name: str, location: str) -> InputItem:
-    """The Zarr store ``name`` at ``location``: an OME-Zarr image, or plain arrays."""
-    if is_ngff_image(location):
-        return InputItem(name.removesuffix(".zarr").removesuffix(".ome"), location, True, is_ngff=True)
-    return InputItem(name.removesuffix(".zarr"), location, True)
-
-
-def is_zarr_path(path: Path) -> bool:
-    return path.suffix == ".zarr" or (
-        path.is_dir() and any((path / marker).exists() for marker in ZARR_MARKERS)
-    )
-
-
-def remote_input(url: str) -> InputItem:
-    """The Zarr store at ``url``; a missing one, or an image file at a URL, is an InputError."""
-    name = location_name(url)
-    if Path(name).suffix.lower() in SUPPORTED_SUFFIXES:
-        raise InputError(
-            f"{remote.display(url)}: image files at URLs are not read yet: copy it here first, "
-            "or convert it to Zarr"
-        )
-    # one HEAD for a v3 store; a missing object, bucket or credential is named here, before any work
-    if not any(remote.exists(remote.join(url, marker)) for marker in ZARR_MARKERS):
-        what = "no such Zarr store" if name.endswith(".zarr") else "not a Zarr store"
-        raise InputError(f"{remote.display(url)}: {what} (no {' or '.join(ZARR_MARKERS)} there)")
-    return zarr_input(name, url)
-
-
-def list_inputs(locations: list[str], ngff_in_place: bool = False) -> list[InputItem]:
-    """Every image named by ``locations`` (files, folders of files, Zarr stores; Zarr stores at
-    URLs), in order.
-
-    A missing path or two images with one stem (their outputs would collide; not OME-Zarr images
-    written ``ngff_in_place``, into their own labels/) is an InputError.
-    """
-    items: list[InputItem] = []
-    for location in locations:
-        if remote.is_remote(location):
-            items.append(remote_input(location))
-            continue
-        path = Path(remote.local_path(location))
-        if not path.exists():
-            raise InputError(f"{path}: no such file or folder")
-        if is_zarr_path(path):
-            items.append(zarr_input(path.name, str(path)))
-        elif path.is_dir():
-            for child in sorted(path.iterdir()):
-                if child.name.startswith("."):
-                    continue
-                if is_zarr_path(child):
-                    items.append(zarr_input(child.name, str(child)))
-                elif child.is_file() and child.suffix.lower() in SUPPORTED_SUFFIXES:
-                    items.append(InputItem(file_stem(child), str(child), False))
-                else:
-                    log.warning(
-                        "skipping %s: not one of %s or a Zarr store", child, ", ".join(SUPPORTED_SUFFIXES)
-                    )
-        else:
-            items.append(InputItem(file_stem(path), str(path), False))
-    seen: dict[str, InputItem] = {}
-    for item in items:
-        if item.is_ngff and ngff_in_place:
-            continue
-        if item.stem in seen:
-            raise InputError(
-                f"{seen[item.stem].shown} and {item.shown} have the same stem {item.stem!r}: "
-                "outputs would collide"
-            )
-        seen[item.stem] = item
-    if not items:
-        raise InputError(f"no images found in {', '.join(remote.display(str(p)) for p in locations)}")
-    return items
-
-
-def read_image_for_model(path: Path, in_channels: int | None) -> np.ndarray:
-    """``[C, H, W]`` from a TIFF/PNG: HxW, CxHxW or HxWxC (decided by the model's channel count)."""
-    try:
-        image = read_array(path)
-    except ValueError as err:  # PrepareError names the file
-        raise InputError(str(err)) from err
-    if (
-        image.ndim == 3
-        and in_channels is not None
-        and image.shape[0] != in_channels
-        and image.shape[-1] == in_channels
-    ):
-        image = np.moveaxis(image, -1, 0)
-    return as_chw(image, in_channels, str(path))
-
-
-def write_tiff(location: str, array: np.ndarray) -> None:
-    """Write under a temporary name, then rename: a crash leaves no half-written output. At a URL:
-    one PUT of the encoded file, which makes the object appear whole or not at all."""
-    import tifffile
-
-    if remote.is_remote(location):
-        encoded = io.BytesIO()
-        tifffile.imwrite(encoded, array)
-        remote.write_bytes(location, encoded.getvalue())
-        return
-    path = Path(location)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tifffile.imwrite(temporary, array)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def prepare_output(location: str) -> None:
@@ -203,72 +83,54 @@ def prepare_output(location: str) -> None:
         raise InputError(f"{remote.display(location)}: {one_line(err)}") from err
 
 
-def predict_file(model: torch.nn.Module, item: InputItem, args: argparse.Namespace) -> dict[str, Any]:
-    started = time.perf_counter()
-    image = read_image_for_model(Path(item.path), getattr(model, "in_channels", None))
-    height, width = image.shape[1:]
-    predictor = TilePredictor(model, height, width, **_predict_options(args))
-    probabilities = predictor.predict_block(image, ChannelStats.of(image), (0, height, 0, width))
-    labels = labels_from_probabilities(probabilities)
-    write_tiff(remote.join(args.output, f"{item.stem}_mask.tif"), labels)
-    if args.probabilities:
-        write_tiff(remote.join(args.output, f"{item.stem}_prob.tif"), probabilities.astype(np.float16))
-    count = None
-    if args.instances:
-        instances = instances_from_labels(
-            labels, border_class=args.border_class, min_distance=args.min_distance
-        )
-        write_tiff(remote.join(args.output, f"{item.stem}_instances.tif"), instances)
-        count = int(instances.max())
-    seconds = time.perf_counter() - started
-    log.info(
-        "%s: %dx%d, %d tile(s) of %d, %.2f s%s",
-        item.path,
-        height,
-        width,
-        predictor.plan.num_tiles,
-        predictor.tile,
-        seconds,
-        "" if count is None else f", {count} instances",
-    )
-    return {"seconds": seconds, "pixels": height * width}
-
-
-def predict_zarr_item(model: torch.nn.Module, item: InputItem, args: argparse.Namespace, ctx: Any) -> None:
+def predict_zarr_item(
+    model: torch.nn.Module,
+    item: InputItem,
+    args: argparse.Namespace,
+    ctx: Any,
+    decoder: InstanceDecoder | None,
+) -> None:
     for stem, array in open_zarr_inputs(item.path):
-        labels_location = remote.join(args.output, f"{stem}_mask.zarr")
-        summary = predict_zarr(
-            model,
-            array,
-            item.shown if stem == item.stem else f"{item.shown}/{stem.removeprefix(item.stem + '_')}",
-            labels_location,
-            remote.join(args.output, f"{stem}_prob.zarr") if args.probabilities else None,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            block=args.block,
-            **_predict_options(args),
-        )
+        locations = {
+            "labels": remote.join(args.output, f"{stem}_mask.zarr"),
+            "probabilities": remote.join(args.output, f"{stem}_prob.zarr") if args.probabilities else None,
+            "instances": remote.join(args.output, f"{stem}_instances.zarr"),
+        }
+        name = item.shown if stem == item.stem else f"{item.shown}/{stem.removeprefix(item.stem + '_')}"
+        common = {"rank": ctx.rank, "world_size": ctx.world_size, "block": args.block}
+        common.update(_predict_options(args))
+        if decoder is None:
+            labels, probabilities = locations["labels"], locations["probabilities"]
+            summary = predict_zarr(model, array, name, labels, probabilities, **common)
+        else:
+            summary = predict_zarr_instances(model, array, name, locations, decoder, **common)
         log.info(
-            "%s -> %s: %d blocks of %d (this rank %d), tile %d, %.1f s",
+            "%s -> %s: %d blocks of %d (this rank %d), tile %s, %.1f s%s",
             item.shown,
-            remote.display(labels_location),
+            remote.display(locations["labels"]),
             summary["blocks"],
             summary["block_size"],
             summary["blocks_this_rank"],
             summary["tile"],
             summary["seconds"],
+            f"; {summary['instances']} instances" if "instances" in summary else "",
         )
 
 
-def predict_ngff_item(model: torch.nn.Module, job: NgffJob, args: argparse.Namespace, ctx: Any) -> None:
-    instances = {"border_class": args.border_class, "min_distance": args.min_distance}
+def predict_ngff_item(
+    model: torch.nn.Module,
+    job: NgffJob,
+    args: argparse.Namespace,
+    ctx: Any,
+    decoder: InstanceDecoder | None,
+) -> None:
     summary = predict_ngff(
         model,
         job,
         rank=ctx.rank,
         world_size=ctx.world_size,
         block=args.block,
-        instances=instances if args.instances else None,
+        instances=decoder,
         **_predict_options(args),
     )
     log.info(
@@ -292,6 +154,7 @@ def _predict_options(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "device": args.device_resolved,
         "flips": args.flips,
+        "memory_gb": args.memory_gb,
     }
 
 
@@ -306,20 +169,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", help="output folder (created), or a URL; OME-Zarr images: optional (into their labels/)"
     )
-    parser.add_argument("--tile", type=int, help="model input tile side (default: fits the image / model)")
-    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap, padded models")
-    parser.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    parser.add_argument("--tile", type=int, help="model input tile side (default: from image, --memory-gb)")
+    parser.add_argument(
+        "--memory-gb", type=float,
+        help="activation memory of one forward (default: 3 on a CPU, half of a GPU's free memory)",
+    )
+    parser.add_argument(
+        "--overlap", type=float,
+        help="padded models: a Gaussian sliding window overlapping by this fraction of a tile (default: "
+        "tiles overlapping by the receptive field, equal to one pass over the whole image)",
+    )
+    parser.add_argument("--batch", type=int, default=8, help="tiles per forward pass, at most")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--flips", action="store_true", help="average over horizontal/vertical flips")
     parser.add_argument("--probabilities", action="store_true", help="also write float16 class probabilities")
     parser.add_argument(
         "--instances", action="store_true",
-        help="also write instance labels (image files); OME-Zarr: uint32 instance ids instead of classes",
+        help="also write instance ids (image files, Zarr arrays); OME-Zarr: uint32 instance ids, not classes",
     )
-    parser.add_argument("--border-class", type=int, help="class id of cell borders, if the model has one")
-    parser.add_argument(
-        "--min-distance", type=int, default=DEFAULT_MIN_DISTANCE, help="instances: seed spacing (px)"
+    decoding = parser.add_argument_group("instance decoding (default: as stored with the model)")
+    decoding.add_argument("--threshold", type=float, help="P(foreground) above which a pixel is in an object")
+    decoding.add_argument("--seed-threshold", type=float, help="boundary target: P(interior) of a seed pixel")
+    decoding.add_argument("--min-size", type=int, help="objects smaller than this (px) are dropped")
+    decoding.add_argument("--min-distance", type=int, help="semantic target: spacing of the seeds (px)")
+    decoding.add_argument(
+        "--border-class", type=int, help="decode the class labels of a model trained with this border class"
+    )
+    decoding.add_argument(
+        "--tune", metavar="DATA",
+        help="choose the decoding on a prepared data set's validation split, or a folder of images with "
+        "--tune-masks; implies --instances; written to <output>/decoding.json",
+    )
+    decoding.add_argument(
+        "--tune-masks", metavar="MASKS", help="the instance masks of the --tune images, matched by stem"
     )
     parser.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="Zarr: output block/chunk side (px)")
     parser.add_argument("--level", type=int, default=0, help="OME-Zarr: the resolution level to read")
@@ -327,7 +210,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--label-name", default=DEFAULT_LABEL_NAME, help="OME-Zarr: the label image's name (labels/<name>)"
     )
     parser.add_argument("--overwrite", action="store_true", help="OME-Zarr: replace a label image so named")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.tune_masks is not None and args.tune is None:
+        parser.error("--tune-masks needs --tune IMAGES")
+    args.instances = args.instances or args.tune is not None
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,8 +237,7 @@ def _run(args: argparse.Namespace, ctx: Any) -> int:
     model, meta = load_model(args.model, map_location=ctx.device)
     items = list_inputs(args.input, ngff_in_place=args.output is None)
     jobs = _prepare_ngff_jobs(model, items, args)
-    if args.instances and any(item.is_zarr and not item.is_ngff for item in items):
-        raise InputError("--instances works on image files and OME-Zarr images only, not on Zarr arrays")
+    decoder = _decoder(args, meta) if args.instances else None  # checked before any work
     if args.output is not None:
         prepare_output(args.output)
     log.info(
@@ -363,20 +249,22 @@ def _run(args: argparse.Namespace, ctx: Any) -> int:
         len(items),
         ctx.world_size,
     )
-    failures: list[str] = []
+    if args.tune is not None:
+        decoder = _tuned_decoder(model, meta, args, ctx)
+    if decoder is not None:
+        log.info("instances: %s", decoder.describe())
     files = [item for item in items if not item.is_zarr]
-    for item in files[ctx.rank :: ctx.world_size]:
-        try:
-            predict_file(model, item, args)
-        except (InputError, ValueError, OSError) as err:
-            message = str(err)  # reading errors name the file already: name it once
-            failures.append(message if message.startswith(item.shown) else f"{item.shown}: {message}")
+    failures = predict_files(model, files[ctx.rank :: ctx.world_size], output=args.output,
+                             options=_predict_options(args), probabilities=args.probabilities,
+                             decoder=decoder)  # fmt: skip
     store_work = [
-        (item.shown, lambda item=item: predict_zarr_item(model, item, args, ctx))
+        (item.shown, lambda item=item: predict_zarr_item(model, item, args, ctx, decoder))
         for item in items
         if item.is_zarr and not item.is_ngff
     ]
-    store_work += [(job.shown, lambda job=job: predict_ngff_item(model, job, args, ctx)) for job in jobs]
+    store_work += [
+        (job.shown, lambda job=job: predict_ngff_item(model, job, args, ctx, decoder)) for job in jobs
+    ]
     for shown, predict in store_work:
         try:
             predict()
@@ -396,6 +284,41 @@ def _run(args: argparse.Namespace, ctx: Any) -> int:
             )
         return 2
     return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in OVERRIDABLE}
+
+
+def _decoder(args: argparse.Namespace, meta: dict[str, Any]) -> InstanceDecoder:
+    decoder = InstanceDecoder.of(meta, _overrides(args), args.border_class)
+    decoder.check_classes(meta["num_classes"], meta["source"])
+    return decoder
+
+
+def _tuned_decoder(
+    model: torch.nn.Module, meta: dict[str, Any], args: argparse.Namespace, ctx: Any
+) -> InstanceDecoder:
+    """The decoding chosen on ``--tune``'s images (every rank the same), with the overrides; logged
+    and written to ``<output>/decoding.json``."""
+    from unetdist.inference.tuning import tune_decoding, tuning_samples
+
+    samples = tuning_samples(args.tune, args.tune_masks, meta["in_channels"])
+    ranks = {"rank": ctx.rank, "world_size": ctx.world_size}
+    result = tune_decoding(model, samples, meta["target"], **ranks, **_predict_options(args))
+    log.info(
+        "decoding tuned on %s (%d samples, %d objects, %d grid points): AP@0.5 %.4f with %s",
+        remote.display(args.tune), result.samples, result.objects, result.grid_points, result.ap50,
+        result.params.to_dict(),
+    )  # fmt: skip
+    decoder = InstanceDecoder.of(meta, _overrides(args), args.border_class, tuned=result.params)
+    if ctx.is_main and args.output is not None:
+        details = result.details(args.tune)
+        if decoder.params != result.params:
+            details["tuned"] = result.params.to_dict()  # the command line overrode some of it
+        written = write_decoding_json(args.output, decoder.params, details)
+        log.info("decoding written to %s", remote.display(written))
+    return decoder
 
 
 def _prepare_ngff_jobs(

@@ -3,7 +3,8 @@
 ``predict_array`` is the in-memory entry (any image size, one call); ``TilePredictor``
 predicts one output block of an image at a time and is what the Zarr path and the
 benchmark drive. Both give the same numbers: a block gathers exactly the tiles of the
-whole-image plan that touch it.
+whole-image plan that touch it. Which tiles: :mod:`unetdist.inference.planning` (one pass
+over the whole image when it fits the memory budget); where they go: :mod:`unetdist.inference.tiling`.
 
 Normalisation: the per-channel z-score of training (``transforms.zscore_per_channel``),
 but with the statistics of the *whole image*, not of each tile. Training tiles are small
@@ -16,8 +17,7 @@ mapping, so the result does not depend on the tiling at all.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,116 +27,12 @@ from torch import nn
 from unetdist.data.augment import NORMALISATION_EPSILON
 from unetdist.data.imageio import is_channels_last
 from unetdist.inference import tiling
+from unetdist.inference.planning import ModelGeometry, default_memory_bytes, plan_tiles, tiles_per_batch
 from unetdist.precision import autocast, check_precision
-
-DEFAULT_PADDED_TILE = 512
-DEFAULT_VALID_TILE = 572  # the paper's input tile
-# Largest tile searched for when choosing a valid-conv tile that covers a small image in one pass.
-_MAX_AUTO_TILE = 1024
 
 
 class InputError(ValueError):
     """An image the model cannot take (channels, dims, dtype); the message names it."""
-
-
-# ---------------------------------------------------------------- the model's geometry
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """What tiling needs to know about a model; read from a UNet's attributes.
-
-    Any module with ``padded``, ``depth``, ``in_channels``, ``num_classes`` and
-    ``output_size(n)`` works; missing attributes mean a size-preserving model without
-    pooling constraints.
-    """
-
-    padded: bool
-    pool_period: int
-    in_channels: int | None
-    num_classes: int | None
-    output_size: Callable[[int], int]
-    trailing_context: int = 0
-
-    @classmethod
-    def of(cls, model: nn.Module) -> ModelGeometry:
-        depth = int(getattr(model, "depth", 0) or 0)
-        output_size = getattr(model, "output_size", None)
-        padded = bool(getattr(model, "padded", True))
-        return cls(
-            padded=padded,
-            pool_period=2**depth,
-            in_channels=getattr(model, "in_channels", None),
-            num_classes=getattr(model, "num_classes", None),
-            output_size=output_size if callable(output_size) else (lambda size: size),
-            trailing_context=0 if padded else _trailing_context(model),
-        )
-
-    def is_valid_tile(self, size: int) -> bool:
-        try:
-            self.output_size(size)
-        except ValueError:
-            return False
-        return True
-
-    def kept_step(self, tile: int) -> int:
-        """Output pixels per tile and axis that overlap-tile keeps (see tiling)."""
-        return (self.output_size(tile) - self.trailing_context) // self.pool_period * self.pool_period
-
-
-def _trailing_context(model: nn.Module) -> int:
-    """Bottom/right output rows of a valid-conv tile that depend on pixels beyond the tile.
-
-    An up-convolution with padding (the article's k3 s2 p1 output_padding 1) makes its
-    last output row from an input row that is not there: one inexact row. Going up a
-    level doubles the inexact rows and adds that one; each valid 3x3 conv after it adds
-    one more. The paper's k2 s2 up-convolution is exact: 0.
-    """
-    inexact = 0
-    for level in getattr(model, "decoder", []):
-        up = getattr(level, "up", None)
-        sees_past_end = isinstance(up, nn.ConvTranspose2d) and up.padding[0] > 0
-        inexact = 2 * inexact + int(sees_past_end)
-        if inexact:
-            inexact += sum(isinstance(layer, nn.Conv2d) for layer in level.conv.modules())
-    return inexact
-
-
-def choose_tile(geometry: ModelGeometry, height: int, width: int, tile: int | None) -> int:
-    """The input tile side: ``tile`` checked, or a default that fits the image.
-
-    Defaults: one tile when the whole image fits in one (no stitching at all), else
-    DEFAULT_PADDED_TILE for padded models and the largest valid size up to the paper's 572
-    for valid-conv models.
-    """
-    longest = max(height, width)
-    if tile is not None:
-        # output_size raises a ValueError naming the nearest valid sizes
-        geometry.output_size(tile)
-        if not geometry.padded and geometry.kept_step(tile) < 1:
-            raise ValueError(
-                f"tile {tile} gives fewer output pixels than the pooling period {geometry.pool_period}"
-            )
-        return tile
-    if geometry.padded:
-        whole = math.ceil(longest / geometry.pool_period) * geometry.pool_period
-        return min(whole, DEFAULT_PADDED_TILE)
-    valid = [size for size in range(1, _MAX_AUTO_TILE + 1) if geometry.is_valid_tile(size)]
-    valid = [size for size in valid if geometry.kept_step(size) >= 1]
-    if not valid:
-        raise ValueError(f"no valid tile size up to {_MAX_AUTO_TILE} for this model")
-    covering = [size for size in valid if geometry.kept_step(size) >= longest and size <= DEFAULT_VALID_TILE]
-    if covering:
-        return covering[0]
-    return max([size for size in valid if size <= DEFAULT_VALID_TILE] or valid[:1])
-
-
-def make_plan(geometry: ModelGeometry, height: int, width: int, tile: int, overlap: float) -> tiling.TilePlan:
-    if geometry.padded:
-        return tiling.sliding_window_plan(height, width, tile, overlap, geometry.pool_period)
-    return tiling.overlap_tile_plan(
-        height, width, tile, geometry.output_size(tile), geometry.pool_period, geometry.trailing_context
-    )
 
 
 # ---------------------------------------------------------------- normalisation
@@ -264,6 +160,11 @@ class TilePredictor:
     ``source`` (a ``[C, H, W]`` numpy or Zarr array; mirrored beyond the border),
     normalises it with ``stats``, runs the model in batches and returns float32
     ``[K, bottom-top, right-left]`` probabilities.
+
+    The tiles (``plan``) come from :func:`unetdist.inference.planning.plan_tiles`: one pass
+    over the whole image when it fits ``memory_gb`` (default: sized for the device), else the
+    largest tiles that do; ``batch_size`` tiles per forward at most, fewer where the budget
+    holds fewer. ``max_block``: see ``plan_tiles`` (the Zarr path's block size).
     """
 
     def __init__(
@@ -273,25 +174,42 @@ class TilePredictor:
         width: int,
         *,
         tile: int | None = None,
-        overlap: float = 0.25,
+        overlap: float | None = None,
         batch_size: int = 8,
         precision: str = "fp32",
         device: str | torch.device | None = None,
         flips: bool = False,
+        memory_gb: float | None = None,
+        max_block: int | None = None,
     ) -> None:
         check_precision(precision)
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if memory_gb is not None and memory_gb <= 0:
+            raise ValueError(f"memory budget must be positive, got {memory_gb} GB")
         self.model = model
         self.geometry = ModelGeometry.of(model)
-        self.tile = choose_tile(self.geometry, height, width, tile)
-        self.plan = make_plan(self.geometry, height, width, self.tile, overlap)
-        self.batch_size = batch_size
-        self.precision = precision
         self.device = resolve_device(model, device)
+        memory_bytes = default_memory_bytes(self.device) if memory_gb is None else int(memory_gb * 2**30)
+        self.plan = plan_tiles(
+            self.geometry,
+            height,
+            width,
+            tile=tile,
+            overlap=overlap,
+            memory_bytes=memory_bytes,
+            max_block=max_block,
+        )
+        self.batch_size = tiles_per_batch(self.geometry, self.plan, memory_bytes, batch_size)
+        self.precision = precision
         self.flips = flips
-        window = tiling.gaussian_window(self.tile) if self.plan.blend else None
+        window = tiling.gaussian_window(self.tile_shape) if self.plan.blend else None
         self._window = None if window is None else torch.from_numpy(window).to(self.device)
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """The model input's (height, width)."""
+        return self.plan.input_shape
 
     @property
     def num_classes(self) -> int | None:
@@ -316,11 +234,11 @@ class TilePredictor:
     ) -> np.ndarray:
         top, bottom, left, right = block
         tiles = self.plan.tiles_for_block(top, bottom, left, right)
-        size = self.plan.input_tile
+        size_y, size_x = self.tile_shape
         region_top = min(t.input_top for t in tiles)
         region_left = min(t.input_left for t in tiles)
-        region_bottom = max(t.input_top for t in tiles) + size
-        region_right = max(t.input_left for t in tiles) + size
+        region_bottom = max(t.input_top for t in tiles) + size_y
+        region_right = max(t.input_left for t in tiles) + size_x
         region = tiling.read_mirrored(source, region_top, region_bottom, region_left, region_right)
         region = torch.from_numpy(normalise(region, stats))
 
@@ -332,8 +250,8 @@ class TilePredictor:
                     [
                         region[
                             :,
-                            t.input_top - region_top : t.input_top - region_top + size,
-                            t.input_left - region_left : t.input_left - region_left + size,
+                            t.input_top - region_top : t.input_top - region_top + size_y,
+                            t.input_left - region_left : t.input_left - region_left + size_x,
                         ]
                         for t in batch_tiles
                     ]
@@ -343,9 +261,8 @@ class TilePredictor:
                     probabilities = torch.zeros(
                         (output.shape[1], bottom - top, right - left), dtype=torch.float32, device=self.device
                     )
-                    weights = torch.zeros(
-                        (bottom - top, right - left), dtype=torch.float32, device=self.device
-                    )
+                    if self.plan.blend:
+                        weights = torch.zeros_like(probabilities[0])
                 for t, tile_output in zip(batch_tiles, output, strict=True):
                     self._place(probabilities, weights, t, tile_output, block)
         if self.plan.blend:
@@ -355,20 +272,20 @@ class TilePredictor:
     def _place(
         self,
         probabilities: torch.Tensor,
-        weights: torch.Tensor,
+        weights: torch.Tensor | None,
         tile: tiling.Tile,
         tile_output: torch.Tensor,
         block: tuple[int, int, int, int],
     ) -> None:
-        """Add (blend) or copy (overlap-tile) the part of one tile's output inside the block."""
+        """Add (blend) or copy (overlap-tile, context) the part of one tile's output inside the block."""
         top, bottom, left, right = block
         y0, y1 = max(tile.keep_top, top), min(tile.keep_bottom, bottom)
         x0, x1 = max(tile.keep_left, left), min(tile.keep_right, right)
         if y0 >= y1 or x0 >= x1:
             return
         # output pixel (0, 0) of a tile sits at image position input + margin
-        origin_y = tile.input_top + self.plan.margin
-        origin_x = tile.input_left + self.plan.margin
+        origin_y = tile.input_top + self.plan.rows.margin
+        origin_x = tile.input_left + self.plan.cols.margin
         source = tile_output[:, y0 - origin_y : y1 - origin_y, x0 - origin_x : x1 - origin_x]
         target = (slice(None), slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
         if self.plan.blend:
@@ -390,22 +307,26 @@ def predict_array(
     image: np.ndarray,
     *,
     tile: int | None = None,
-    overlap: float = 0.25,
+    overlap: float | None = None,
     batch_size: int = 8,
     precision: str = "fp32",
     device: str | torch.device | None = None,
     flips: bool = False,
+    memory_gb: float | None = None,
     return_probabilities: bool = False,
 ) -> np.ndarray:
     """Segment one in-memory image of any size.
 
     ``image``: ``[H, W]`` or ``[C, H, W]``, any real dtype, raw intensities (normalised
-    here with the whole image's per-channel mean/std). Valid-conv models use the paper's
-    overlap-tile strategy with mirrored borders (``overlap`` is unused: the result equals
-    one pass over the whole mirrored image); padded models a Gaussian-weighted sliding
-    window whose neighbours overlap by ``overlap`` of a tile. ``tile`` None picks a size
-    (see ``choose_tile``); ``device`` None uses the model's device, else moves the model.
-    ``flips`` averages the probabilities over the horizontal/vertical flips.
+    here with the whole image's per-channel mean/std). The tiles: one pass over the whole
+    image when it fits ``memory_gb`` (default: sized for the device), else the largest tiles
+    that do (see :mod:`unetdist.inference.planning`). Valid-conv models use the paper's
+    overlap-tile strategy with mirrored borders, padded models tiles that overlap by their
+    receptive field: both equal one pass over the whole image, however tiled. ``overlap``
+    (padded models) asks for a Gaussian-weighted sliding window whose neighbours overlap by
+    that fraction of a tile instead. ``tile`` None picks a size; ``device`` None uses the
+    model's device, else moves the model. ``flips`` averages the probabilities over the
+    horizontal/vertical flips.
 
     Returns HxW uint8 class labels, or float32 ``[K, H, W]`` softmax probabilities.
     The model runs in eval mode and is left in the mode it came in.
@@ -422,6 +343,7 @@ def predict_array(
         precision=precision,
         device=device,
         flips=flips,
+        memory_gb=memory_gb,
     )
     probabilities = predictor.predict_block(chw, ChannelStats.of(chw), (0, height, 0, width))
     return probabilities if return_probabilities else labels_from_probabilities(probabilities)

@@ -10,6 +10,12 @@ file holding a trainer state. Checkpoints are rebuilt from their own resolved co
 (``config["model"]``) and loaded strictly, so weights that do not fit that config are an
 error naming the file. A logged model is rebuilt from its ``unet.json`` and ``weights.pt``
 only (``network_from_files``), never through its pickles or code.
+
+Both kinds also say how the model's probabilities become instances: ``meta["target"]``
+("semantic" or "boundary", the model's training target) and ``meta["decoding"]``, the
+:class:`~unetdist.instances.DecodeParams` tuned in training (``to_dict()``), or None when
+there are none: a checkpoint's trainer state ``"decoding"`` and its config's ``loss.target``,
+a logged model's ``unet.json`` keys ``decoding`` and ``target``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from torch import nn
 
 from unetdist.checkpoint import MANIFEST, CheckpointError, latest_good_checkpoint, load_checkpoint
+from unetdist.instances import TARGETS, DecodeParams
 from unetdist.model import UNet, build_unet
 
 log = logging.getLogger(__name__)
@@ -51,8 +58,8 @@ def load_model(model: str, map_location: str | torch.device = "cpu") -> tuple[UN
     """An eval-mode model and its metadata from a checkpoint path/folder, an MLflow URI or model folder.
 
     Metadata keys: ``source``, ``kind`` ("checkpoint" or "mlflow"), ``preset``,
-    ``in_channels``, ``num_classes``, ``tile_size`` (the training tile), and for
-    checkpoints ``step`` and ``config``.
+    ``in_channels``, ``num_classes``, ``tile_size`` (the training tile), ``target`` and
+    ``decoding`` (see the module docstring), and for checkpoints ``step`` and ``config``.
     """
     if str(model).startswith(MLFLOW_SCHEMES) or (Path(model) / MLMODEL_FILE).is_file():
         network, meta = _load_mlflow(str(model), map_location)
@@ -109,6 +116,7 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[UNet
         "a checkpoint of another model config?",
     )
     model.eval()
+    loss_config = config.get("loss") if isinstance(config.get("loss"), dict) else {}
     meta = {
         "source": str(path),
         "kind": "checkpoint",
@@ -116,6 +124,7 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[UNet
         "tile_size": int(config.get("data", {}).get("tile_size", 0) or 0),
         "config": config,
         **_model_meta(model),
+        **_decoding_meta(loss_config.get("target"), state.get("decoding"), f"{path}: its trainer state's"),
     }
     return model, meta
 
@@ -239,8 +248,26 @@ def network_from_files(
         "files of two different models?",
     )
     network.to(map_location).eval()
-    meta = {"tile_size": int(spec.get("tile_size") or 0), **_model_meta(network)}
+    meta = {
+        "tile_size": int(spec.get("tile_size") or 0),
+        **_model_meta(network),
+        **_decoding_meta(spec.get("target"), spec.get("decoding"), f"{source}: {SPEC_FILE}'s"),
+    }
     return network, meta
+
+
+def _decoding_meta(target: Any, decoding: Any, where: str) -> dict[str, Any]:
+    """``target`` and ``decoding`` checked: a bad one is an error starting with ``where``."""
+    target = target or "semantic"  # models trained before the boundary target
+    if target not in TARGETS:
+        raise ModelLoadError(f"{where} target {target!r} is not one of {', '.join(TARGETS)}")
+    if not decoding:
+        return {"target": target, "decoding": None}
+    try:
+        params = DecodeParams.from_dict(decoding)
+    except (ValueError, TypeError) as err:
+        raise ModelLoadError(f"{where} decoding {decoding!r} is not usable: {_first_line(err)}") from err
+    return {"target": params.target, "decoding": params.to_dict()}
 
 
 def _model_meta(model: nn.Module) -> dict[str, Any]:

@@ -4,6 +4,9 @@
     python -m unetdist.predict --model ckpt.pt --input s3://bucket/cells.ome.zarr --label-name nuclei
     python -m unetdist.predict --model ckpt.pt --input cells.ome.zarr --overwrite --output pred/
 
+The prediction itself is :func:`unetdist.inference.ngff_predict.predict_ngff`; this module says
+what to write and where, writes it and publishes it.
+
 Level 0 (or ``--level``) of the image (:func:`unetdist.data.ngff.read_image`) is read with its axes,
 ``[t][c][z]yx``: each t/z plane is predicted as a 2-D image, block by block over the ranks
 (:func:`~unetdist.inference.zarr_io.predict_blocks`), c holding the model's input channels. The label
@@ -27,27 +30,16 @@ temporary name). The name joins the ``labels`` list last, so the list never name
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from unetdist.data import ngff, remote
 from unetdist.inference.engine import InputError
-from unetdist.inference.zarr_io import (
-    DEFAULT_BLOCK,
-    OutputError,
-    PlaneView,
-    downsample,
-    one_line,
-    predict_blocks,
-    raise_if_any_failed,
-)
-from unetdist.instances import instances_from_labels
+from unetdist.inference.zarr_io import OutputError, PlaneView, downsample, one_line
 
 DEFAULT_LABEL_NAME = "unetdist"
 PYRAMID_MIN_SIDE = 256  # a single-level input's label pyramid stops at the first level this small
@@ -372,77 +364,3 @@ def add_to_labels_list(image_location: str, version: str, name: str) -> list[str
     holder["labels"] = names if name in names else [*names, name]
     group.attrs.put(holder if version == "0.4" else {**attributes, "ome": holder})
     return holder["labels"]
-
-
-# ---------------------------------------------------------------- the whole image
-
-
-def predict_ngff(
-    model: nn.Module,
-    job: NgffJob,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    block: int = DEFAULT_BLOCK,
-    instances: dict[str, Any] | None = None,
-    **predict_options: Any,
-) -> dict[str, Any]:
-    """Predict ``job``'s image into its label image, every rank calling this together: each plane
-    (its blocks split over ranks), instance ids when ``instances`` holds ``instances_from_labels``
-    options (planes split), the pyramid levels (chunks split); then rank 0 publishes it.
-
-    Raises OutputError for a label image that cannot be made; FailedElsewhere on the ranks that did
-    not fail. ``predict_options`` go to ``TilePredictor``."""
-    import zarr
-
-    started = time.perf_counter()
-    source = zarr.open_array(
-        store=remote.zarr_store(remote.join(job.location, job.image.levels[job.level])), mode="r"
-    )
-    writer = LabelWriter(job, instances is not None)
-    planes = job.planes()
-    axes = [axis["name"] for axis in job.label_axes]
-    for plane in planes:
-        where = "".join(f", {axis}={position}" for axis, position in zip(axes, plane, strict=False))
-        predict_blocks(
-            model,
-            job.plane_source(source, plane),
-            f"{job.shown} (level {job.level}{where})",
-            PlaneOutputs(writer, plane),
-            rank=rank,
-            world_size=world_size,
-            block=block,
-            **predict_options,
-        )
-    if instances is not None:
-
-        def relabel() -> None:  # each rank its planes: class ids -> uint32 instance ids, numbered per plane
-            labels = writer.array(0)
-            for plane in planes[rank::world_size]:
-                index = (*plane, slice(None), slice(None))
-                labels[index] = instances_from_labels(labels[index], **instances).astype(np.uint32)
-
-        _together(relabel, job.shown)
-    for level in range(1, len(job.label_shapes)):
-        _together(lambda level=level: writer.make_level(level, rank, world_size), job.shown)
-    listed: list[str] = []
-
-    def finish() -> None:
-        if rank == 0:
-            publish(job.target)
-            if job.target.in_image:
-                listed.extend(add_to_labels_list(job.location, job.image.version, job.name))
-
-    _together(finish, job.shown)
-    summary = {"planes": len(planes), "levels": len(job.label_shapes), "shape": job.label_shapes[0]}
-    return {**summary, "labels": listed, "seconds": time.perf_counter() - started}
-
-
-def _together(step: Callable[[], None], name: str) -> None:
-    """``step()`` on every rank, then every rank raises if one failed (zarr_io.raise_if_any_failed)."""
-    failure: BaseException | None = None
-    try:
-        step()
-    except Exception as err:  # let the other ranks reach the collective, then fail
-        failure = err
-    raise_if_any_failed(failure, name)

@@ -259,7 +259,8 @@ def predict_zarr(
 
     ``labels_location``: uint8 HxW class labels; ``probabilities_location``: float16 ``[K, H, W]``
     (either may be None), each a local path or a URL. ``predict_options`` go to ``TilePredictor``
-    (tile, overlap, batch_size, precision, device, flips). Returns a summary (blocks, tiles, seconds).
+    (tile, overlap, batch_size, precision, device, flips, memory_gb). Returns a summary (blocks,
+    tiles, seconds).
     Raises InputError, before any collective, for an array the model cannot take; OutputError
     (on rank 0) for an output that cannot be created; FailedElsewhere on the ranks that did not fail.
     """
@@ -286,7 +287,7 @@ def predict_blocks(
     started = time.perf_counter()
     source = ChannelFirst(array, name, ModelGeometry.of(model).in_channels)
     _, height, width = source.shape
-    predictor = TilePredictor(model, height, width, **predict_options)
+    predictor = TilePredictor(model, height, width, max_block=block, **predict_options)
     block_size = tiling.aligned_block_size(block, predictor.plan.step)
     blocks = tiling.block_grid(height, width, block_size)
     stats = block_stats(source, blocks, rank, world_size)
@@ -316,16 +317,16 @@ def predict_blocks(
         "blocks": len(blocks),
         "blocks_this_rank": len(mine),
         "block_size": block_size,
-        "tile": predictor.tile,
+        "tile": "x".join(map(str, predictor.tile_shape)),
         "tiles_this_rank": tiles,
         "seconds": time.perf_counter() - started,
     }
 
 
 def _probe_num_classes(predictor: TilePredictor, source: ChannelFirst, stats: ChannelStats) -> int:
-    size = predictor.plan.input_tile
+    size_y, size_x = predictor.tile_shape
     probe = predictor.predict_block(
-        source, stats, (0, min(size, source.shape[1]), 0, min(size, source.shape[2]))
+        source, stats, (0, min(size_y, source.shape[1]), 0, min(size_x, source.shape[2]))
     )
     return int(probe.shape[0])
 
