@@ -675,3 +675,17 @@ def test_zarr_instances_are_decoded_from_the_whole_image(tmp_path: Path) -> None
     assert expected.max() > 3
     np.testing.assert_array_equal(instances[:], expected)
     assert sorted(path.name for path in out.iterdir()) == ["cells_instances.zarr", "cells_mask.zarr"]
+
+
+def test_prediction_normalises_as_training_did_percentile_clipping_included():
+    from unetdist.data.augment import normalise as training_normalise
+    from unetdist.data.augment import unit_range
+    from unetdist.inference.engine import ChannelStats, normalise
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(100, 400, (2, 48, 40)).astype(np.uint16)
+    image[0, 5, 5], image[1, 9, 9] = 60000, 0  # a hot pixel and a dead one: the clip matters
+    trained = training_normalise(unit_range(torch.from_numpy(image)[None]), "percentile")[0].numpy()
+    predicted = normalise(image, ChannelStats.of(image, "percentile"))
+    np.testing.assert_allclose(predicted, trained, atol=2e-3)
+    assert not np.allclose(normalise(image, ChannelStats.of(image)), trained, atol=2e-3)

@@ -43,6 +43,13 @@ from unetdist.planning import Budget, PlanError, plan_config
 __all__ = ["main", "read_fingerprint", "render_plan", "write_plan"]
 
 COMMENT_COLUMN = 44
+# A CPU plan with --minutes times the machine itself (below): the share of a bare training step's
+# FLOP rate that `unetdist.train` keeps on a CPU, where its loader worker shares the cores (measured
+# on the 2-core development machine, quiet: a plan of tile 120 at batch 2 trained at 69 GFLOP/s,
+# the bare step below at 84).
+TRAIN_SHARE_OF_BARE_CPU = 0.8
+# The reference network timed: the padded preset at nnU-Net's width, a typical planned tile.
+REFERENCE_NET = {"tile_px": 128, "depth": 3, "batch": 2, "num_classes": 3}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,6 +110,37 @@ def read_fingerprint(data: str, sample_tiles: int = DEFAULT_SAMPLE_TILES, seed: 
         raise PlanError(f"DATA {display(data)}/dataset.json: expected integer tile_size and in_channels")
     data_config = DataConfig(root=data, format=format_, tile_size=tile)
     return fingerprint_data(data_config, channels, sample_tiles=sample_tiles, seed=seed)
+
+
+def measure_cpu_tflops(in_channels: int = 1, min_seconds: float = 3.0) -> float:
+    """This CPU's achieved training TFLOP/s for the plan's step-time estimates: a few real training
+    steps (forward, backward, AdamW) of ``REFERENCE_NET``, times ``TRAIN_SHARE_OF_BARE_CPU``."""
+    import torch
+
+    from unetdist.model import build_unet
+    from unetdist.planning.costs import training_flops
+
+    tile, depth, batch, classes = (REFERENCE_NET[key] for key in ("tile_px", "depth", "batch", "num_classes"))
+    model = build_unet("padded", in_channels, classes, base_width=32, depth=depth, norm="instance")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(batch, in_channels, tile, tile, generator=generator)
+    target = torch.randint(0, classes, (batch, tile, tile), generator=generator)
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(image), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the first step allocates; not timed
+    steps, started = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - started < min_seconds:
+        step()
+        steps += 1
+    seconds = time.perf_counter() - started
+    flops = training_flops(tile, depth, in_channels, classes) * batch * steps
+    return flops / seconds * TRAIN_SHARE_OF_BARE_CPU / 1e12
 
 
 # ---------------------------------------------------------------- writing
@@ -182,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     started = time.perf_counter()
     try:
-        budget = Budget(args.steps, args.minutes, args.gpu_memory_gb, args.tflops)
+        tflops = args.tflops
+        if tflops is None and args.minutes and not args.gpu_memory_gb:  # minutes of this CPU: time it
+            tflops = round(measure_cpu_tflops(), 4)
+        budget = Budget(args.steps, args.minutes, args.gpu_memory_gb, tflops)
         if args.sample_tiles < 1:
             raise PlanError(f"--sample-tiles={args.sample_tiles}: expected a positive number")
         fp = read_fingerprint(args.data, args.sample_tiles, args.seed)

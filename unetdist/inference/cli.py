@@ -155,6 +155,7 @@ def _predict_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device_resolved,
         "flips": args.flips,
         "memory_gb": args.memory_gb,
+        "normalize": args.normalize,  # as the model was trained (its data.normalize)
     }
 
 
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, ctx: Any) -> int:
     model, meta = load_model(args.model, map_location=ctx.device)
+    args.normalize = meta["normalize"]
     items = list_inputs(args.input, ngff_in_place=args.output is None)
     jobs = _prepare_ngff_jobs(model, items, args)
     decoder = _decoder(args, meta) if args.instances else None  # checked before any work

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unetdist.data.augment import NORMALISATION_EPSILON
+from unetdist.data.augment import CLIP_PERCENTILES, NORMALISATION_EPSILON
 from unetdist.data.imageio import is_channels_last
 from unetdist.inference import tiling
 from unetdist.inference.planning import ModelGeometry, default_memory_bytes, plan_tiles, tiles_per_batch
@@ -49,15 +49,23 @@ class ChannelStats:
     count: np.ndarray
     mean: np.ndarray
     m2: np.ndarray
+    clip: tuple[np.ndarray, np.ndarray] | None = None  # per-channel (low, high): applied before the z-score
 
     @classmethod
-    def of(cls, chw: np.ndarray) -> ChannelStats:
+    def of(cls, chw: np.ndarray, normalize: str = "zscore") -> ChannelStats:
+        """The statistics ``normalise`` needs for the model's ``data.normalize``: ``percentile``
+        clips each channel to its 1st..99.8th percentile first, as training does per tile."""
         values = np.asarray(chw, dtype=np.float64).reshape(chw.shape[0], -1)
+        clip = None
+        if normalize == "percentile":
+            low, high = np.percentile(values, CLIP_PERCENTILES, axis=1, method="lower")  # as training's
+            values, clip = np.clip(values, low[:, None], high[:, None]), (low, high)
         mean = values.mean(axis=1)
         return cls(
             count=np.full(chw.shape[0], values.shape[1], dtype=np.float64),
             mean=mean,
             m2=((values - mean[:, None]) ** 2).sum(axis=1),
+            clip=clip,
         )
 
     def combine(self, other: ChannelStats) -> ChannelStats:
@@ -84,7 +92,11 @@ def normalise(region: np.ndarray, stats: ChannelStats) -> np.ndarray:
     """float32 ``(x - mean) / (std + eps)`` per channel, as ``zscore_per_channel`` does per tile."""
     mean = stats.mean.astype(np.float32)[:, None, None]
     scale = (stats.std + NORMALISATION_EPSILON).astype(np.float32)[:, None, None]
-    return (region.astype(np.float32) - mean) / scale
+    region = region.astype(np.float32)
+    if stats.clip is not None:
+        low, high = (bound.astype(np.float32)[:, None, None] for bound in stats.clip)
+        region = np.clip(region, low, high)
+    return (region - mean) / scale
 
 
 def _channel_advice(channels: int, in_channels: int) -> str:
@@ -181,8 +193,10 @@ class TilePredictor:
         flips: bool = False,
         memory_gb: float | None = None,
         max_block: int | None = None,
+        normalize: str = "zscore",
     ) -> None:
         check_precision(precision)
+        self.normalize = normalize  # the model's data.normalize: see stats_of
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if memory_gb is not None and memory_gb <= 0:
@@ -225,6 +239,10 @@ class TilePredictor:
                     probabilities += torch.flip(torch.softmax(flipped, dim=1), dims)
                 probabilities /= 4.0
         return probabilities
+
+    def stats_of(self, chw: np.ndarray) -> ChannelStats:
+        """The whole image's statistics for ``predict_block``, normalised as the model was trained."""
+        return ChannelStats.of(chw, self.normalize)
 
     def predict_block(
         self,

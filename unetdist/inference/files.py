@@ -102,7 +102,7 @@ def predict_file(model: nn.Module, item: InputItem, options: dict[str, Any]) -> 
     image = read_image_for_model(Path(item.path), getattr(model, "in_channels", None))
     height, width = image.shape[1:]
     predictor = TilePredictor(model, height, width, **options)
-    probabilities = predictor.predict_block(image, ChannelStats.of(image), (0, height, 0, width))
+    probabilities = predictor.predict_block(image, predictor.stats_of(image), (0, height, 0, width))
     return Predicted(item, probabilities, predictor.plan.num_tiles, predictor.tile_shape,
                      time.perf_counter() - started)  # fmt: skip
 

@@ -44,6 +44,8 @@ MLFLOW_SCHEMES = (
     "http://",
     "https://",
 )
+# data.normalize values prediction reproduces (range: not yet; such a model is refused by name)
+PREDICTED_NORMALIZATIONS = ("zscore", "percentile")
 # the files of a logged model (written by unetdist.inference.pyfunc.save_model_files)
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "unet.json"
@@ -123,6 +125,7 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[UNet
         "step": int(state.get("step", 0)),
         "tile_size": int(config.get("data", {}).get("tile_size", 0) or 0),
         "config": config,
+        "normalize": _normalize_of(config.get("data", {}).get("normalize"), f"{path}: its config's"),
         **_model_meta(model),
         **_decoding_meta(loss_config.get("target"), state.get("decoding"), f"{path}: its trainer state's"),
     }
@@ -250,10 +253,22 @@ def network_from_files(
     network.to(map_location).eval()
     meta = {
         "tile_size": int(spec.get("tile_size") or 0),
+        "normalize": _normalize_of(spec.get("normalize"), f"{source}: {SPEC_FILE}'s"),
         **_model_meta(network),
         **_decoding_meta(spec.get("target"), spec.get("decoding"), f"{source}: {SPEC_FILE}'s"),
     }
     return network, meta
+
+
+def _normalize_of(normalize: Any, where: str) -> str:
+    """How the model's inputs were normalised (``data.normalize``): prediction does the same."""
+    normalize = normalize or "zscore"  # models saved before it was recorded
+    if normalize not in PREDICTED_NORMALIZATIONS:
+        raise ModelLoadError(
+            f"{where} data.normalize {normalize!r}: prediction normalises as "
+            f"{' or '.join(PREDICTED_NORMALIZATIONS)} only"
+        )
+    return normalize
 
 
 def _decoding_meta(target: Any, decoding: Any, where: str) -> dict[str, Any]:

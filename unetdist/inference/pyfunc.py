@@ -86,6 +86,7 @@ def save_model_files(
         "norm": config.model.norm,
         "tile_size": config.data.tile_size,
         "precision": config.train.precision,
+        "normalize": config.data.normalize,
         "target": config.loss.target,
         "decoding": decoding,
     }

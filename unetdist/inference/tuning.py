@@ -163,7 +163,7 @@ def tune_decoding(
     for sample in samples[rank::world_size]:
         height, width = sample.truth.shape
         predictor = TilePredictor(model, height, width, **predict_options)
-        stats = ChannelStats.of(sample.image)
+        stats = predictor.stats_of(sample.image)
         probabilities = predictor.predict_block(sample.image, stats, (0, height, 0, width))
         counts += tuning_counts([probabilities], [sample.truth], grid)
     counts = distributed.all_reduce_sum(torch.from_numpy(counts)).numpy()

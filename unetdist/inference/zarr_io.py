@@ -290,6 +290,11 @@ def predict_blocks(
     predictor = TilePredictor(model, height, width, max_block=block, **predict_options)
     block_size = tiling.aligned_block_size(block, predictor.plan.step)
     blocks = tiling.block_grid(height, width, block_size)
+    if predictor.normalize != "zscore":  # whole-image percentiles would need a pass of their own
+        raise InputError(
+            f"{source.name}: the model was trained with data.normalize={predictor.normalize}; Zarr inputs are "
+            "normalised by a z-score only: predict it from image files, or train with data.normalize=zscore"
+        )
     stats = block_stats(source, blocks, rank, world_size)
 
     failure: BaseException | None = None

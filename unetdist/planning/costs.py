@@ -83,7 +83,7 @@ class Budget:
     def speed_line(self) -> str:
         """The machine speed figure the step-time estimates use, and where it came from."""
         if self.tflops:
-            where = "given (--tflops)"
+            where = "given (--tflops), or timed on this CPU for --minutes"
         elif self.device == "gpu":
             where = "an H200's bf16 channels_last rate (README)"
         else:
