@@ -302,14 +302,15 @@ def test_bad_budgets_are_named():
 def test_the_cli_writes_a_plan_train_loads_and_the_same_bytes_again(prepared, tmp_path, capsys):
     root = prepared["roots"]["webdataset"]
     out = tmp_path / "plan.yaml"
-    assert main([str(root), "--out", str(out), "--minutes", "5"]) == 0
+    speed = ["--minutes", "5", "--tflops", "0.016"]  # without --tflops, --minutes times this CPU first
+    assert main([str(root), "--out", str(out), *speed]) == 0
     assert "Planned" in capsys.readouterr().out
     text = out.read_text()
     fingerprint = json.loads(fingerprint_path(out).read_text())
     assert fingerprint_path(out).name == "plan.fingerprint.json"
     assert fingerprint["num_train_images"] == IMAGES - 2
     config = load_config([out])
-    values, reasons = plan_config(Fingerprint.from_dict(fingerprint), Budget(minutes=5))
+    values, reasons = plan_config(Fingerprint.from_dict(fingerprint), Budget(minutes=5, tflops=0.016))
     for section, items in values.items():
         for key, value in items.items():
             assert getattr(getattr(config, section), key) == value, f"{section}.{key}"
@@ -318,10 +319,10 @@ def test_the_cli_writes_a_plan_train_loads_and_the_same_bytes_again(prepared, tm
     assert config.model.num_classes == 3 and config.data.mask_kind == "instances"
     assert "median diameter" in text and "channel 0" in text  # the fingerprint, summarised in the header
     again = tmp_path / "again" / "plan.yaml"
-    assert main([str(root), "--out", str(again), "--minutes", "5"]) == 0
+    assert main([str(root), "--out", str(again), *speed]) == 0
     assert again.read_text() == text
     replanned = tmp_path / "from-json" / "plan.yaml"  # from the fingerprint alone: no data read
-    assert main([str(fingerprint_path(out)), "--out", str(replanned), "--minutes", "5"]) == 0
+    assert main([str(fingerprint_path(out)), "--out", str(replanned), *speed]) == 0
     assert replanned.read_text() == text
 
 
@@ -383,3 +384,19 @@ def test_the_summary_is_flat_scalars_for_a_run_tracker():
     assert all(value is None or isinstance(value, (str, int, float)) for value in summary.values())
     assert summary["median_object_diameter_px"] == 12.0 and summary["median_image_hw"] == "1024x1024"
     assert summary["ch0_max"] == 250 and summary["foreground_share"] == pytest.approx(0.3)
+
+
+def test_one_whole_image_caps_the_tile_at_its_held_out_region(prepared, tmp_path):
+    """One image: prepare holds out its last rows; validation cuts tiles there too, so the plan's
+    tile must fit the held-out region, not only the (larger) training region."""
+    folder = prepared["folder"] / "raw"
+    one = tmp_path / "one"
+    for kind in ("images", "masks"):
+        (one / kind).mkdir(parents=True)
+        (one / kind / "cells_0.tif").symlink_to(folder / kind / "cells_0.tif")
+    meta = prepare_dataset(one / "images", one / "masks", tmp_path / "data", tile_size=TILE_PX // 2,
+                           output_format="zarr", whole_images=True, weight_map=False)  # fmt: skip
+    (y0, y1, x0, x1), = meta["val_regions"].values()
+    (ty0, ty1, tx0, tx1), = meta["train_regions"].values()
+    assert min(y1 - y0, x1 - x0) < min(ty1 - ty0, tx1 - tx0)
+    assert _fingerprint(tmp_path / "data").max_tile_px == min(y1 - y0, x1 - x0)

@@ -241,7 +241,8 @@ def fingerprint_data(
         median_image_hw=(int(np.median(heights)), int(np.median(widths))),
         smallest_image_edge_px=int(min(min(size) for size in sizes)),
         image_sizes_from=sizes_from,
-        max_tile_px=_max_tile(source, samples, sizes),
+        max_tile_px=_max_tile(source, samples, sizes, lambda: open_source(  # any size: its images' are wanted
+            dataclasses.replace(reading, tile_size=1), "val", dataclasses.replace(checks, tile_size=1))),
         train_pixels=int(sum(h * w for h, w in sizes)),
         sampled_tiles=len(samples),
         seed=seed,
@@ -304,12 +305,17 @@ def _stored_keys(source: Source) -> list[str] | None:
     return None
 
 
-def _max_tile(source: Source, samples: list[Sample], sizes: list[tuple[int, int]]) -> int:
+def _max_tile(source: Source, samples: list[Sample], sizes: list[tuple[int, int]], open_val) -> int:
     """The largest square tile the loader can cut: the stored tiles' shorter edge, or for whole
-    images the smallest image's (every image must hold one tile)."""
-    if isinstance(source, ImageWindows):
-        return int(min(min(size) for size in sizes))
-    return int(min(min(sample.mask.shape) for sample in samples))
+    images the smallest image's, validation's too (its grid cuts tiles of the same size)."""
+    if not isinstance(source, ImageWindows):
+        return int(min(min(sample.mask.shape) for sample in samples))
+    try:
+        val = open_val()
+        val_shapes = [tuple(shape) for shape in val.shapes] if isinstance(val, ImageWindows) else []
+    except (ValueError, OSError):  # no validation split
+        val_shapes = []
+    return int(min(min(size) for size in [*sizes, *val_shapes]))
 
 
 # ---------------------------------------------------------------- measuring
