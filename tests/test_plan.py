@@ -217,8 +217,9 @@ def _plan(fp: Fingerprint, budget: Budget) -> dict:
 
 def test_larger_objects_get_a_larger_tile_and_a_deeper_net():
     small, large = (_plan(_hand_made(median_object_diameter_px=d), Budget(steps=1000)) for d in (8.0, 60.0))
-    assert large["data"]["tile_size"] >= 4 * 60 > small["data"]["tile_size"]
-    assert large["model"]["depth"] > small["model"]["depth"]
+    assert large["data"]["tile_size"] >= 4 * 60 > small["data"]["tile_size"] == rules.CPU_MIN_TILE_PX
+    assert large["model"]["depth"] >= small["model"]["depth"]
+
     for values in (small, large):
         tile, depth = values["data"]["tile_size"], values["model"]["depth"]
         assert tile % 2**depth == 0 and tile // 2**depth >= 8 and (depth == 4 or tile // 2 ** (depth + 1) < 8)
@@ -284,9 +285,19 @@ def test_the_plan_is_pure_and_a_different_budget_changes_the_schedule_only():
     assert steps.keys() == minutes.keys()
     assert steps["train.max_steps"] == 1000
     assert longer["train.max_steps"] == pytest.approx(2 * minutes["train.max_steps"], abs=1)
-    net = Net(steps["data.tile_size"], steps["model.depth"], 1, 3)
+    net = Net(steps["data.tile_size"], steps["model.depth"], 1, 3, steps["model.base_width"])
     step_s = net.step_s(steps["train.global_batch_size"], Budget(minutes=30))
     assert minutes["train.max_steps"] == math.floor(30 * 60 * (1 - rules.EVALUATION_SHARE) / step_s)
+
+
+def test_a_short_cpu_budget_plans_many_small_steps_of_a_narrow_net():
+    """4 minutes on a CPU: width 16, the object-sized tile, a step of about 1/500 of the time."""
+    values = _plan(_hand_made(median_object_diameter_px=18.0), Budget(minutes=4, tflops=0.067))
+    assert values["model"]["base_width"] == rules.CPU_BASE_WIDTH
+    assert values["data"]["tile_size"] == rules.CPU_MIN_TILE_PX
+    assert 0.8 * rules.CPU_TARGET_STEPS <= values["train"]["max_steps"] <= 1.5 * rules.CPU_TARGET_STEPS
+    gpu = _plan(_hand_made(median_object_diameter_px=18.0), Budget(minutes=4, gpu_memory_gb=80))
+    assert gpu["model"]["base_width"] == 32  # nnU-Net's width where compute is plentiful
 
 
 def test_bad_budgets_are_named():

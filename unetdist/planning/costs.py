@@ -166,22 +166,23 @@ def parameter_count(depth: int, in_channels: int, num_classes: int, width: int =
 
 @dataclass(frozen=True)
 class Net:
-    """A padded U-Net of BASE_WIDTH at one tile size: what a training step of it costs."""
+    """A padded U-Net of ``width`` first-level features at one tile size: what a training step costs."""
 
     tile_px: int
     depth: int
     in_channels: int
     num_classes: int
+    width: int = BASE_WIDTH  # model.base_width
 
     @property
     def flops(self) -> int:
         """Training FLOPs per sample."""
-        return training_flops(self.tile_px, self.depth, self.in_channels, self.num_classes)
+        return training_flops(self.tile_px, self.depth, self.in_channels, self.num_classes, self.width)
 
     def memory_bytes(self, batch: int, precision: str) -> float:
         """Peak GPU memory of a training step of ``batch`` samples."""
-        activations = activation_elements(self.tile_px, self.depth, self.in_channels, self.num_classes)
-        fixed = BYTES_PER_PARAMETER * parameter_count(self.depth, self.in_channels, self.num_classes)
+        activations = activation_elements(self.tile_px, self.depth, self.in_channels, self.num_classes, self.width)
+        fixed = BYTES_PER_PARAMETER * parameter_count(self.depth, self.in_channels, self.num_classes, self.width)
         return fixed + batch * BYTES_PER_ELEMENT[precision] * activations
 
     def step_s(self, batch: int, budget: Budget) -> float:
