@@ -136,3 +136,14 @@ def test_bench_predict_compares_instances_with_the_bare_whole_image_forward():
                  "--depth", "2", "--memory-gb", "0.0005", "--preset", "padded")
     assert done.returncode == 0, done.stderr
     assert int(final_pairs(done.stdout)["tiles"]) > 1  # a budget too small for one pass: tiles
+
+
+def test_bench_quality_runs_the_newcomer_path_and_scores_the_test_images():
+    """prepare -> plan -> train -> predict --instances -> evaluate, for real, on held-out images."""
+    done = bench("quality", "--synthetic", "5", "--image-size", "128", "--steps", "4", "--variants", "boundary",
+                 "--prepare-tile", "32", timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    pairs = final_pairs(done.stdout)
+    assert pairs["train_images"] == "3" and pairs["test_images"] == "2" and pairs["steps"] == "4"
+    assert 0.0 <= float(pairs["boundary_ap50"]) <= 1.0 and 0.0 < float(pairs["boundary_dice"]) <= 1.0
+    assert bench("quality", "--variants", "nonsense", "--synthetic", "3").returncode == 2

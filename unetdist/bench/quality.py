@@ -7,7 +7,7 @@ Holds out test images (``--test-fraction`` of them, seeded, or ``--test-stems``)
 variant runs the real commands: ``prepare`` (whole images in a Zarr store) -> ``plan`` ->
 ``train`` -> ``predict --instances`` on the test images -> ``evaluate``. Variants:
 
-- ``defaults``: today's fixed defaults (no plan), the same steps;
+- ``defaults``: today's fixed defaults (no plan; the tile: ``--prepare-tile``), the same steps;
 - ``semantic``: the plan, with the two-class target (distance-transform watershed decoding);
 - ``boundary``: the plan, with the three-class boundary target (seeded watershed decoding);
 - ``plan``: the plan as written (its own choice of target);
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-SMALL_ARGS = ["--synthetic", "6", "--image-size", "128", "--steps", "10", "--variants", "defaults,boundary"]
+SMALL_ARGS = ["--synthetic", "6", "--image-size", "128", "--steps", "10", "--variants", "defaults,boundary",
+              "--prepare-tile", "32"]
 VARIANTS = ("defaults", "semantic", "boundary", "plan", "no-elastic", "elastic")
 PLAN_OVERRIDES = {
     "semantic": ["loss.target=semantic", "model.num_classes=2"],
@@ -51,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.3, help="images held out for the test")
     parser.add_argument("--test-stems", default="", help="comma-separated stems to test on (instead)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of every variant")
+    parser.add_argument("--prepare-tile", type=int, default=96, help="prepare's --tile (its validation grid)")
     parser.add_argument("--variants", default="defaults,semantic,boundary", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers of every run")
     parser.add_argument("--work", type=Path, help="keep the data, runs and predictions here (default: a temp dir)")
@@ -75,7 +77,7 @@ def _run(args: argparse.Namespace, variants: list[str], work: Path) -> dict[str,
     dev, test = _split(images, masks, work, args)
     data = work / "data"
     _command("prepare", "--images", dev / "images", "--masks", dev / "masks", "--out", data,
-             "--format", "zarr", "--whole-images", "--seed", args.seed)
+             "--format", "zarr", "--whole-images", "--seed", args.seed, "--tile", args.prepare_tile)
     plan = work / "plan.yaml"
     if any(name != "defaults" for name in variants):
         _command("plan", data, "--out", plan, "--steps", args.steps)
@@ -88,8 +90,8 @@ def _run(args: argparse.Namespace, variants: list[str], work: Path) -> dict[str,
         run_dir, predictions = work / "runs" / name, work / "predictions" / name
         common = [f"train.output_dir={run_dir}", f"data.num_workers={args.workers}", f"train.seed={args.seed}", *QUIET]
         if name == "defaults":
-            config = [f"data.root={data}", "data.format=zarr", "data.mask_kind=instances",
-                      f"train.max_steps={args.steps}", *common]
+            config = [f"data.root={data}", "data.format=zarr", f"data.tile_size={args.prepare_tile}",
+                      f"train.max_steps={args.steps}", *common]  # the tile: prepare's (96 by default)
         else:
             config = ["--config", plan, *PLAN_OVERRIDES[name], *common]
         start = time.perf_counter()
