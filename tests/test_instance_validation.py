@@ -10,8 +10,8 @@ import sys
 import mlflow
 import numpy as np
 import torch
-
 from conftest import REPO_ROOT, tiny_run_overrides
+
 from unetdist import checkpoint as ckpt
 from unetdist.data.synthetic import synthetic_cells
 from unetdist.instance_targets import boundary_classes

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from unetdist.data import remote
-from unetdist.inference.engine import ChannelStats, InputError, TilePredictor, labels_from_probabilities
+from unetdist.inference.engine import InputError, TilePredictor, labels_from_probabilities
 from unetdist.inference.inputs import InputItem, read_image_for_model
 from unetdist.inference.instance_decoding import InstanceDecoder
 

@@ -39,7 +39,7 @@ from unetdist.data.layout import DATASET_JSON, MASK_KIND_KEY
 from unetdist.data.samples import DataError, SampleChecks
 from unetdist.data.sources import open_source
 from unetdist.decoding import best_params, decoding_grid, tuning_counts
-from unetdist.inference.engine import ChannelStats, InputError, TilePredictor, as_chw
+from unetdist.inference.engine import InputError, TilePredictor, as_chw
 from unetdist.instances import DecodeParams
 
 log = logging.getLogger(__name__)
