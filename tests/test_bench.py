@@ -43,6 +43,14 @@ def test_bench_train_prints_a_table_and_ends_with_key_values():
     assert float(pairs["trainer_vs_bare"]) > 0 and pairs["device"] == "cpu"
 
 
+def test_bench_train_of_volumes_times_a_3d_model_in_voxels():
+    done = bench("train", "--spatial-dims", "3", "--base-width", "4", "--depth", "2", "--tile", "16", "--batch", "2",
+                 "--steps", "2", "--warmup", "1", "--rounds", "1", "--log-every", "2")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pairs = final_pairs(done.stdout)
+    assert float(pairs["trainer_voxels_per_s"]) > 0 and pairs["tile"] == "16x16x16", pairs
+
+
 @pytest.mark.slow
 def test_bench_train_nproc_runs_torchrun_and_reports_scaling():
     done = bench("train", *TINY, "--nproc", "2")

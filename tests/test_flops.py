@@ -50,3 +50,46 @@ def test_peaks_and_mfu():
     assert peak_flops_per_s("Some Future GPU", "bf16") is None
     assert mfu(72e9, 2681, 989e12) == pytest.approx(0.195, abs=0.001)
     assert mfu(72e9, 2681, None) is None
+
+
+def hand_count_forward(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """Forward FLOPs of every convolution by its shapes (forward hooks), and the first conv's.
+
+    Independent of FlopCounterMode: a conv costs 2 x output voxels x out channels x its
+    incoming taps (in_channels/groups x kernel); a transposed conv with kernel == stride
+    (each output voxel meets one tap per input channel) 2 x output voxels x out x in channels.
+    """
+    counts: list[int] = []
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        voxels = output[0, 0].numel()
+        if isinstance(module, nn.ConvTranspose3d):
+            assert module.kernel_size == module.stride
+            counts.append(2 * voxels * module.out_channels * module.in_channels)
+        elif isinstance(module, nn.Conv3d):
+            counts.append(2 * voxels * module.out_channels * module.weight[0].numel())
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *input_shape))
+    for handle in handles:
+        handle.remove()
+    return sum(counts), counts[0]
+
+
+@pytest.mark.parametrize(("preset", "depth", "z_pools", "shape"), [
+    ("padded", 2, 1, (1, 8, 16, 16)),  # anisotropic: a 1x2x2 pool and up-conv at level 0
+    ("cicek", 1, None, (2, 20, 20, 20)),  # valid 3x3x3 convs, block widening, 2x2x2 up-conv keeping the width
+])
+def test_3d_flops_match_a_hand_count(preset, depth, z_pools, shape):
+    model = build_unet(preset, shape[0], 3, base_width=2, depth=depth, spatial_dims=3, z_pools=z_pools)
+    forward, first_conv = hand_count_forward(model, shape)
+    assert forward_flops_per_sample(model, shape) == forward
+    # backward: every weight gradient costs its forward again, every input gradient too but the image's
+    assert training_flops_per_sample(model, shape) == 3 * forward - first_conv
+
+
+def test_3d_flops_scale_with_voxels():
+    model = build_unet("padded", 1, 2, base_width=2, depth=2, spatial_dims=3)
+    small = training_flops_per_sample(model, (1, 8, 16, 16))
+    assert training_flops_per_sample(model, (1, 16, 32, 32)) == 8 * small  # same-padding convs: per voxel

@@ -333,19 +333,17 @@ def test_binary_255_masks_need_mask_kind_binary(tmp_path: Path, capsys):
     np.testing.assert_array_equal(sample["mask.npy"], binary[:32, :32] // 255)
 
 
-def test_z_stack_is_taken_as_channels_with_a_warning(tmp_path: Path, caplog):
+def test_unlabelled_planes_are_taken_as_channels_with_a_warning(tmp_path: Path, caplog):
     images, masks = tmp_path / "images", tmp_path / "masks"
     mask = np.zeros((64, 64), np.uint16)
     _write_pair(images, masks, "stack", np.zeros((64, 64), np.uint8), mask)
-    tifffile.imwrite(images / "stack.tif", np.zeros((5, 64, 64), np.uint16), metadata={"axes": "ZYX"})
+    tifffile.imwrite(images / "stack.tif", np.zeros((3, 64, 64), np.uint16), metadata={"axes": "QYX"})
     with caplog.at_level("WARNING", logger="unetdist.data.imageio"):
         meta = prepare_dataset(images, masks, tmp_path / "out", tile_size=32, val_fraction=0)
-    assert meta["in_channels"] == 5
+    assert meta["in_channels"] == 3
     (warning,) = caplog.messages
-    assert warning.startswith(
-        f"{images / 'stack.tif'}: a stack of 5 planes (shape (5, 64, 64), TIFF axes ZYX) with a 2-D mask"
-    )
-    assert "model.in_channels=5" in warning and "not supported yet" in warning
+    assert warning.startswith(f"{images / 'stack.tif'}: a stack of 3 planes (shape (3, 64, 64)")
+    assert "model.in_channels=3" in warning and "--spatial-dims 3" in warning
     caplog.clear()
     tifffile.imwrite(images / "stack.tif", np.zeros((3, 64, 64), np.uint16), metadata={"axes": "CYX"})
     with caplog.at_level("WARNING", logger="unetdist.data.imageio"):

@@ -11,6 +11,7 @@ command line) and what was expected, so a typo never starts a run that silently 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -58,6 +59,8 @@ class DataConfig:
     val_images: list[str] = field(default_factory=list)  # ome-zarr: validation images; empty: val_fraction
     val_fraction: float = 0.1  # ome-zarr, plain zarr arrays: held out by image (or by region for one image)
     tile_size: int = 96  # model input tile; stored tiles are cropped to it
+    tile_depth: int = 0  # model.spatial_dims=3: tiles are tile_depth x tile_size x tile_size; 0: a cube
+    ignore_index: int = -1  # a mask value that counts in no loss and no metric (sparse annotation); -1: none
     num_workers: int = 1
     prefetch_factor: int = 2  # micro-batches in flight per worker
     worker_start_method: str = _choice("default", "fork", "spawn", "forkserver", default="default")
@@ -97,6 +100,8 @@ class DataConfig:
             "data.foreground_fraction": (0.0 <= self.foreground_fraction <= 1.0, "a fraction in [0, 1]"),
             "data.augment_noise_std": (self.augment_noise_std >= 0.0, "zero or a positive number"),
             "data.elastic_sigma_px": (self.elastic_sigma_px >= 0.0, "zero or a positive number"),
+            "data.tile_depth": (self.tile_depth >= 0, "zero or a positive number"),
+            "data.ignore_index": (-1 <= self.ignore_index <= 255, "-1 (none) or a mask value 0..255"),
         }
         for key, (ok, expected) in checks.items():
             if not ok:
@@ -105,7 +110,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = _choice("paper", "article", "padded", default="padded")
+    preset: str = _choice("paper", "article", "padded", "cicek", default="padded")
+    spatial_dims: int = 2  # 3: volumes [C, Z, Y, X] (cicek: the valid-conv 3-D U-Net of Cicek et al. 2016)
+    z_pools: int = -1  # spatial_dims=3: levels that pool z, the deepest ones (coarse z spacing); -1: all
     in_channels: int = 1
     num_classes: int = 2
     base_width: int = 0  # 0: the preset's own (paper/article 64, padded 32)
@@ -310,10 +317,7 @@ def _merge(raw: dict, origin: dict, incoming: dict, source: str) -> None:
 
 
 def _closest(name: str, candidates: set[str]) -> str | None:
-    import difflib
-
-    found = difflib.get_close_matches(name, sorted(candidates), n=1)
-    return found[0] if found else None
+    return next(iter(difflib.get_close_matches(name, sorted(candidates), n=1)), None)
 
 
 def _build(raw: dict, origin: dict) -> Config:
@@ -414,17 +418,30 @@ def validate(config: Config) -> None:
         raise ConfigError("data.root or data.train_shards must be set: the folder `python -m unetdist.prepare` wrote")
     if config.checkpoint.resume not in ("never", "auto") and not Path(config.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={config.checkpoint.resume!r}: expected never, auto or an existing checkpoint")
-    _validate_tile_size(config.model, config.data.tile_size)
+    _validate_tile_shape(config)
 
 
-def _validate_tile_size(model: ModelConfig, tile_size: int) -> None:
-    from unetdist.model.sizes import check_input_size, default_depth  # torch-free arithmetic, imported late
+def tile_shape(config: Config) -> tuple[int, ...]:
+    """The model's input tile per spatial axis: (tile_size, tile_size), or in 3-D (tile_depth or tile_size, ...)."""
+    size = config.data.tile_size
+    return (config.data.tile_depth or size, size, size) if config.model.spatial_dims == 3 else (size, size)
 
-    depth = model.depth or default_depth(model.preset)
-    try:
-        check_input_size(model.preset, depth, tile_size)
+
+def _validate_tile_shape(config: Config) -> None:
+    from unetdist.model.sizes import check_input_shape, check_input_size, default_depth  # (torch-free)
+
+    model, shape, depth = config.model, tile_shape(config), config.model.depth or default_depth(config.model.preset)
+    if model.spatial_dims not in (2, 3) or not -1 <= model.z_pools <= depth or (
+            model.spatial_dims == 3 and config.data.format != "zarr"):  # fmt: skip
+        raise ConfigError(f"model.spatial_dims={model.spatial_dims}, model.z_pools={model.z_pools}, data.format="
+                          f"{config.data.format}: expected 2 (images) or 3 (volumes: format zarr, `prepare "
+                          f"--spatial-dims 3`), z_pools -1 (every level) or 0..{depth}")
+    try:  # a 2-D tile is square: its message names the one size, as it always has
+        check_input_size(model.preset, depth, shape[0]) if len(shape) == 2 else check_input_shape(
+            model.preset, depth, shape, z_pools=None if model.z_pools < 0 else model.z_pools)
     except ValueError as err:
-        raise ConfigError(f"data.tile_size={tile_size}: {err}") from None
+        key = f"data.tile_size={shape[0]}" if len(shape) == 2 else f"data.tile_depth x tile_size={shape[0]}x{shape[1]}"
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def save_config(config: Config, path: Path) -> None:

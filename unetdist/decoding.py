@@ -5,6 +5,7 @@ the matches; the counts add up exactly, so the ranks all-reduce them and every r
 best point::
 
     grid = decoding_grid("boundary", median_area_px=plan_median_area)    # ~100 points
+    grid = decoding_grid("boundary", spatial_dims=3)                     # volumes: min sizes in voxels
     counts = tuning_counts(probabilities, truths, grid)                  # int64 [G, 3] on this rank
     counts = all_reduce_sum(counts)                                      # (the trainer's)
     params, ap = best_params(grid, counts)                               # saved with the model
@@ -36,26 +37,36 @@ SEED_THRESHOLDS = (0.7, 0.6, 0.8, 0.5, 0.9)
 # (a nucleus ~12 px across), the median assumed when the data's is not known.
 MIN_SIZE_FRACTIONS = (0.1, 0.05, 0.2, 0.3)
 DEFAULT_MEDIAN_AREA_PX = 120.0
+# Volumes: the same nucleus as a ball, ~12 voxels across, holds ~1000 voxels (pi/6 d^3), so the
+# fractions give min sizes of 100, 50, 200 and 300 voxels (100: instances.DEFAULT_MIN_SIZE_3D).
+DEFAULT_MEDIAN_VOLUME_VOX = 1000.0
 # Semantic target: spacings of the distance peaks as fractions of the median diameter (the
 # default 3 px was best for the synthetic cells, ~16 px across).
 MIN_DISTANCE_FRACTIONS = (0.2, 0.13, 0.3)
 
 
-def decoding_grid(target: str, median_area_px: float | None = None) -> list[DecodeParams]:
+def decoding_grid(
+    target: str, median_area_px: float | None = None, *, spatial_dims: int = 2
+) -> list[DecodeParams]:
     """The grid points to try for ``target`` ("semantic" or "boundary"), min sizes (and peak
-    spacings) scaled to the median object area (px) when known.
+    spacings) scaled to the median object area (px) when known. ``spatial_dims=3``: volumes;
+    ``median_area_px`` is then the median object volume in voxels (default
+    DEFAULT_MEDIAN_VOLUME_VOX) and the peak spacings follow the diameter of a ball that large.
 
     Boundary: 5 thresholds x 5 seed thresholds x 4 min sizes; semantic: 5 thresholds x 3 peak
     spacings x 4 min sizes (fewer where small objects round two fractions to the same pixels).
     """
     if target not in TARGETS:
         raise ValueError(f"decoding grid: target={target!r}, expected one of {', '.join(TARGETS)}")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"decoding grid: spatial_dims={spatial_dims!r}, expected 2 or 3")
     if median_area_px is None:
-        median_area_px = DEFAULT_MEDIAN_AREA_PX
+        median_area_px = DEFAULT_MEDIAN_AREA_PX if spatial_dims == 2 else DEFAULT_MEDIAN_VOLUME_VOX
     valid = isinstance(median_area_px, numbers.Real) and not isinstance(median_area_px, bool)
     if not (valid and math.isfinite(median_area_px) and median_area_px > 0):
         raise ValueError(
-            f"decoding grid: median_area_px={median_area_px!r}, expected a positive area in pixels"
+            f"decoding grid: median_area_px={median_area_px!r}, expected a positive area in pixels "
+            "(volume in voxels)"
         )
     min_sizes = _distinct(max(1, round(fraction * median_area_px)) for fraction in MIN_SIZE_FRACTIONS)
     if target == "boundary":
@@ -65,7 +76,10 @@ def decoding_grid(target: str, median_area_px: float | None = None) -> list[Deco
             for seed_threshold in SEED_THRESHOLDS
             for min_size in min_sizes
         ]
-    diameter_px = 2.0 * math.sqrt(median_area_px / math.pi)
+    if spatial_dims == 2:
+        diameter_px = 2.0 * math.sqrt(median_area_px / math.pi)
+    else:
+        diameter_px = (6.0 * median_area_px / math.pi) ** (1.0 / 3.0)
     min_distances = _distinct(max(1, round(fraction * diameter_px)) for fraction in MIN_DISTANCE_FRACTIONS)
     return [
         DecodeParams(target="semantic", threshold=threshold, min_distance=min_distance, min_size=min_size)
@@ -87,7 +101,8 @@ def tuning_counts(
 ) -> np.ndarray:
     """int64 [G, 3]: (tp, fp, fn) at ``iou_threshold`` of every grid point, summed over the images.
 
-    ``probabilities``: [K, H, W] softmax outputs; ``truths``: their HxW instance ids (0 background).
+    ``probabilities``: [K, H, W] softmax outputs; ``truths``: their HxW instance ids (0 background);
+    volumes: [K, Z, Y, X] and ZxYxX.
     """
     if len(probabilities) != len(truths):
         raise ValueError(f"tuning: {len(probabilities)} probability maps but {len(truths)} truth masks")
@@ -101,7 +116,7 @@ def tuning_counts(
         if np.shape(image_probabilities)[1:] != truth.shape:
             raise ValueError(
                 f"tuning: image {image_index}: probabilities {np.shape(image_probabilities)} do not "
-                f"match its truth mask {truth.shape} (expected [K, H, W] and [H, W])"
+                f"match its truth mask {truth.shape} (expected [K, *spatial] and [*spatial])"
             )
         for shared, indices in groups.items():
             min_sizes = [grid[index].min_size for index in indices]

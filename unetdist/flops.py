@@ -2,10 +2,15 @@
 
 Counted the way MFU is usually reported: the multiply-adds of convolutions and matrix
 products (2 FLOPs each) in one forward and one backward pass, nothing for norms,
-activations, pooling or the optimizer. The count runs on a copy of the model on the
-``meta`` device, so it costs no compute and no memory even for the paper's 572x572 tile::
+activations, pooling or the optimizer. A convolution of any number of spatial axes is
+counted by torch's own formula (kernel taps times channels times output voxels; a
+transposed one per input voxel), so 3-D models and their 1x2x2 up-convolutions are
+counted as exactly as 2-D ones (tests/test_flops.py checks both against a hand count).
+The count runs on a copy of the model on the ``meta`` device, so it costs no compute and
+no memory even for the paper's 572x572 tile::
 
     flops = training_flops_per_sample(model, (1, 572, 572))   # ~0.90 TFLOP for the paper U-Net
+    flops = training_flops_per_sample(model_3d, (1, 116, 132, 132))   # a 3-D model: (C, Z, Y, X)
     peak = peak_flops_per_s(torch.cuda.get_device_name(), "bf16")
     utilisation = mfu(flops, samples_per_s, peak)
 """
@@ -35,10 +40,11 @@ _PEAKS: tuple[tuple[str, float, float], ...] = (
 
 
 def training_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward + backward pass for one sample of ``input_shape`` (C, H, W).
+    """FLOPs of one forward + backward pass for one sample of ``input_shape`` (C, H, W) or (C, Z, Y, X).
 
     The input needs no gradient, so the first layer's input gradient is not counted,
-    just as in training; activation checkpointing's recomputation is not counted either. ``model`` itself is not touched (a meta-device copy is run).
+    just as in training; activation checkpointing's recomputation is not counted either.
+    ``model`` itself is not touched (a meta-device copy is run).
     """
     probe = copy.deepcopy(model).to("meta").train()
     if getattr(probe, "activation_checkpointing", False):
@@ -51,7 +57,7 @@ def training_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) ->
 
 
 def forward_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass (inference) for one sample of ``input_shape`` (C, H, W)."""
+    """FLOPs of one forward pass (inference) for one sample of ``input_shape`` (C, *spatial)."""
     probe = copy.deepcopy(model).to("meta").eval()
     sample = torch.empty((1, *input_shape), device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():

@@ -10,7 +10,8 @@ at most one pair (an optimal assignment, not a greedy one). AP is the DSB2018 / 
 images, tiles and ranks, so a data set's AP is the AP of its summed counts.
 
 The overlaps come from one histogram of the (truth, prediction) id pairs of all pixels, so an
-image with thousands of objects costs about as much as one with ten.
+image with thousands of objects costs about as much as one with ten. Nothing depends on the number
+of axes: volumes (ZxYxX ids, overlaps in voxels) are matched the same way.
 """
 
 from __future__ import annotations

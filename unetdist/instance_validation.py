@@ -14,10 +14,14 @@ trainer all-reduces them and the AP is exact for the whole validation split::
     metrics = ap_metrics(counts.numpy())
     tuned, ap = tune_decoding(scores, params.target, all_reduce_sum)   # the last validation only
 
+Volumes work the same way: ``logits`` [N, K, z, y, x] and instances [N, Z, Y, X]; give their decoding
+``DecodeParams.defaults(target, 3)`` (min sizes in voxels) and ``tune_decoding(..., spatial_dims=3)``.
+
 Tiles are scored as tiles: an object cut by a tile's edge counts as the part inside it, the same
 in truth and prediction. For tuning, the tiles' probabilities are kept as float16 up to a memory
 budget (the first tiles of the pass, so every run keeps the same ones); the rest are left out of
-the tuning only, and the log says how many.
+the tuning only, and the log says how many. (A 3 x 64 x 128 x 128 volume tile takes 6 MiB: the
+budget holds about ten.)
 """
 
 from __future__ import annotations
@@ -52,12 +56,15 @@ class InstanceValidation:
         self.kept_truths: list[np.ndarray] = []
         self.kept_bytes = 0
         self.tiles_left_out = 0
+        self.spatial_dims: int | None = None  # of the tiles added (2 or 3); None: none yet
 
     def add(self, logits: torch.Tensor, instances: torch.Tensor) -> np.ndarray:
         """Score one batch: ``logits`` [N, K, h, w], ``instances`` [N, H, W] true ids (cropped to the
-        logits). Returns the predicted instances [N, h, w] (for the panels)."""
+        logits). Returns the predicted instances [N, h, w] (for the panels). Volumes: [N, K, z, y, x],
+        [N, Z, Y, X] and [N, z, y, x]."""
+        self.spatial_dims = logits.ndim - 2
         probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        truths = center_crop(instances, logits.shape[-2:]).cpu().numpy()
+        truths = center_crop(instances, logits.shape[2:]).cpu().numpy()
         predicted = np.zeros(truths.shape, dtype=np.int64)
         for index, (tile, truth) in enumerate(zip(probabilities, truths, strict=True)):
             predicted[index] = decode_instances(tile, self.params)
@@ -83,15 +90,23 @@ def ap_metrics(counts: np.ndarray, prefix: str = "val/") -> dict[str, float]:
 
 
 def tune_decoding(
-    scores: InstanceValidation, target: str, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]
+    scores: InstanceValidation,
+    target: str,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+    spatial_dims: int | None = None,
 ) -> tuple[DecodeParams, float]:
     """The decoding of the highest AP@0.5 over the kept tiles of all ranks, and that AP.
 
-    Every rank calls this (the counts of the grid are summed over ranks), with its own tiles."""
+    Every rank calls this (the counts of the grid are summed over ranks), with its own tiles.
+    ``spatial_dims``: 3 for volumes (the grid's min sizes in voxels); None: that of the tiles
+    ``scores`` saw, 2 if none. Give it where a rank may have seen no tile: every rank must make
+    the same grid."""
+    if spatial_dims is None:
+        spatial_dims = scores.spatial_dims or 2
     if scores.tiles_left_out:
         log.info("decoding tuned on %d validation tiles of this rank; %d more left out (memory budget %d MiB)",
                  len(scores.kept_truths), scores.tiles_left_out, scores.budget_bytes // 2**20)
-    grid = decoding_grid(target)
+    grid = decoding_grid(target, spatial_dims=spatial_dims)
     probabilities = [tile.astype(np.float32) for tile in scores.kept_probabilities]
     counts = torch.from_numpy(tuning_counts(probabilities, scores.kept_truths, grid))
     counts = sum_over_ranks(counts)

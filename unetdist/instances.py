@@ -1,6 +1,7 @@
 """Instance ids (one per object) from a segmentation model's output.
 
-Two inputs, one output (HxW ids: 0 background, 1..N consecutive, uint16, uint32 when N does not fit):
+Two inputs, one output (HxW ids: 0 background, 1..N consecutive, uint16, uint32 when N does not fit;
+a volume's ZxYxX ids the same way, see "Volumes" below):
 
 - the model's class probabilities [K, H, W], decoded with :class:`DecodeParams`
   (the thresholds are tuned on validation by :mod:`unetdist.decoding`)::
@@ -25,6 +26,18 @@ Two inputs, one output (HxW ids: 0 background, 1..N consecutive, uint16, uint32 
 
 Everything is whole-array numpy/scipy (no scikit-image): a 256x256 tile of ~140 nuclei decodes in
 ~4 ms (boundary) or ~14 ms (semantic: the Euclidean distance transform alone is ~3 ms).
+
+Volumes: the same code takes [K, Z, Y, X] probabilities (ZxYxX labels) and gives ZxYxX ids. Objects
+are 26-connected (as 8 in 2-D: a part joined by an edge or a corner only stays in its object), the
+flooding fronts advance by face steps (6, as 4 in 2-D: the seam between two cells then lies halfway
+across their neck) and a last 26-connected pass adds what only an edge or corner step reaches;
+interiors (seeds) are 6-connected, as they are 4-connected in 2-D, so two interiors that touch at a
+corner only stay two seeds. Voxels are taken as isotropic (a peak spacing is the same number of
+voxels on every axis). ``min_size`` counts voxels: :meth:`DecodeParams.defaults` scales it for 3-D.
+Measured on one CPU core: a 48^3 volume of 25 touching balls decodes in ~10 ms (boundary; ~35 ms
+where blurred probabilities leave small seeds and long floods) or ~40 ms (semantic); 64x128x128
+with 120 balls in ~50 ms (~0.36 s blurred) or ~0.27 s (semantic: the distance transform and its
+smoothing dominate).
 """
 
 from __future__ import annotations
@@ -43,6 +56,10 @@ from scipy import ndimage
 DEFAULT_MIN_DISTANCE = 3
 # Instances smaller than this (pixels) are dropped: slivers at image borders and necks.
 DEFAULT_MIN_SIZE = 12
+# The same for volumes (voxels): 12 px is 0.1 of a median area of 120 px (a nucleus ~12 px across);
+# a ball of that diameter holds ~1000 voxels (pi/6 d^3; area^(3/2) ~ 1300), and 0.1 of it is 100.
+# 12 voxels would keep fragments a 2x2x3 speck large.
+DEFAULT_MIN_SIZE_3D = 100
 # Height levels of the flooding watershed: more follow the distance map more closely.
 FLOOD_LEVELS = 16
 # Smoothing of the distance map before peak finding (pixels): removes the many tiny
@@ -62,7 +79,6 @@ SEED_MIN_SIZE_FRACTION = 0.25
 # AP@0.75 0.918, an exact priority-queue watershed (skimage's) 0.919, plain growth (1) 0.903.
 BOUNDARY_FLOOD_LEVELS = 8
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,14 @@ class DecodeParams:
                 raise ValueError(f"decode params: {name}={value!r}, expected a whole number of pixels >= 0")
             object.__setattr__(self, name, int(value))
 
+    @classmethod
+    def defaults(cls, target: str = "semantic", spatial_dims: int = 2) -> DecodeParams:
+        """The default params of ``target`` for images (2) or volumes (3): ``min_size`` counts
+        voxels in a volume, hence its own default (DEFAULT_MIN_SIZE_3D)."""
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"decode params: spatial_dims={spatial_dims!r}, expected 2 or 3")
+        return cls(target=target, min_size=DEFAULT_MIN_SIZE if spatial_dims == 2 else DEFAULT_MIN_SIZE_3D)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -106,7 +130,8 @@ class DecodeParams:
 
 
 def decode_instances(probabilities: np.ndarray, params: DecodeParams) -> np.ndarray:
-    """HxW instance ids (0 background, 1..N) of [K, H, W] class probabilities (a softmax output)."""
+    """HxW instance ids (0 background, 1..N) of [K, H, W] class probabilities (a softmax output);
+    ZxYxX ids of [K, Z, Y, X] ones."""
     return decode_min_size_variants(probabilities, params, [params.min_size])[0]
 
 
@@ -126,9 +151,9 @@ def decode_min_size_variants(
 def _check_probabilities(probabilities: np.ndarray, target: str) -> np.ndarray:
     probabilities = np.asarray(probabilities)
     floating = np.issubdtype(probabilities.dtype, np.floating)
-    if probabilities.ndim != 3 or probabilities.shape[0] < 2 or not floating:
+    if probabilities.ndim not in (3, 4) or probabilities.shape[0] < 2 or not floating:
         raise ValueError(
-            f"expected [K, H, W] float class probabilities with K >= 2, got {probabilities.dtype} "
+            f"expected [K, H, W] or [K, Z, Y, X] float class probabilities with K >= 2, got {probabilities.dtype} "
             f"{probabilities.shape}"
         )
     if target == "boundary" and probabilities.shape[0] != BOUNDARY_CLASSES:
@@ -165,7 +190,7 @@ def _grow_seeds(seeds: np.ndarray, interior: np.ndarray, foreground: np.ndarray)
     labels = _flood(seeds, interior, foreground, levels=BOUNDARY_FLOOD_LEVELS)
     unreached = foreground & (labels == 0)
     if unreached.any():
-        extra, num_extra = ndimage.label(unreached, structure=_EIGHT_CONNECTED)
+        extra, num_extra = ndimage.label(unreached, structure=_fully_connected(unreached.ndim))
         count = int(labels.max())
         labels = labels.astype(_id_dtype(count + num_extra), copy=False)
         labels[unreached] = extra[unreached] + count
@@ -181,14 +206,14 @@ def instances_from_labels(
     min_size: int = DEFAULT_MIN_SIZE,
     split_touching: bool = True,
 ) -> np.ndarray:
-    """HxW instance ids (0 background, 1..N consecutive) from HxW class labels.
+    """HxW instance ids (0 background, 1..N consecutive) from HxW class labels (ZxYxX from ZxYxX).
 
     ``foreground_classes``: the cell classes (default: every class but 0 and
     ``border_class``). ``split_touching=False`` gives plain connected components.
     """
     labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"expected HxW class labels, got shape {labels.shape}")
+    if labels.ndim not in (2, 3):
+        raise ValueError(f"expected HxW or ZxYxX class labels, got shape {labels.shape}")
     if foreground_classes is None:
         cells = labels > 0
         if border_class is not None:
@@ -201,7 +226,7 @@ def instances_from_labels(
     elif split_touching:
         instances = _distance_watershed(cells, min_distance)
     else:
-        instances, _ = ndimage.label(cells, structure=_EIGHT_CONNECTED)
+        instances, _ = ndimage.label(cells, structure=_fully_connected(cells.ndim))
     return _drop_small_and_relabel(instances, min_size)
 
 
@@ -210,25 +235,26 @@ def _grow_into_border(cells: np.ndarray, border: np.ndarray) -> np.ndarray:
     if count == 0:
         return seeds
     # every pixel's nearest seed pixel; border pixels take that seed's id
-    _, (rows, cols) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
-    grown = seeds[rows, cols]
+    _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+    grown = seeds[tuple(nearest)]
     return np.where(cells | border, grown, 0)
 
 
 def _distance_watershed(cells: np.ndarray, min_distance: int) -> np.ndarray:
-    components, count = ndimage.label(cells, structure=_EIGHT_CONNECTED)
+    connected = _fully_connected(cells.ndim)
+    components, count = ndimage.label(cells, structure=connected)
     if count == 0:
         return components
     distance = ndimage.gaussian_filter(ndimage.distance_transform_edt(cells), DISTANCE_SMOOTHING_SIGMA)
     size = 2 * max(int(min_distance), 0) + 1
     peaks = cells & (distance >= ndimage.maximum_filter(distance, size=size)) & (distance > 0)
-    seeds, num_seeds = ndimage.label(peaks, structure=_EIGHT_CONNECTED)
+    seeds, num_seeds = ndimage.label(peaks, structure=connected)
     # A component whose peak lost to a neighbour's inside the filter window still needs a seed.
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[np.unique(components[seeds > 0])] = True
     unseeded = ~seeded[components] & cells
     if unseeded.any():
-        extra, num_extra = ndimage.label(unseeded, structure=_EIGHT_CONNECTED)
+        extra, num_extra = ndimage.label(unseeded, structure=connected)
         seeds = np.where(unseeded, extra + num_seeds, seeds)
         num_seeds += num_extra
     return _flood(seeds.astype(_id_dtype(num_seeds)), distance, cells)
@@ -239,7 +265,7 @@ def _flood(
 ) -> np.ndarray:
     """Marker watershed by level-wise flooding: seeds grow into ``allowed`` pixels from the
     highest ``height`` down, ``levels`` levels; within a level all fronts advance one pixel
-    (4-connected) per round, so two cells meet halfway across the neck between them, and a
+    (a face step: 4-connected, 6 in a volume) per round, so two cells meet halfway across the neck between them, and a
     pixel that two fronts reach at once joins the neighbour highest up the ``height``, which
     keeps the seam in the valley (measured: AP@0.9 of the true masks 0.49 -> 0.63 against
     taking the largest id, 8-connected). Pixels no seed reaches stay 0.
@@ -259,15 +285,24 @@ def _flood(
     pending = pending[np.argsort(level_of.astype(np.min_scalar_type(levels)), kind="stable")]
     level_starts = np.concatenate([[0], np.cumsum(np.bincount(level_of, minlength=levels + 1))])
     waiting = pending[:0]  # reachable at an earlier level but not reached yet
-    row_length = padded.shape[1]
-    four_connected = np.array([-row_length, -1, 1, row_length])
+    faces, diagonals = _neighbour_offsets(padded.shape)
     for level in range(levels):
         arrivals = pending[level_starts[level] : level_starts[level + 1]]
-        waiting = _grow_fronts(flat, flat_height, np.concatenate([waiting, arrivals]), four_connected)
-    # what only a diagonal step joins to a seed (the objects are 8-connected)
-    diagonals = np.array([-row_length - 1, -row_length + 1, row_length - 1, row_length + 1])
-    _grow_fronts(flat, flat_height, waiting, np.concatenate([four_connected, diagonals]))
-    return padded[1:-1, 1:-1]
+        waiting = _grow_fronts(flat, flat_height, np.concatenate([waiting, arrivals]), faces)
+    # what only a diagonal step joins to a seed (the objects are 8-connected, 26 in a volume)
+    _grow_fronts(flat, flat_height, waiting, np.concatenate([faces, diagonals]))
+    return padded[(slice(1, -1),) * seeds.ndim]
+
+
+def _neighbour_offsets(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The flat offsets of a pixel's face neighbours and of its other (edge, corner) neighbours in a
+    C-ordered array of ``shape``, each ascending: in 2-D ``[-W, -1, 1, W]`` and ``[-W-1, -W+1, W-1,
+    W+1]``, the order in which ``_grow_fronts`` breaks ties (it keeps 2-D results as they were)."""
+    strides = np.cumprod((*shape[1:], 1)[::-1])[::-1]
+    steps = np.stack(np.meshgrid(*[(-1, 0, 1)] * len(shape), indexing="ij"), axis=-1).reshape(-1, len(shape))
+    moved = np.abs(steps).sum(axis=1)
+    offsets = steps @ strides
+    return np.sort(offsets[moved == 1]), np.sort(offsets[moved > 1])
 
 
 def _grow_fronts(
@@ -304,6 +339,11 @@ def _relabel(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
     new_ids = np.zeros(keep.shape[0], dtype=dtype)
     new_ids[keep] = np.arange(1, count + 1, dtype=dtype)
     return new_ids[labels]
+
+
+def _fully_connected(ndim: int) -> np.ndarray:
+    """Every neighbour, edges and corners too: 8-connected in 2-D, 26 in 3-D."""
+    return ndimage.generate_binary_structure(ndim, ndim)
 
 
 def _id_dtype(count: int) -> type[np.unsignedinteger]:

@@ -23,11 +23,14 @@ import torch
 from unetdist.geometry import crop_to_logits
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = -1
+) -> torch.Tensor:
     """Counts of (truth, prediction) pairs: int64 [C, C], rows = truth, columns = prediction.
 
-    ``pred`` and ``target`` are integer class-id tensors of the same shape, on the
-    same device; the result stays on that device.
+    ``pred`` and ``target`` are integer class-id tensors of the same shape (any: 2-D or 3-D
+    tiles, batched or not), on the same device; the result stays on that device. Pixels whose
+    target is ``ignore_index`` (>= 0; -1: none) are counted nowhere.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
@@ -35,23 +38,34 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     pred = pred.reshape(-1).long()
     target = target.reshape(-1).long()
+    cells = num_classes * num_classes
+    if ignore_index >= 0:
+        kept = target != ignore_index
+        target = torch.where(kept, target, 0)
     # An out-of-range id would silently land in another cell of the flattened matrix.
     out_of_range = (pred < 0) | (pred >= num_classes) | (target < 0) | (target >= num_classes)
     if bool(out_of_range.any()):
         raise ValueError(f"class ids must lie in [0, {num_classes}) in both pred and target")
-    counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
+    if ignore_index < 0:
+        counts = torch.bincount(target * num_classes + pred, minlength=cells)
+        return counts.reshape(num_classes, num_classes)
+    # ignored pixels go to one extra bin that is dropped: no data-dependent shapes
+    codes = torch.where(kept, target * num_classes + pred, cells)
+    return torch.bincount(codes, minlength=cells + 1)[:cells].reshape(num_classes, num_classes)
 
 
-def confusion_from_logits(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Confusion matrix of ``argmax(logits, dim=1)`` against ``target``.
+def confusion_from_logits(
+    logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = -1
+) -> torch.Tensor:
+    """Confusion matrix of ``argmax(logits, dim=1)`` against ``target`` (``ignore_index``: see
+    :func:`confusion_matrix`).
 
-    ``logits`` [N,C,h,w]; ``target`` [N,H,W], center-cropped when larger (valid-conv models).
+    ``logits`` [N,C,*s]; ``target`` [N,*S], center-cropped when larger (valid-conv models).
     """
     if logits.shape[1] != num_classes:
         raise ValueError(f"logits have {logits.shape[1]} channels, expected num_classes={num_classes}")
     target = crop_to_logits(logits, target, "target")
-    return confusion_matrix(logits.argmax(dim=1), target, num_classes)
+    return confusion_matrix(logits.argmax(dim=1), target, num_classes, ignore_index)
 
 
 def _nanmean(values: list[float]) -> float:

@@ -13,6 +13,10 @@ fingerprint (:mod:`unetdist.data.fingerprint`) goes beside the plan (``plan.fing
 and, summarised, into its header; the values come from fixed rules
 (:func:`unetdist.planning.plan_config`), each with a comment saying why. The same data and
 budget give the same file, byte for byte. Exit codes: 0 written, 2 bad input (one line naming it).
+
+Volumes (a whole-volume Zarr store: dataset.json or the store says ``"spatial_dims": 3``) get
+the 3-D fingerprint (:mod:`unetdist.data.fingerprint_volumes`: spacing, shapes and objects per
+axis) and a 3-D plan (:mod:`unetdist.planning.volumes`: nnU-Net's tile and pooling per axis).
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ from unetdist.data.fingerprint import (
     IntensityStats,
     fingerprint_data,
     fingerprint_path,
+)
+from unetdist.data.fingerprint_volumes import (
+    VolumeFingerprint,
+    fingerprint_volumes,
+    is_volume_data,
+    load_fingerprint,
 )
 from unetdist.data.remote import display, is_remote
 from unetdist.data.samples import DataError
@@ -90,12 +100,12 @@ def read_fingerprint(data: str, sample_tiles: int = DEFAULT_SAMPLE_TILES, seed: 
     path = Path(data)
     if path.suffix == ".json" and path.is_file():
         try:
-            return Fingerprint.from_dict(json.loads(path.read_text()))
+            return load_fingerprint(json.loads(path.read_text()))
         except (ValueError, TypeError, KeyError) as err:
             raise PlanError(f"{data}: not a fingerprint this command wrote: {err}") from None
     if path.suffix in (".yaml", ".yml") and path.is_file():
         config = load_config([path])
-        return fingerprint_data(config.data, config.model.in_channels, sample_tiles=sample_tiles, seed=seed)
+        return _fingerprint(config.data, config.model.in_channels, sample_tiles, seed)
     if not is_remote(data) and not path.is_dir():
         raise PlanError(
             f"DATA {data}: not found; expected a folder written by `python -m unetdist.prepare` (with "
@@ -109,7 +119,13 @@ def read_fingerprint(data: str, sample_tiles: int = DEFAULT_SAMPLE_TILES, seed: 
     if not isinstance(tile, int) or not isinstance(channels, int):
         raise PlanError(f"DATA {display(data)}/dataset.json: expected integer tile_size and in_channels")
     data_config = DataConfig(root=data, format=format_, tile_size=tile)
-    return fingerprint_data(data_config, channels, sample_tiles=sample_tiles, seed=seed)
+    return _fingerprint(data_config, channels, sample_tiles, seed)
+
+
+def _fingerprint(data: DataConfig, channels: int, sample_tiles: int, seed: int) -> Fingerprint:
+    """The 3-D fingerprint of volumes, else the 2-D one."""
+    fingerprint = fingerprint_volumes if is_volume_data(data) else fingerprint_data
+    return fingerprint(data, channels, sample_tiles=sample_tiles, seed=seed)
 
 
 def measure_cpu_tflops(in_channels: int = 1, min_seconds: float = 3.0) -> float:
@@ -155,6 +171,19 @@ def _stats(stats: IntensityStats) -> str:
     return f"mean {stats.mean:.4g}, std {stats.std:.4g}, p1..p99.8 {stats.p1:.4g}..{stats.p99_8:.4g}"
 
 
+def _volume_lines(fp: VolumeFingerprint) -> list[str]:
+    """The header's lines on volumes, in place of the 2-D image lines."""
+    shape, cap = (" x ".join(str(size) for size in sizes) for sizes in (fp.median_volume_zyx, fp.max_tile_zyx))
+    z, y, x = fp.spacing
+    return [
+        f"fingerprint of {fp.sampled_tiles} training volumes (seed {fp.seed}):",
+        f"  volumes: {fp.num_train_images} for training, median {shape} voxels (z, y, x), each at least {cap}",
+        f"  spacing (median, z, y, x): {z:g}, {y:g}, {x:g}: z {z / max(y, x):.3g}x the in-plane",
+        f"  {fp.train_pixels / 1e6:.4g} M training voxels; {fp.channels} channel(s) of {fp.image_dtype}; "
+        f"masks: {fp.mask_kind}",
+    ]
+
+
 def _header(fp: Fingerprint, budget: Budget, plan_name: str, fingerprint_name: str) -> list[str]:
     height, width = fp.median_image_hw
     lines = [
@@ -163,12 +192,17 @@ def _header(fp: Fingerprint, budget: Budget, plan_name: str, fingerprint_name: s
         f"({fingerprint_name}) and the budget: the same data and budget give this file byte for byte.",
         "Each value's comment says why; change any of them here or on the train command line.",
         "",
-        f"fingerprint of {fp.sampled_tiles} training tiles (seed {fp.seed}):",
-        f"  images: {fp.num_train_images} for training, median {height} x {width} px, smallest edge "
-        f"{fp.smallest_image_edge_px} px (from {fp.image_sizes_from})",
-        f"  {fp.train_pixels / 1e6:.4g} M training pixels in {fp.num_train_samples} samples, tiles of up to "
-        f"{fp.max_tile_px} px; {fp.channels} channel(s) of {fp.image_dtype}; masks: {fp.mask_kind}",
     ]
+    if isinstance(fp, VolumeFingerprint):
+        lines += _volume_lines(fp)
+    else:
+        lines += [
+            f"fingerprint of {fp.sampled_tiles} training tiles (seed {fp.seed}):",
+            f"  images: {fp.num_train_images} for training, median {height} x {width} px, smallest edge "
+            f"{fp.smallest_image_edge_px} px (from {fp.image_sizes_from})",
+            f"  {fp.train_pixels / 1e6:.4g} M training pixels in {fp.num_train_samples} samples, tiles of up to "
+            f"{fp.max_tile_px} px; {fp.channels} channel(s) of {fp.image_dtype}; masks: {fp.mask_kind}",
+        ]
     for channel, stats in enumerate(fp.intensity):
         lines.append(f"  channel {channel}: min {stats.all.min:g}, max {stats.all.max:g}")
         for name in ("foreground", "background"):
@@ -176,6 +210,14 @@ def _header(fp: Fingerprint, budget: Budget, plan_name: str, fingerprint_name: s
             lines.append(f"    {name}: " + (_stats(part) if part else "none"))
     if fp.median_object_diameter_px is None:
         lines.append(f"  objects ({fp.objects_from}): none seen")
+    elif isinstance(fp, VolumeFingerprint) and fp.median_object_zyx:
+        touching = "unknown" if fp.touching_fraction is None else f"{fp.touching_fraction:.0%}"
+        extent = " x ".join(f"{size:.3g}" for size in fp.median_object_zyx)
+        lines.append(
+            f"  objects ({fp.objects_from}): {fp.num_objects} measured, median extent {extent} voxels "
+            f"(z, y, x; {fp.median_object_volume_vx:.3g} voxels), touching another: {touching}; "
+            f"cut by a volume face: {fp.objects_cut_fraction:.0%}"
+        )
     else:
         touching = "unknown" if fp.touching_fraction is None else f"{fp.touching_fraction:.0%}"
         lines.append(
@@ -234,9 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     values, _ = plan_config(fp, budget)
     seconds = time.perf_counter() - started
+    tile = values["data"]["tile_size"]
+    if "tile_depth" in values["data"]:
+        tile = f"{values['data']['tile_depth']}x{tile}x{tile} (z_pools {values['model']['z_pools']})"
     print(
-        f"Planned {fp.dataset} ({fp.sampled_tiles} tiles fingerprinted, {seconds:.1f} s in all): "
-        f"tile {values['data']['tile_size']}, depth {values['model']['depth']}, batch "
+        f"Planned {fp.dataset} ({fp.sampled_tiles} {'volumes' if isinstance(fp, VolumeFingerprint) else 'tiles'} "
+        f"fingerprinted, {seconds:.1f} s in all): "
+        f"tile {tile}, depth {values['model']['depth']}, batch "
         f"{values['train']['global_batch_size']}, {values['train']['max_steps']} steps -> {plan} "
         f"(fingerprint: {fingerprint_file})"
     )

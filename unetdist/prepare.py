@@ -5,6 +5,10 @@ Examples::
 
     python -m unetdist.prepare --images raw/images --masks raw/masks --out data/cells --tile 96
     python -m unetdist.prepare --synthetic 32 --out data/toy --format zarr --whole-images
+    python -m unetdist.prepare --spatial-dims 3 --images raw/stacks --masks raw/labels --out data/nuclei3d \
+        --format zarr --whole-images --tile 64 --tile-depth 16
+    python -m unetdist.prepare --synthetic 8 --spatial-dims 3 --image-size 64 --depth-size 48 --spacing 4,1,1 \
+        --out data/toy3d --format zarr --whole-images
     python -m unetdist.prepare --images raw/images --masks raw/masks --out s3://bucket/cells
     python -m unetdist.prepare --from-shards 'raw/cells-{000..009}.tar' --image-key png --mask-key seg.png \\
         --out data/cells
@@ -14,7 +18,8 @@ Examples::
 The work is :func:`unetdist.data.prepare.prepare_pairs`, over the inputs of
 :mod:`unetdist.data.inputs`; this module is the command line. An
 ``--out`` URL is prepared in a local temporary folder and uploaded, ``dataset.json`` last
-(:mod:`unetdist.data.upload`). ``index`` writes ``SHARD.index.json`` beside tar shards made
+(:mod:`unetdist.data.upload`). ``--spatial-dims 3`` prepares volumes (:mod:`unetdist.data.volumes`)
+into a whole-volume Zarr store. ``index`` writes ``SHARD.index.json`` beside tar shards made
 elsewhere (prepare writes it beside its own): remote shards are read by their index.
 """
 
@@ -34,8 +39,9 @@ from unetdist.data.prepare import MASK_KINDS, prepare_pairs
 from unetdist.data.remote import display, is_remote, join, local_path
 from unetdist.data.samples import DataError
 from unetdist.data.splits import MIN_IMAGES_TO_SPLIT_BY_IMAGE, region_text
-from unetdist.data.synthetic import write_synthetic
+from unetdist.data.synthetic import write_synthetic, write_synthetic_volumes
 from unetdist.data.upload import index_shard, remote_output
+from unetdist.data.volumes import VolumePairs, check_volume_settings
 from unetdist.redaction import redact_log_records
 
 __all__ = ["context_margin", "main"]
@@ -89,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         "--mask-kind",
         choices=MASK_KINDS,
         default="instances",
-        help="instances: cell ids, 0 background, stored as ids (uint16/uint32) with a border weight map; "
+        help="instances: cell ids, 0 background, stored as ids (uint16/uint32) with a border weight map "
+        "(2-D; volumes store none: the loader computes it); "
         "classes: class ids 0-255; binary: 0 background, any other value (255 of a 0/255 mask) -> 1",
     )
     parser.add_argument("--tile", type=int, default=96, help="tile size in pixels")
@@ -100,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0.1,
         help="fraction of IMAGES held out (of stacks, for their planes); with fewer than "
         f"{MIN_IMAGES_TO_SPLIT_BY_IMAGE} images, the last part of each image along its longer axis "
-        "(at least a tile, half a tile apart from its training part)",
+        "(at least a tile, half a tile apart from its training part; of a volume, along the axis of most tiles)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--w0", type=float, default=10.0, help="border weight amplitude (U-Net paper)")
@@ -109,7 +116,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--synthetic", type=int, metavar="N", help="generate N toy images first (ignores --images/--masks)"
     )
-    parser.add_argument("--image-size", type=int, default=256, help="size of the --synthetic images")
+    parser.add_argument(
+        "--image-size", type=int, help="size of the --synthetic images (default 256; volumes: 64 in y and x)"
+    )
+    parser.add_argument(
+        "--depth-size", type=int, help="with --synthetic and --spatial-dims 3: planes per volume (default --image-size)"
+    )
+    parser.add_argument(
+        "--spatial-dims",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="3: the images are volumes, TIFF stacks (z, y, x) or (z, c, y, x) or .npy, with 3-D masks; "
+        "needs --format zarr --whole-images",
+    )
+    parser.add_argument(
+        "--tile-depth",
+        type=int,
+        default=0,
+        help="with --spatial-dims 3: planes of a tile, (tile_depth, tile, tile); 0: --tile, a cube",
+    )
+    parser.add_argument(
+        "--spacing",
+        metavar="Z,Y,X",
+        help="with --spatial-dims 3: the voxel size, over the files' metadata (ImageJ, OME-TIFF; else 1,1,1); "
+        "with --synthetic it shapes the volumes (4,1,1: a coarse z)",
+    )
     parser.add_argument(
         "--format",
         choices=("webdataset", "zarr"),
@@ -197,13 +229,27 @@ def _inputs(args: argparse.Namespace, out_dir: Path) -> tuple[PairSource, dict]:
         for option, value in options.items():
             if value is not None and needs not in given:
                 raise PrepareError(f"{option} goes with {needs}")
+    if args.spatial_dims == 3 and (args.from_shards or args.from_ome_zarr):
+        option = "--from-shards" if args.from_shards else "--from-ome-zarr"
+        raise PrepareError(f"--spatial-dims 3 reads volumes from --images/--masks or --synthetic, not {option} yet")
+    volumes = args.spatial_dims == 3
+    folders = VolumePairs if volumes else FolderPairs
     if args.synthetic is not None:
-        images_dir, masks_dir = write_synthetic(out_dir, args.synthetic, args.image_size, args.seed)
-        source = {"synthetic": {"count": args.synthetic, "image_size": args.image_size}}
+        if volumes:
+            size, depth = args.image_size or 64, args.depth_size or args.image_size or 64
+            spacing = _spacing(args.spacing) or (1.0, 1.0, 1.0)
+            images_dir, masks_dir = write_synthetic_volumes(out_dir, args.synthetic, size, depth, args.seed, spacing)
+            source = {"synthetic": {"count": args.synthetic, "image_size": size, "depth_size": depth,
+                                    "spacing": list(spacing)}}  # fmt: skip
+        else:
+            size = args.image_size or 256
+            images_dir, masks_dir = write_synthetic(out_dir, args.synthetic, size, args.seed)
+            source = {"synthetic": {"count": args.synthetic, "image_size": size}}
         if is_remote(args.out):  # uploaded with the data set: named where they will be, not where made
             raw = display(join(args.out, "raw"))
+            raw = join(raw, "volumes") if volumes else raw
             source.update(images=join(raw, "images"), masks=join(raw, "masks"))
-        return FolderPairs(images_dir, masks_dir), source
+        return folders(images_dir, masks_dir), source
     if args.from_shards:
         return ShardPairs(args.from_shards, args.image_key or "image", args.mask_key or "mask"), {}
     if args.from_ome_zarr:
@@ -212,7 +258,20 @@ def _inputs(args: argparse.Namespace, out_dir: Path) -> tuple[PairSource, dict]:
         raise PrepareError(
             "give --images and --masks, --from-shards PATTERN, --from-ome-zarr URL..., or --synthetic N"
         )
-    return FolderPairs(args.images, args.masks), {}
+    return folders(args.images, args.masks), {}
+
+
+def _spacing(text: str | None) -> tuple[float, float, float] | None:
+    """``--spacing z,y,x`` as three positive numbers."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(float(size) for size in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or not all(size > 0 for size in sizes):
+        raise PrepareError(f"--spacing {text}: expected three positive voxel sizes z,y,x, e.g. 4,1,1")
+    return sizes
 
 
 def _channels(text: str | None) -> list[int] | None:
@@ -225,6 +284,9 @@ def _channels(text: str | None) -> list[int] | None:
 def _prepare(args: argparse.Namespace, out_dir: Path) -> dict:
     """Prepare into the local folder ``out_dir`` (``--out``, or a URL's temporary folder); dataset.json's
     content."""
+    # before any --synthetic volumes are written: a refusal costs nothing
+    whole_zarr = args.format == "zarr" and args.whole_images
+    check_volume_settings(args.spatial_dims, whole_zarr, args.tile_depth, _spacing(args.spacing))
     pairs, source = _inputs(args, out_dir)
     with pairs:  # shards at URLs are downloaded to a temporary folder, removed here
         return prepare_pairs(
@@ -243,6 +305,9 @@ def _prepare(args: argparse.Namespace, out_dir: Path) -> dict:
             context_margin=context_margin(args.context_for, args.tile),
             whole_images=args.whole_images,
             zarr_codec=args.zarr_codec,
+            spatial_dims=args.spatial_dims,
+            tile_depth=args.tile_depth,
+            spacing=_spacing(args.spacing),
         )
 
 
@@ -297,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     metadata = display(join(args.out, DATASET_JSON)) if remote else Path(local_path(args.out)) / DATASET_JSON
     train, val = (f"{len(meta[f'{split}_images'])} {split} images -> {meta[f'num_{split}_tiles']} tiles in "
                   f"{len(meta[f'{split}_shards'])} shard(s)" for split in ("train", "val"))  # fmt: skip
+    lengths = ([meta["tile_depth"]] if "tile_depth" in meta else []) + [meta["tile_size"]] * 2
+    tile = "x".join(map(str, lengths))
+    spacing = f", spacing {','.join(f'{size:g}' for size in meta['spacing'])} (z,y,x)" if "spacing" in meta else ""
     print(
-        f"Prepared {display(args.out)}: {train}, {val}; {meta['tile_size']}x{meta['tile_size']} tiles, "
+        f"Prepared {display(args.out)}: {train}, {val}; {tile} tiles{spacing}, "
         f"{meta['in_channels']} channel(s) of {meta['image_dtype']}, {meta['num_classes']} classes, "
         f"weight map {'yes' if meta['has_weight_map'] else 'no'}. Metadata: {metadata}"
     )

@@ -198,6 +198,7 @@ def build_loaders(config: Config, ctx: DistributedContext, layout: BatchLayout, 
         use_weight_map=config.loss.use_weight_map,
         target=config.loss.target,
         boundary_width_px=config.loss.boundary_width_px,
+        spatial_dims=config.model.spatial_dims,
     )
     train_loader = build_train_loader(
         config.data,

@@ -51,8 +51,15 @@ def build_model(config: Config, ctx: DistributedContext) -> tuple[nn.Module, nn.
         base_width=config.model.base_width or None,
         depth=config.model.depth or None,
         norm=config.model.norm,
+        spatial_dims=config.model.spatial_dims,
+        z_pools=None if config.model.z_pools < 0 else config.model.z_pools,
     )
     return wrap_model(model, config, ctx)
+
+
+def channels_last_format(config: Config) -> torch.memory_format:
+    """``train.channels_last``'s layout: NHWC for images, NDHWC (``channels_last_3d``) for volumes."""
+    return torch.channels_last_3d if config.model.spatial_dims == 3 else torch.channels_last
 
 
 def wrap_model(model: nn.Module, config: Config, ctx: DistributedContext) -> tuple[nn.Module, nn.Module]:
@@ -63,7 +70,7 @@ def wrap_model(model: nn.Module, config: Config, ctx: DistributedContext) -> tup
         model.activation_checkpointing = True
     model = model.to(ctx.device)
     if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=channels_last_format(config))
     wrapped: nn.Module = model
     if ctx.is_distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -100,13 +107,14 @@ class Trainer:
         self.outputs = outputs
         self.checkpointer = checkpointer
         self.stop_signal = stop_signal
-        self.loss_fn = SegmentationLoss(config.loss.kind, config.model.num_classes, config.loss.dice_weight)
+        self.loss_fn = SegmentationLoss(config.loss.kind, config.model.num_classes, config.loss.dice_weight,
+                                        ignore_index=config.data.ignore_index)
         self.scaler = grad_scaler(ctx.device.type, config.train.precision)
         self.step = 0  # optimizer steps taken
         self.best_fg_dice = float("-inf")  # best validation foreground Dice of this job
         self.best_checkpoint: Path | None = None
         # how predictions become instances: the target's defaults until tuned on validation
-        self.decoding = DecodeParams(target=config.loss.target)
+        self.decoding = DecodeParams.defaults(config.loss.target, config.model.spatial_dims)
 
     # ------------------------------------------------------------ one step
 
@@ -114,7 +122,7 @@ class Trainer:
         batch = to_model_input(batch, self.ctx.device)  # device-side augmentation, when configured
         image = batch["image"]
         if self.config.train.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+            image = image.contiguous(memory_format=channels_last_format(self.config))
         weight = batch.get("weight")  # present when the data gives one (loss.use_weight_map)
         return image, batch["mask"], weight
 
@@ -170,17 +178,17 @@ class Trainer:
             logits = self._forward(image).float()
             loss_sum += self.loss_fn(logits, mask, weight).double() * image.shape[0]
             tiles += image.shape[0]
-            confusion += confusion_from_logits(logits, mask, num_classes)
+            confusion += confusion_from_logits(logits, mask, num_classes, ignore_index=self.config.data.ignore_index)
             predicted = None
             if batch.get("instances") is not None:  # data with instance masks: decoded and matched
                 seen_instances = True
                 predicted = instance_scores.add(logits, batch["instances"])
             if panel_tiles is None:  # the first val tiles are the same at every validation
                 count = self.config.tracking.num_images
-                truth = center_crop(mask[:count], logits.shape[-2:])
+                truth = center_crop(mask[:count], logits.shape[2:])  # [N, *spatial]: images or volumes
                 panel_tiles = (image[:count], truth, logits[:count].argmax(dim=1))
                 if predicted is not None:
-                    panel_tiles += (center_crop(batch["instances"][:count], logits.shape[-2:]), predicted[:count])
+                    panel_tiles += (center_crop(batch["instances"][:count], logits.shape[2:]), predicted[:count])
         totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), tiles.view(1)]))
         distributed.all_reduce_sum(confusion)
         metrics = metric_dict(confusion.cpu())
@@ -191,7 +199,8 @@ class Trainer:
             counts = self._sum_over_ranks(torch.from_numpy(instance_scores.counts))
             metrics.update(ap_metrics(counts.numpy()))
             if tune:
-                self.decoding, tuned_ap = tune_decoding(instance_scores, self.decoding.target, self._sum_over_ranks)
+                self.decoding, tuned_ap = tune_decoding(instance_scores, self.decoding.target, self._sum_over_ranks,
+                                                        spatial_dims=self.config.model.spatial_dims)
                 metrics["val/tuned_ap50"] = tuned_ap
                 log.info("decoding tuned on validation: AP@0.5 %.4f with %s", tuned_ap, self.decoding.to_dict())
         if panel_tiles is not None:

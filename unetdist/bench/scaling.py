@@ -64,6 +64,7 @@ def _worker_argv(args: argparse.Namespace, threads: int) -> list[str]:
         "--precision", args.precision, "--compile-mode", args.compile_mode, "--optim", args.optim,
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
         "--log-every", str(args.log_every), "--device", args.device, "--threads", str(threads),
+        "--spatial-dims", str(args.spatial_dims), "--tile-depth", str(args.tile_depth), "--z-pools", str(args.z_pools),
     ]
     for flag in ("channels_last", "compile", "activation_checkpointing", "fused"):
         if getattr(args, flag):

@@ -14,6 +14,11 @@ on CPU, by the median single step (``trainer_vs_bare_step_median``). Keep ``--st
     python -m unetdist.bench train --preset padded --base-width 16 --tile 128 --batch 8
     python -m unetdist.bench train --preset paper --tile 572 --batch 8 --precision bf16 --channels-last --compile
     python -m unetdist.bench train --preset padded --base-width 16 --tile 128 --batch 8 --nproc 2
+    python -m unetdist.bench train --spatial-dims 3 --base-width 8 --depth 3 --tile 48 --batch 2
+
+``--spatial-dims 3`` times the 3-D U-Net on volume tiles ``--tile-depth`` x ``--tile`` x ``--tile``
+(``--tile-depth 0``: a cube; ``--z-pools``: the levels that pool z, the deepest ones) and
+reports voxels/s where 2-D reports pixels/s: both count the input tile's.
 
 ``--nproc N`` launches torchrun twice (1 rank, then N ranks; gloo on CPU, NCCL on CUDA),
 times the trainer alone and reports global samples/s, the speed-up over 1 rank and the
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -40,6 +46,7 @@ from torch import nn
 from unetdist.bench import Figures
 from unetdist.bench.scaling import run_scaling
 from unetdist.bench.timing import Clocks, TimedStream, Window, peak_mb, reset_peak, synchronize, window_of
+from unetdist.model.sizes import PRESETS
 from unetdist.precision import PRECISIONS, autocast, grad_scaler
 
 SMALL_ARGS = ["--preset", "padded", "--base-width", "8", "--depth", "3", "--tile", "64", "--batch", "4",
@@ -47,11 +54,15 @@ SMALL_ARGS = ["--preset", "padded", "--base-width", "8", "--depth", "3", "--tile
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and data")
-    model.add_argument("--preset", default="padded", choices=("paper", "article", "padded"))
+    model.add_argument("--preset", default="padded", choices=PRESETS)
     model.add_argument("--base-width", type=int, default=0, help="0: the preset's own (paper 64, padded 32)")
     model.add_argument("--depth", type=int, default=0, help="0: the preset's own")
     model.add_argument("--norm", default="batch", choices=("batch", "instance", "group", "none"))
     model.add_argument("--tile", type=int, default=128, help="input tile side (paper: 572)")
+    model.add_argument("--spatial-dims", type=int, default=2, choices=(2, 3), help="3: volume tiles, the 3-D U-Net")
+    model.add_argument("--tile-depth", type=int, default=0, help="--spatial-dims 3: the tile's z size; 0: --tile")
+    model.add_argument("--z-pools", type=int, default=-1,
+                       help="--spatial-dims 3: how many of the deepest levels pool z; -1: every level")
     model.add_argument("--batch", type=int, default=8, help="tiles per step per rank")
     fast = parser.add_argument_group("fast paths")
     fast.add_argument("--precision", default="fp32", choices=PRECISIONS)
@@ -85,8 +96,17 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("tile", "batch", "steps", "rounds", "log_every", "nproc"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.threads < 0:
-        raise ValueError("--warmup and --threads must be >= 0")
+    if args.warmup < 0 or args.threads < 0 or args.tile_depth < 0:
+        raise ValueError("--warmup, --threads and --tile-depth must be >= 0")
+    if args.spatial_dims == 2 and (args.tile_depth or args.z_pools != -1):
+        raise ValueError("--tile-depth and --z-pools are for volumes: add --spatial-dims 3")
+
+
+def _tile_shape(args: argparse.Namespace) -> tuple[int, ...]:
+    """The input tile per spatial axis: (Y, X), or (Z, Y, X) for volumes."""
+    if args.spatial_dims == 3:
+        return (args.tile_depth or args.tile, args.tile, args.tile)
+    return (args.tile, args.tile)
 
 
 # ---------------------------------------------------------------- building the parts
@@ -131,6 +151,9 @@ def _config(args: argparse.Namespace, world_size: int, output_dir: str):
         "tracking.enabled=false",
         "checkpoint.every=0",
     ]
+    if args.spatial_dims == 3:  # volumes come from Zarr stores only; the data here is in memory anyway
+        overrides += ["data.format=zarr", "model.spatial_dims=3", f"model.z_pools={args.z_pools}",
+                      f"data.tile_depth={args.tile_depth}"]
     return load_config([], overrides)
 
 
@@ -157,10 +180,11 @@ def _build(args: argparse.Namespace, output_dir: str) -> _Parts:
 def _host_batch(args: argparse.Namespace, pin: bool) -> dict[str, torch.Tensor]:
     """One batch on the host, as a DataLoader would hand it over (pinned on CUDA)."""
     generator = torch.Generator().manual_seed(1)
-    image = torch.randn(args.batch, 1, args.tile, args.tile, generator=generator)
+    shape = _tile_shape(args)
+    image = torch.randn(args.batch, 1, *shape, generator=generator)
     # tile-sized masks and weights, as the loader sends them; the loss crops them to the logits
-    mask = torch.randint(0, 2, (args.batch, args.tile, args.tile), generator=generator)
-    weight = 1 + 4 * torch.rand(args.batch, args.tile, args.tile, generator=generator)
+    mask = torch.randint(0, 2, (args.batch, *shape), generator=generator)
+    weight = 1 + 4 * torch.rand(args.batch, *shape, generator=generator)
     batch = {"image": image, "mask": mask, "weight": weight}
     return {key: value.pin_memory() for key, value in batch.items()} if pin else batch
 
@@ -198,7 +222,9 @@ class _BareLoop:
         config = parts.config
         self.config = config
         self.device = parts.ctx.device
-        self.channels_last = args.channels_last
+        # channels_last is the 4-D layout; a volume batch's is channels_last_3d
+        layout = torch.channels_last if args.spatial_dims == 2 else torch.channels_last_3d
+        self.memory_format = layout if args.channels_last else None
         model = parts.raw_model  # already on the device, channels_last when asked (wrap_model)
         self.model = torch.compile(model, mode=args.compile_mode) if args.compile else model
         self.optimizer = parts.optimizer
@@ -212,8 +238,8 @@ class _BareLoop:
 
         set_lr(self.optimizer, lr_at(step, self.config.optim, self.config.train.max_steps))
         image = self.batch["image"].to(self.device, non_blocking=True)
-        if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        if self.memory_format is not None:
+            image = image.contiguous(memory_format=self.memory_format)
         mask = self.batch["mask"].to(self.device, non_blocking=True)
         weight = self.batch["weight"].to(self.device, non_blocking=True)
         with autocast(self.device.type, self.precision):
@@ -296,9 +322,15 @@ def _trainer_vs_bare(parts: _Parts, args: argparse.Namespace) -> Figures:
         trainer_step = statistics.median(t for run in trainer_runs for t in run.step_wall_s)
         bare_step = statistics.median(t for run in bare_runs for t in run.step_wall_s)
         figures["trainer_vs_bare_step_median"] = bare_step / trainer_step
+    elements = "voxels" if args.spatial_dims == 3 else "pixels"
+    tile_elements = math.prod(_tile_shape(args))
+    figures.update({
+        "trainer_samples_per_s": trainer_rate * args.batch,
+        "bare_samples_per_s": bare_rate * args.batch,
+        f"trainer_{elements}_per_s": trainer_rate * args.batch * tile_elements,
+        f"bare_{elements}_per_s": bare_rate * args.batch * tile_elements,
+    })
     figures.update(
-        trainer_samples_per_s=trainer_rate * args.batch,
-        bare_samples_per_s=bare_rate * args.batch,
         peak_mem_mb=trainer_peak,
         bare_peak_mem_mb=bare_peak,
         peak_mem_kind="cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
@@ -331,7 +363,9 @@ def _setting(parts: _Parts, args: argparse.Namespace) -> Figures:
         "preset": model.preset,
         "base_width": model.base_width,
         "depth": model.depth,
-        "tile": args.tile,
+        "spatial_dims": args.spatial_dims,
+        "tile": "x".join(str(size) for size in _tile_shape(args)) if args.spatial_dims == 3 else args.tile,
+        **({"z_pools": parts.raw_model.z_pools} if args.spatial_dims == 3 else {}),
         "batch_per_rank": args.batch,
         "world_size": parts.ctx.world_size,
         "precision": args.precision,
@@ -349,7 +383,7 @@ def _setting(parts: _Parts, args: argparse.Namespace) -> Figures:
 def _flops_figures(parts: _Parts, args: argparse.Namespace, samples_per_s: dict[str, float]) -> Figures:
     from unetdist.flops import mfu, peak_flops_per_s, training_flops_per_sample
 
-    flops = training_flops_per_sample(parts.raw_model, (parts.config.model.in_channels, args.tile, args.tile))
+    flops = training_flops_per_sample(parts.raw_model, (parts.config.model.in_channels, *_tile_shape(args)))
     figures: Figures = {"model_gflops_per_sample": flops / 1e9}
     if parts.ctx.device.type != "cuda":
         return figures

@@ -1,7 +1,7 @@
 """Samples -> one micro-batch, and a worker's micro-batches -> one hand-over to the training process.
 
 :func:`collate` copies each sample's window straight into the compact batch (stored dtypes):
-``{"image": [B,C,T,T], "mask": [B,T,T] uint8, "weight": [B,T,T] f32, "key": [...],
+``{"image": [B,C,T,T], "mask": [B,T,T] uint8, "weight": [B,T,T] f32, "key": [...],  (volumes: [B,C,D,T,T] ...)
 "normalize": ...}``, and, in validation batches of instance masks, ``"instances": [B,T,T]
 int32`` (the ids of the same window; training batches leave them out: memory). :func:`pack`
 puts a worker's micro-batches into one shared-memory block (why: its docstring) and
@@ -37,6 +37,11 @@ class BatchOptions:
     foreground_fraction: float
     spec: AugmentSpec | None  # None: no augmentation (validation, or data.augment off)
     instances: bool = False  # batches carry the samples' instance ids (validation of instance masks)
+    tile_depth: int = 0  # volumes: the tiles' z extent; 0: 2-D tiles (tile_size x tile_size)
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        return (self.tile_depth, self.tile_size, self.tile_size) if self.tile_depth else (self.tile_size,) * 2
 
 
 def _batch_array(
@@ -56,29 +61,29 @@ def _batch_array(
 
 
 def collate(
-    samples: list[Sample], windows: list[tuple[int, int]], options: BatchOptions, shared: bool = True
+    samples: list[Sample], windows: list[tuple[int, ...]], options: BatchOptions, shared: bool = True
 ) -> dict[str, Any]:
-    """Crop each sample to its window, copied straight into the compact batch (stored dtypes);
-    ``shared``: see :func:`_batch_array`."""
-    size, count = options.tile_size, len(samples)
+    """Crop each sample to its window (the corner per spatial axis), copied straight into the
+    compact batch (stored dtypes); ``shared``: see :func:`_batch_array`."""
+    shape, count = options.tile_shape, len(samples)
     channels = samples[0].image.shape[0]
     image_dtype = np.result_type(*(s.image for s in samples))
-    image, image_out = _batch_array((count, channels, size, size), image_dtype, shared)
-    mask, mask_out = _batch_array((count, size, size), np.dtype(np.uint8), shared)
+    image, image_out = _batch_array((count, channels, *shape), image_dtype, shared)
+    mask, mask_out = _batch_array((count, *shape), np.dtype(np.uint8), shared)
     weight, weight_out = (None, None)
     if any(s.weight is not None for s in samples):
-        weight, weight_out = _batch_array((count, size, size), np.dtype(np.float32), shared)
+        weight, weight_out = _batch_array((count, *shape), np.dtype(np.float32), shared)
     instances, instances_out = (None, None)
     if options.instances:  # shared: to_model_input passes it through as it is, to the training process
-        instances, instances_out = _batch_array((count, size, size), np.dtype(np.int32))
-    for slot, (sample, (top, left)) in enumerate(zip(samples, windows, strict=True)):
-        ys, xs = slice(top, top + size), slice(left, left + size)
-        image_out[slot] = sample.image[:, ys, xs]
-        mask_out[slot] = sample.mask[ys, xs]
+        instances, instances_out = _batch_array((count, *shape), np.dtype(np.int32))
+    for slot, (sample, corner) in enumerate(zip(samples, windows, strict=True)):
+        window = tuple(slice(start, start + size) for start, size in zip(corner, shape, strict=True))
+        image_out[slot] = sample.image[(slice(None), *window)]
+        mask_out[slot] = sample.mask[window]
         if weight_out is not None:  # a sample without one beside samples with: uniform weights
-            weight_out[slot] = 1.0 if sample.weight is None else sample.weight[ys, xs]
+            weight_out[slot] = 1.0 if sample.weight is None else sample.weight[window]
         if instances_out is not None:
-            instances_out[slot] = 0 if sample.instances is None else sample.instances[ys, xs]
+            instances_out[slot] = 0 if sample.instances is None else sample.instances[window]
     batch: dict[str, Any] = {
         "image": image,
         "mask": mask,

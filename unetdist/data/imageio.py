@@ -49,15 +49,15 @@ def is_ome_tiff(path: Path) -> bool:
     return path.name.lower().endswith(OME_TIFF_SUFFIXES)
 
 
-def _list_by_stem(folder: Path) -> dict[str, Path]:
+def _list_by_stem(folder: Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> dict[str, Path]:
     if not folder.is_dir():
         raise PrepareError(f"{folder}: not a folder")
     by_stem: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
-        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-            log.warning("skipping %s: not one of %s", path, ", ".join(SUPPORTED_SUFFIXES))
+        if path.suffix.lower() not in suffixes:
+            log.warning("skipping %s: not one of %s", path, ", ".join(suffixes))
             continue
         stem = file_stem(path)
         if stem in by_stem:
@@ -66,9 +66,12 @@ def _list_by_stem(folder: Path) -> dict[str, Path]:
     return by_stem
 
 
-def match_by_stem(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(stem, image, mask) for every stem, sorted; any file without a partner is an error."""
-    images, masks = _list_by_stem(images_dir), _list_by_stem(masks_dir)
+def match_by_stem(
+    images_dir: Path, masks_dir: Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES
+) -> list[tuple[str, Path, Path]]:
+    """(stem, image, mask) for every stem, sorted; any file without a partner is an error.
+    ``suffixes``: the files to list (volumes add .npy)."""
+    images, masks = _list_by_stem(images_dir, suffixes), _list_by_stem(masks_dir, suffixes)
     images_only = sorted(set(images) - set(masks))
     masks_only = sorted(set(masks) - set(images))
     if images_only or masks_only:
@@ -78,7 +81,7 @@ def match_by_stem(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Pa
             f"without an image in {images_dir}: {[masks[s].name for s in masks_only]}"
         )
     if not images:
-        raise PrepareError(f"{images_dir}: no {'/'.join(SUPPORTED_SUFFIXES)} images found")
+        raise PrepareError(f"{images_dir}: no {'/'.join(suffixes)} images found")
     check_keys(images)
     return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
@@ -97,6 +100,10 @@ PICTURE_CHANNELS = (1, 2, 3, 4)
 # TIFF axis letters (tifffile's series axes) of a channel axis; any other first axis of a
 # 3-D TIFF (Z depth, T time, I/Q a plain page sequence) is a stack of planes.
 TIFF_CHANNEL_AXES = "CS"
+# A first axis of these letters says nothing (a page sequence without metadata, or ImageJ's
+# plain "images"): of up to this many pages it may well be channels saved without a channel
+# axis (RGB, RGBA, a few stains); more pages are far more likely the planes of a z-stack.
+TIFF_UNLABELLED_AXES, MAX_UNLABELLED_CHANNELS = "QI", 4
 
 
 def is_channels_last(shape: tuple[int, ...]) -> bool:
@@ -178,9 +185,12 @@ def image_to_chw(
 ) -> np.ndarray:
     """[C, H, W]: 2-D -> C=1; channels-last (RGB PNG, most TIFFs) -> transposed.
 
-    The mask's HxW decides which axis holds the channels. A TIFF stack of planes (z, time,
-    pages) with a 2-D mask becomes a multi-channel 2-D image, with a warning: 3-D
-    segmentation of volumes is not supported yet. ``axes``: the image's TIFF axis letters
+    The mask's HxW decides which axis holds the channels. A TIFF stack with a 2-D mask whose
+    first axis is depth (TIFF axes Z: ImageJ slices, OME-less tifffile metadata), or a run of
+    more than :data:`MAX_UNLABELLED_CHANNELS` pages of no stated kind, is a z-stack: refused,
+    with the way to prepare it as a volume (``--spatial-dims 3``), since taking its planes as
+    channels trains a 2-D model on a volume without a word. Other planes (time, a few pages)
+    become channels of a 2-D image, with a warning. ``axes``: the image's TIFF axis letters
     where known (None: read them from ``path``, "" for none).
     """
     if image.ndim == 2:
@@ -192,10 +202,11 @@ def image_to_chw(
             elif axes is None:
                 axes = _tiff_axes(Path(path))
             if axes and axes[0] not in TIFF_CHANNEL_AXES:
+                _check_not_a_z_stack(image.shape, axes, path)
                 log.warning(
                     "%s: a stack of %d planes (shape %s, TIFF axes %s) with a 2-D mask: its planes are "
-                    "taken as %d channels of one 2-D image (train with model.in_channels=%d); volumes "
-                    "(3-D segmentation of z-stacks) are not supported yet",
+                    "taken as %d channels of one 2-D image (train with model.in_channels=%d); for 3-D "
+                    "segmentation of a z-stack, prepare it with --spatial-dims 3 and a 3-D mask",
                     path,
                     image.shape[0],
                     image.shape,
@@ -210,3 +221,15 @@ def image_to_chw(
         f"{path}: image shape {image.shape} does not match its mask's size {tuple(mask_shape)} "
         "(expected HxW, CxHxW or HxWxC)"
     )
+
+
+def _check_not_a_z_stack(shape: tuple[int, ...], axes: str, path: Path | str) -> None:
+    """:class:`PrepareError` for a [planes, H, W] TIFF whose planes are depth (see :func:`image_to_chw`)."""
+    planes = shape[0]
+    if axes[0] == "Z" or (axes[0] in TIFF_UNLABELLED_AXES and planes > MAX_UNLABELLED_CHANNELS):
+        raise PrepareError(
+            f"{path}: a z-stack of {planes} planes (shape {shape}, TIFF axes {axes}) with a 2-D mask; to "
+            f"segment it in 3-D, prepare with --spatial-dims 3 --format zarr --whole-images and a "
+            f"{planes}x{shape[1]}x{shape[2]} mask; for {planes} channels of one 2-D image, save it with "
+            "a channel axis (TIFF axes CYX, or ImageJ channels)"
+        )

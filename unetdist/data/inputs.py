@@ -10,6 +10,7 @@ split with), then reads the pairs of one split (:meth:`PairSource.read`);
   image; ``--image-key``/``--mask-key`` name its members as ``data.image_key``/``data.mask_key`` do.
 - :class:`NgffPairs` (``--from-ome-zarr``, ``--labels``): OME-Zarr images and a label image of
   each, one image per t/z plane.
+- volumes (``--spatial-dims 3``): :class:`unetdist.data.volumes.VolumePairs`, one volume per file.
 
 Planes of one stack or one NGFF image are near copies of their neighbours, so they form a group
 that stays in one split: no plane of a validation stack is trained on. Sources are context
@@ -57,6 +58,7 @@ class Pair:
     mask_where: str
     mask_name: str  # the mask as the image's message names it
     image_axes: str | None = None  # TIFF axis letters if known ("" none); None: read from image_where
+    spacing: tuple[float | None, ...] | None = None  # a volume's (z, y, x) from its metadata, where it says
 
 
 class PairSource:

@@ -23,6 +23,9 @@ vocabulary from here, so a format detail lives in one place::
         SPLIT/foreground/<i>  [K, 2]     int32 (y, x) of up to FOREGROUND_CAP mask > 0 pixels
         attributes: "layout" = WHOLE_IMAGES, "images", "shapes", "chunk", "foreground", and
         "offsets": (top, left) of each stored image in its source image (0, 0 when absent)
+    whole volumes, ``--spatial-dims 3``: the same with a z axis first ([C, Z, Y, X], [Z, Y, X],
+        foreground [K, 3] (z, y, x)), chunked in 3-D blocks; attributes add "spatial_dims": 3 and
+        "spacing" (z, y, x) per volume, and dataset.json "spatial_dims" and the median "spacing"
 
 :func:`check_zarr_layout` holds a store to that contract when it is opened, from the Zarr v3
 metadata files alone, so a store of another layout is one message saying what was expected.
@@ -32,6 +35,7 @@ This module imports nothing else from :mod:`unetdist.data`: it is the bottom of 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -63,9 +67,11 @@ FOREGROUND_CAP = 10_000
 FOREGROUND_SEED = 0  # fixed: re-running prepare writes the same tables
 
 
-def sample_key(stem: str, top: int, left: int) -> str:
-    """``{stem}_y{top}_x{left}``; webdataset cuts a key at its first dot, so dots in stems become '_'."""
-    return f"{stem.replace('.', '_')}_y{top}_x{left}"
+def sample_key(stem: str, *corner: int) -> str:
+    """``{stem}_y{top}_x{left}`` (a volume's: ``{stem}_z{z}_y{top}_x{left}``) for a tile's corner;
+    webdataset cuts a key at its first dot, so dots in stems become '_'."""
+    axes = "".join(f"_{axis}{value}" for axis, value in zip("zyx"[3 - len(corner):], corner, strict=True))
+    return f"{stem.replace('.', '_')}{axes}"
 
 
 def tile_origins(length: int, tile: int) -> list[int]:
@@ -86,6 +92,12 @@ def grid_windows(height: int, width: int, tile: int) -> list[tuple[int, int]]:
     """(top, left) of a fixed grid of ``tile`` windows covering an image, row by row; the last
     row and column are shifted inwards to end at the edge (:func:`tile_origins`)."""
     return [(top, left) for top in tile_origins(height, tile) for left in tile_origins(width, tile)]
+
+
+def grid_corners(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """:func:`grid_windows` over any number of axes: the corner of each ``tile`` window of a fixed
+    grid covering ``shape``, the last axis fastest (in 2-D the same windows in the same order)."""
+    return list(itertools.product(*(tile_origins(length, size) for length, size in zip(shape, tile, strict=True))))
 
 
 # Reads a store's metadata file by its path relative to the store ("train/zarr.json"): its bytes,
@@ -110,12 +122,13 @@ def is_whole_image_store(store: str | Path, split: str, read: MetadataReader | N
 
 
 def foreground_points(mask: np.ndarray, cap: int = FOREGROUND_CAP, seed: int = FOREGROUND_SEED) -> np.ndarray:
-    """int32 [K, 2] (y, x) of the ``mask > 0`` pixels in raster order: all of them, or, when
-    there are more than ``cap``, ``cap`` of them drawn without replacement with a fixed seed."""
+    """int32 [K, mask.ndim] ((y, x), or (z, y, x) of a volume) of the ``mask > 0`` pixels in raster
+    order: all of them, or, when there are more than ``cap``, ``cap`` of them drawn without
+    replacement with a fixed seed."""
     flat = np.flatnonzero(mask)
     if flat.size > cap:
         flat = flat[np.sort(np.random.default_rng(seed).choice(flat.size, cap, replace=False))]
-    return np.stack(np.divmod(flat, mask.shape[1]), axis=1).astype(np.int32)
+    return np.stack(np.unravel_index(flat, mask.shape), axis=1).astype(np.int32).reshape(-1, mask.ndim)
 
 
 ZARR_LAYOUT = (
@@ -189,8 +202,9 @@ def check_zarr_layout(store: str | Path, split: str, read: MetadataReader | None
         problems = [f"attribute layout={attributes.get('layout')!r}"] if attributes.get("layout") != WHOLE_IMAGES else []
         problems += [f"no attribute {key!r}" for key in ("images", "shapes") if key not in attributes]
         if attributes.get("images"):  # the first image stands for all: reading every one would be slow
-            problems += [_array_problem(node(f"{split}/images/0"), "images/0", 3, "uif", IMAGE_DTYPES),
-                         _array_problem(node(f"{split}/masks/0"), "masks/0", 2, "ui")]
+            dims = 3 if attributes.get("spatial_dims") == 3 else 2  # whole volumes: one more axis
+            problems += [_array_problem(node(f"{split}/images/0"), "images/0", dims + 1, "uif", IMAGE_DTYPES),
+                         _array_problem(node(f"{split}/masks/0"), "masks/0", dims, "ui")]
     else:
         problems = [_array_problem(node(f"{split}/image"), "image", 4, "uif", IMAGE_DTYPES),
                     _array_problem(node(f"{split}/mask"), "mask", 3, "ui")]

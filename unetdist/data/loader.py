@@ -237,7 +237,7 @@ def _remote_start_method(context: str | None, source: Source) -> Any:
     return forkserver
 
 
-def _options(data: DataConfig, *, train: bool) -> BatchOptions:
+def _options(data: DataConfig, *, train: bool, spatial_dims: int = 2) -> BatchOptions:
     spec = None
     if train:
         spec = AugmentSpec(
@@ -257,6 +257,7 @@ def _options(data: DataConfig, *, train: bool) -> BatchOptions:
         foreground_fraction=data.foreground_fraction if train else 0.0,
         spec=spec,
         instances=not train and data.mask_kind == "instances",  # for validation's instance AP; not training
+        tile_depth=(data.tile_depth or data.tile_size) if spatial_dims == 3 else 0,
     )
 
 
@@ -267,11 +268,12 @@ def sample_checks(
     use_weight_map: bool | str,
     target: str = "semantic",
     boundary_width_px: int = 2,
+    spatial_dims: int = 2,
 ) -> SampleChecks:
     """What the model needs of a sample, and how the data config names and reads its fields."""
     keys = (data.image_key, data.mask_key, data.weight_key)
     return SampleChecks(data.tile_size, in_channels, num_classes, use_weight_map, data.mask_kind, keys,
-                        target, boundary_width_px)  # fmt: skip
+                        target, boundary_width_px, spatial_dims, data.tile_depth, data.ignore_index)  # fmt: skip
 
 
 def build_train_loader(
@@ -290,6 +292,7 @@ def build_train_loader(
     source: Source | None = None,
     target: str = "semantic",
     boundary_width_px: int = 2,
+    spatial_dims: int = 2,
 ) -> TrainLoader:
     """This rank's endless training micro-batches, continuing the global sequence at ``start_sample``.
 
@@ -297,13 +300,14 @@ def build_train_loader(
     ``source`` replaces the configured store with an already open
     :class:`~unetdist.data.sources.base.Source` (e.g. the bench's in-memory tiles).
     ``target``, ``boundary_width_px``: ``loss.target`` and ``loss.boundary_width_px`` (boundary:
-    the masks' instance ids become background / interior / boundary).
+    the masks' instance ids become background / interior / boundary). ``spatial_dims``: the model's
+    (``model.spatial_dims``; 3: volumes).
     """
     opened = source is None
     if opened:
         check_tile_size(data)
     data, mask_origin = resolve_mask_kind(data, target)
-    checks = sample_checks(data, in_channels, num_classes, use_weight_map, target, boundary_width_px)
+    checks = sample_checks(data, in_channels, num_classes, use_weight_map, target, boundary_width_px, spatial_dims)
     if opened:
         source = open_source(data, "train", checks)
     layout = RankLayout(
@@ -330,7 +334,7 @@ def build_train_loader(
         source,
         sequence,
         layout,
-        _options(data, train=True),
+        _options(data, train=True, spatial_dims=spatial_dims),
         num_workers=data.num_workers,
         start_micro=layout.first_micro_batch(start_sample),
         group=group,
@@ -354,16 +358,17 @@ def build_val_loader(
     multiprocessing_context: str | None = None,
     target: str = "semantic",
     boundary_width_px: int = 2,
+    spatial_dims: int = 2,
 ) -> ValLoader:
     """A finite loader of this rank's share of the validation samples (the last batch may be short);
     with instance masks each batch carries their ids, ``"instances"`` int32 [B, T, T]."""
     data, _ = resolve_mask_kind(data, target)
-    checks = sample_checks(data, in_channels, num_classes, use_weight_map, target, boundary_width_px)
+    checks = sample_checks(data, in_channels, num_classes, use_weight_map, target, boundary_width_px, spatial_dims)
     source = open_source(data, "val", checks)
     check_val_samples(sum(source.counts), world_size)
     stream = ValStream(
         source,
-        _options(data, train=False),
+        _options(data, train=False, spatial_dims=spatial_dims),
         rank=rank,
         world_size=world_size,
         num_workers=data.num_workers,

@@ -7,6 +7,8 @@ than five images, by a region of each image) -> per image: read, check, weight m
 whole image, crop to its region, tile -> a writer per split (:mod:`unetdist.data.writers`) ->
 ``dataset.json`` (written last, so its presence means the rest is complete). The names and
 formats written are those of :mod:`unetdist.data.layout`; the command line is :mod:`unetdist.prepare`.
+Volumes (``spatial_dims=3``, :mod:`unetdist.data.volumes`) take the same flow, stored whole, their
+regions cut along the axis that holds the most tiles, their voxel spacing in the store and dataset.json.
 
 Masks are stored as what they mean: instance ids as uint16 (uint32 past 65,535 cells in an
 image), so validation can match instances and the loader can derive other targets from them
@@ -24,9 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,6 @@ from unetdist.data.layout import (
     MASK_KIND_KEY,
     STORE_NAME,
     WHOLE_IMAGES,
-    grid_windows,
     sample_key,
     tile_origins,
 )
@@ -50,12 +52,19 @@ from unetdist.data.splits import (
     MIN_IMAGES_TO_SPLIT_BY_IMAGE,
     Region,
     RegionTooSmall,
-    holdout_regions,
+    holdout_box,
     region_text,
     split_by_group,
     split_by_image,
 )
 from unetdist.data.staging import staged_output
+from unetdist.data.volumes import (
+    VolumePairs,
+    check_volume,
+    check_volume_settings,
+    volume_metadata,
+    voxel_spacing,
+)
 from unetdist.data.writers import open_split_writer
 
 __all__ = ["MASK_KINDS", "prepare_dataset", "prepare_pairs", "split_by_group", "split_by_image"]
@@ -83,10 +92,20 @@ class _Settings:
     context_margin: int
     whole_images: bool
     zarr_codec: str | None
+    spatial_dims: int = 2
+    tile_depth: int = 0  # volumes: 0, a cube
+    spacing: tuple[float, ...] | None = None  # volumes: (z, y, x) that wins over the files' metadata
 
     @property
     def with_weight(self) -> bool:
-        return self.weight_map and self.mask_kind == "instances"  # class masks have no instances to separate
+        # class masks have no instances to separate; volumes store none: a float32 map is four
+        # times a uint8 volume, and the loader can compute one from the stored instance ids
+        return self.weight_map and self.mask_kind == "instances" and self.spatial_dims == 2
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        depth = (self.tile_depth or self.tile_size,) if self.spatial_dims == 3 else ()
+        return (*depth, self.tile_size, self.tile_size)
 
     def check(self) -> None:
         if self.mask_kind not in MASK_KINDS:
@@ -109,6 +128,7 @@ class _Settings:
             raise PrepareError(
                 f"tile size and shard size must be positive, got {self.tile_size} and {self.shard_size}"
             )
+        check_volume_settings(self.spatial_dims, self.whole_images, self.tile_depth, self.spacing)
         if self.weight_map and (self.sigma <= 0 or self.w0 < 0):
             raise PrepareError(
                 f"weight map needs sigma > 0 and w0 >= 0, got sigma={self.sigma}, w0={self.w0}"
@@ -125,6 +145,7 @@ class _Written:
     first: tuple[int, np.dtype, str] | None = None  # (channels, dtype, stem)
     max_class: int = 1
     regions: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # split -> stem -> region
+    spacings: dict[str, tuple[float, ...]] = field(default_factory=dict)  # volumes: stem -> (z, y, x)
 
     def check_like_first(self, image: np.ndarray, stem: str, path: Path | str) -> None:
         if self.first is None:
@@ -182,7 +203,11 @@ def _read(
     pair: Pair, settings: _Settings, written: _Written
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(image, stored mask, weight or None) of a pair, checked against the first image."""
-    image, labels = check_pair(pair, settings.mask_kind, settings.tile_size - 2 * settings.context_margin)
+    if settings.spatial_dims == 3:
+        image, labels = check_volume(pair, settings.mask_kind, settings.tile_shape)
+        written.spacings[pair.stem] = voxel_spacing(pair, settings.spacing)
+    else:
+        image, labels = check_pair(pair, settings.mask_kind, settings.tile_size - 2 * settings.context_margin)
     written.check_like_first(image, pair.stem, pair.image_where)
     weight_map = (settings.w0, settings.sigma) if settings.with_weight else None
     mask, weight = stored_mask(labels, settings.mask_kind, weight_map)
@@ -200,18 +225,21 @@ def _write_image(
     written: _Written,
     region: Region | None = None,
 ) -> None:
-    """Write one image of ``split`` (its ``region`` (y0, y1, x0, x1) only, when given): whole, or as tiles."""
+    """Write one image of ``split`` (its ``region`` (y0, y1, x0, x1), or a volume's (z0, z1, y0, ...),
+    only, when given): whole, or as tiles."""
     image, mask, weight = arrays
-    offset = (0, 0)
+    offset = (0,) * mask.ndim
     if region is not None:
-        y0, y1, x0, x1 = region
-        image, mask = image[:, y0:y1, x0:x1], mask[y0:y1, x0:x1]
-        weight = None if weight is None else weight[y0:y1, x0:x1]  # computed on the whole image first
-        offset = (y0, x0)
+        window = tuple(slice(start, stop) for start, stop in zip(region[0::2], region[1::2], strict=True))
+        image, mask = image[(slice(None), *window)], mask[window]
+        weight = None if weight is None else weight[window]  # computed on the whole image first
+        offset = tuple(region[0::2])
         written.regions.setdefault(split, {})[stem] = list(region)
     if settings.whole_images:
-        writer.write_image(stem, image, mask, weight, offset)
-        written.counts[split] += len(grid_windows(*mask.shape, settings.tile_size))  # validation's grid
+        volume = {"spacing": written.spacings[stem]} if stem in written.spacings else {}
+        writer.write_image(stem, image, mask, weight, offset, **volume)
+        grid = [len(tile_origins(length, tile)) for length, tile in zip(mask.shape, settings.tile_shape, strict=True)]
+        written.counts[split] += math.prod(grid)  # validation's grid
         log.info("%s: %s stored whole", split, stem)
         return
     for sample in _tiles(stem, image, mask, weight, settings.tile_size, settings.context_margin, offset):
@@ -255,21 +283,21 @@ def _write_regions(
     written: _Written,
     val_fraction: float,
 ) -> None:
-    """Every image into both splits: its region of :func:`~unetdist.data.splits.holdout_regions`
+    """Every image into both splits: its region of :func:`~unetdist.data.splits.holdout_box`
     trains, its last part validates. :class:`RegionTooSmall` names the first image that cannot."""
-    window = settings.tile_size - 2 * settings.context_margin
+    window = tuple(tile - 2 * settings.context_margin for tile in settings.tile_shape)
     with ExitStack() as stack:
         writers = {split: stack.enter_context(_split_writer(split, out_dir, settings)) for split in SPLITS}
         for pair in source.read(stems):
             arrays = _read(pair, settings, written)
-            height, width = arrays[1].shape
+            shape = arrays[1].shape
             try:
-                regions = holdout_regions(height, width, settings.tile_size, val_fraction, window)
+                regions = holdout_box(shape, settings.tile_shape, val_fraction, window)
             except RegionTooSmall as err:
                 raise RegionTooSmall(f"{pair.image_where}: {err}") from None
             for split, region in (("train", regions.train), ("val", regions.val)):
                 _write_image(split, writers[split], pair.stem, arrays, settings, written, region)
-            log.info("%s (%dx%d): validates on %s, trains on %s", pair.stem, height, width,
+            log.info("%s (%s): validates on %s, trains on %s", pair.stem, "x".join(map(str, shape)),
                      region_text(regions.val), region_text(regions.train))  # fmt: skip
     for split, writer in writers.items():
         written.shards[split], written.shard_counts[split] = list(writer.shards), list(writer.shard_counts)
@@ -298,6 +326,7 @@ def _metadata(settings: _Settings, written: _Written, splits: dict[str, list[str
         "num_train_tiles": written.counts["train"],
         "num_val_tiles": written.counts["val"],
         "tile_size": settings.tile_size,
+        **(volume_metadata(settings.tile_shape, written.spacings) if settings.spatial_dims == 3 else {}),
         "in_channels": channels,
         "num_classes": written.max_class + 1,
         "image_dtype": str(image_dtype),
@@ -313,7 +342,8 @@ def _metadata(settings: _Settings, written: _Written, splits: dict[str, list[str
 def prepare_dataset(images_dir: str | Path, masks_dir: str | Path, out_dir: str | Path, **options) -> dict:
     """:func:`prepare_pairs` of the image and mask files of two folders, matched by stem
     (:class:`~unetdist.data.inputs.FolderPairs`); ``options``: those of :func:`prepare_pairs`."""
-    return prepare_pairs(FolderPairs(images_dir, masks_dir), out_dir, **options)
+    folders = VolumePairs if options.get("spatial_dims", 2) == 3 else FolderPairs
+    return prepare_pairs(folders(images_dir, masks_dir), out_dir, **options)
 
 
 def prepare_pairs(
@@ -333,6 +363,9 @@ def prepare_pairs(
     context_margin: int = 0,
     whole_images: bool = False,
     zarr_codec: str | None = None,
+    spatial_dims: int = 2,
+    tile_depth: int = 0,
+    spacing: Sequence[float] | None = None,
 ) -> dict:
     """Write tiled shards and ``dataset.json`` of the image/mask ``pairs`` (:mod:`unetdist.data.inputs`)
     to ``out_dir``; returns the dataset.json content.
@@ -342,7 +375,9 @@ def prepare_pairs(
     ``whole_images`` (zarr only) stores each image whole, chunked in 2-D squares; training
     samples tiles from it, validation reads a fixed grid (the tile counts are the grid's).
     ``zarr_codec`` (pre-tiled zarr only) compresses the tiles; None: uncompressed, the fastest
-    to read (see :mod:`unetdist.data.writers`).
+    to read (see :mod:`unetdist.data.writers`). ``spatial_dims=3``: volumes (``pairs`` of
+    :class:`~unetdist.data.volumes.VolumePairs`), whole-image Zarr only, tiles of ``(tile_depth or
+    tile_size, tile_size, tile_size)``, the voxel ``spacing`` (z, y, x) if given, else the files'.
 
     Validation (``val_fraction`` > 0): whole images (stacks), or, with fewer than
     :data:`~unetdist.data.splits.MIN_IMAGES_TO_SPLIT_BY_IMAGE`, the last part of every image
@@ -350,8 +385,8 @@ def prepare_pairs(
     ``train_regions``). One image too small for that is an error naming it; of several, whole
     images are held out instead, as before region splits.
     """
-    settings = _Settings(mask_kind, tile_size, shard_size, w0, sigma, weight_map, output_format,
-                         context_margin, whole_images, zarr_codec)  # fmt: skip
+    settings = _Settings(mask_kind, tile_size, shard_size, w0, sigma, weight_map, output_format, context_margin,
+                         whole_images, zarr_codec, spatial_dims, tile_depth, None if spacing is None else tuple(spacing))  # fmt: skip
     settings.check()
     out_dir = Path(out_dir)
     items = pairs.items()
@@ -387,7 +422,8 @@ def prepare_pairs(
                 splits = {"train": stems, "val": stems}
             except RegionTooSmall as err:
                 if images == 1:
-                    raise RegionTooSmall(f"{err}; use a smaller --tile or a larger image") from None
+                    tile, kind = ("--tile or --tile-depth", "volume") if spatial_dims == 3 else ("--tile", "image")
+                    raise RegionTooSmall(f"{err}; use a smaller {tile} or a larger {kind}") from None
                 # what prepared before region splits existed still prepares as it did (info: the
                 # command line's errors stay one line, and its output what it was)
                 log.info("%d images (fewer than %d): a region of each would validate, but %s; holding out "

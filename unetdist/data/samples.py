@@ -56,6 +56,15 @@ class SampleChecks:
     keys: tuple[str, str, str] = ("image", "mask", "weight")
     target: str = "semantic"
     boundary_width_px: int = 2
+    spatial_dims: int = 2  # 3: volumes, image [C, Z, Y, X] (model.spatial_dims)
+    tile_depth: int = 0  # 3-D tiles' z extent (data.tile_depth); 0: tile_size
+    ignore_index: int = -1  # a mask value trained and scored nowhere (data.ignore_index); -1: none
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        """The model's input tile per spatial axis."""
+        size = self.tile_size
+        return (self.tile_depth or size, size, size) if self.spatial_dims == 3 else (size, size)
 
     def __post_init__(self) -> None:
         if isinstance(self.use_weight_map, bool):  # callers of before "auto" existed
@@ -72,7 +81,7 @@ class SampleChecks:
 class Sample:
     """A checked sample: image [C,H,W] in its stored dtype, mask [H,W] integer (the training
     target), weight [H,W] or None, and the instance ids [H,W] the mask came from (instance
-    masks only; validation batches carry them)."""
+    masks only; validation batches carry them). A volume's: [C,Z,Y,X] and [Z,Y,X]."""
 
     key: str
     where: str  # shard file or store, for messages
@@ -189,25 +198,34 @@ def check_sample(
     ``weights_of`` makes the weight map of an instance mask (default: computed here; a source may
     cache them: :mod:`unetdist.data.weight_cache`)."""
     at = f"{where} sample {key}"
-    if image.ndim != 3 or image.shape[0] != checks.in_channels:
-        raise DataError(f"{at}: image shape {image.shape}, expected [{checks.in_channels}, H, W] (model.in_channels)")
+    dims, axes = checks.spatial_dims, "Z, Y, X" if checks.spatial_dims == 3 else "H, W"
+    if image.ndim != dims + 1 or image.shape[0] != checks.in_channels:
+        raise DataError(f"{at}: image shape {image.shape}, expected [{checks.in_channels}, {axes}] (model.in_channels"
+                        f"{', model.spatial_dims=3' if dims == 3 else ''})")
     if image.dtype not in IMAGE_DTYPES:
         raise DataError(f"{at}: image dtype {image.dtype}, expected one of {', '.join(map(str, IMAGE_DTYPES))}")
-    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-        raise DataError(f"{at}: mask must be an integer HxW array, got {mask.dtype} {mask.shape}")
+    if mask.ndim != dims or not np.issubdtype(mask.dtype, np.integer):
+        raise DataError(f"{at}: mask must be an integer {axes.replace(', ', 'x')} array, got {mask.dtype} {mask.shape}")
     if image.shape[1:] != mask.shape:
         raise DataError(f"{at}: image size {image.shape[1:]} differs from mask size {mask.shape}")
+    ignored = mask == checks.ignore_index if checks.ignore_index >= 0 else None  # sparse annotation
     if checks.mask_kind in ("classes", AUTO):
-        _check_class_ids(at, mask, checks.num_classes)
+        _check_class_ids(at, mask if ignored is None else np.where(ignored, 0, mask), checks.num_classes)
     instances = mask if checks.mask_kind == "instances" else None
+    if instances is not None and ignored is not None:
+        raise DataError(f"{at}: data.ignore_index={checks.ignore_index} needs class or binary masks, not instance ids")
     if instances is not None and checks.target == "boundary":
         from unetdist.instance_targets import boundary_classes
 
         mask = boundary_classes(instances, checks.boundary_width_px)
     elif checks.mask_kind in ("instances", "binary"):  # instance ids or any non-zero: foreground 1
         mask = (mask != 0).astype(np.uint8)
-    if min(mask.shape) < checks.tile_size:
-        raise DataError(f"{at}: tile {mask.shape} is smaller than data.tile_size={checks.tile_size}")
+        if ignored is not None:
+            mask[ignored] = checks.ignore_index
+    if any(length < size for length, size in zip(mask.shape, checks.tile_shape, strict=True)):
+        tile = f"data.tile_size={checks.tile_size}" if dims == 2 else (
+            f"the tile {'x'.join(map(str, checks.tile_shape))} (data.tile_depth, data.tile_size)")
+        raise DataError(f"{at}: tile {mask.shape} is smaller than {tile}")
     if checks.use_weight_map == "false":
         weight = None
     elif weight is not None:
@@ -231,7 +249,9 @@ def computed_weight_map(instances: np.ndarray) -> np.ndarray:
     """The paper's border weight map of an instance mask, as prepare stores it (float32)."""
     from unetdist.weight_map import border_weight_map
 
-    return border_weight_map(instances, w0=COMPUTED_W0, sigma=COMPUTED_SIGMA).astype(np.float32)
+    # a volume's: each z slice's own map (the exact 3-D map costs ~3x: unetdist.weight_map)
+    return border_weight_map(instances, w0=COMPUTED_W0, sigma=COMPUTED_SIGMA,
+                             spatial_dims=instances.ndim).astype(np.float32)
 
 
 def _check_class_ids(at: str, mask: np.ndarray, num_classes: int) -> None:

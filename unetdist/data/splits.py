@@ -7,6 +7,8 @@ single-image split (:mod:`unetdist.data.sources.ome_zarr`)::
     train, val = split_by_group(items, val_fraction=0.1, seed=0)     # 5 or more images (or stacks)
     regions = holdout_regions(512, 768, tile_size=96, val_fraction=0.1)
     regions.train, regions.val      # (y0, y1, x0, x1) each, in the image's pixels
+    regions = holdout_box((40, 512, 768), (16, 96, 96), val_fraction=0.1)   # a volume
+    regions.train, regions.val      # (z0, z1, y0, y1, x0, x1)
 
 Whole images are the better split (no pixel of a validation image is trained on), but with
 fewer than :data:`MIN_IMAGES_TO_SPLIT_BY_IMAGE` images it holds out a large share of the data
@@ -30,7 +32,10 @@ from unetdist.data.imageio import PrepareError
 # quarter of the data where val_fraction asks a tenth, and its score rests on one image.
 MIN_IMAGES_TO_SPLIT_BY_IMAGE = 5
 
-Region = tuple[int, int, int, int]  # (y0, y1, x0, x1): rows [y0, y1) and columns [x0, x1)
+Region = tuple[int, ...]  # (start, stop) per spatial axis: (y0, y1, x0, x1), or (z0, z1, y0, y1, x0, x1)
+# What people call the spatial axes, last two in-plane; in messages and in region_text.
+AXIS_NAMES = ("planes", "rows", "columns")
+LENGTH_NAMES = ("depth", "height", "width")
 
 
 def split_by_image(stems: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -107,13 +112,14 @@ class HoldoutRegions:
 
     train: Region
     val: Region
-    axis: str  # "rows" (cut across the height) or "columns"
+    axis: str  # "rows" (cut across the height), "columns", or "planes" (across the depth of a volume)
 
 
 def region_text(region: Region) -> str:
-    """``rows 160-255, columns 0-255`` (inclusive, as people count pixels) of a region (y0, y1, x0, x1)."""
-    y0, y1, x0, x1 = region
-    return f"rows {y0}-{y1 - 1}, columns {x0}-{x1 - 1}"
+    """``rows 160-255, columns 0-255`` (inclusive, as people count pixels) of a region (y0, y1, x0, x1);
+    ``planes 0-23, rows ...`` of a volume's (z0, z1, y0, y1, x0, x1)."""
+    names = AXIS_NAMES[-(len(region) // 2) :]
+    return ", ".join(f"{name} {region[2 * i]}-{region[2 * i + 1] - 1}" for i, name in enumerate(names))
 
 
 class RegionTooSmall(PrepareError):
@@ -134,17 +140,32 @@ def holdout_regions(
     context, the output window). :class:`RegionTooSmall` where the image cannot hold both.
     """
     window = window or tile_size
-    along_rows = height >= width
-    length = height if along_rows else width
-    lengths = holdout_lengths(length, tile_size, val_fraction, window)
-    if not fits(lengths, window):
-        axis = "height" if along_rows else "width"
+    return holdout_box((height, width), (tile_size, tile_size), val_fraction, (window, window))
+
+
+def holdout_box(
+    shape: tuple[int, ...], tile: tuple[int, ...], val_fraction: float, window: tuple[int, ...] | None = None
+) -> HoldoutRegions:
+    """:func:`holdout_regions` of an image or volume of any number of spatial axes, ``tile`` one
+    length per axis: cut along the axis that holds the most tiles (the first of equals), the gap
+    half a tile along that axis. Of a square tile that is the longer axis; of a volume's
+    ``(tile_depth, tile, tile)`` tile, z only where the stack is deep for its tile depth (a stack
+    of few planes keeps them all in both regions: its z is too short to cut)."""
+    window = window or tile
+    axis = max(range(len(shape)), key=lambda a: (shape[a] / tile[a], -a))
+    lengths = holdout_lengths(shape[axis], tile[axis], val_fraction, window[axis])
+    names = LENGTH_NAMES[-len(shape) :]
+    if not fits(lengths, window[axis]):
+        kind, unit = ("image", "px") if len(shape) == 2 else ("volume", "voxels")
+        tile_text = str(tile[0]) if len(set(tile)) == 1 and len(shape) == 2 else "x".join(map(str, tile))
         raise RegionTooSmall(
-            f"image {height}x{width} is too small to hold out a validation region with tile size "
-            f"{tile_size}: its {axis} {length} px must hold {window} px to train, a {lengths.gap} px gap and "
-            f"{lengths.val} px to validate ({window + lengths.gap + lengths.val} px)"
+            f"{kind} {'x'.join(map(str, shape))} is too small to hold out a validation region with tile size "
+            f"{tile_text}: its {names[axis]} {shape[axis]} {unit} must hold {window[axis]} {unit} to train, a "
+            f"{lengths.gap} {unit} gap and {lengths.val} {unit} to validate "
+            f"({window[axis] + lengths.gap + lengths.val} {unit})"
         )
-    start_val = length - lengths.val
-    if along_rows:
-        return HoldoutRegions((0, lengths.train, 0, width), (start_val, height, 0, width), "rows")
-    return HoldoutRegions((0, height, 0, lengths.train), (0, height, start_val, width), "columns")
+    train = [bound for length in shape for bound in (0, length)]
+    val = list(train)
+    train[2 * axis + 1] = lengths.train
+    val[2 * axis] = shape[axis] - lengths.val
+    return HoldoutRegions(tuple(train), tuple(val), AXIS_NAMES[-len(shape) :][axis])

@@ -145,8 +145,9 @@ class TrainStream(IterableDataset):
             self._schedule.now = max(0, step_start - self.layout.global_batch_size)
         read = self._readahead.take(micro_index) if self._readahead is not None else self._read(micro_index)
         samples, skipped = replace_bad(read, self.options.on_error, f"micro-batch {micro_index}")
-        spec, size = self.options.spec, self.options.tile_size
-        windows = crop_windows([s.mask for s in samples], size, words, self.options.foreground_fraction)
+        spec, options = self.options.spec, self.options
+        tile = options.tile_shape if options.tile_depth else options.tile_size  # 2-D: the square's side, as ever
+        windows = crop_windows([s.mask for s in samples], tile, words, options.foreground_fraction)
         batch = collate(samples, windows, self.options, shared=False)  # a worker packs it (see pack)
         if spec is not None:
             params, noise_seeds = draw_params(words, spec)
@@ -190,7 +191,7 @@ class ValStream(IterableDataset):
         mine = np.arange(
             worker * self.world_size + self.rank, int(ends[-1]) if len(ends) else 0, self.world_size * workers
         )
-        size = self.options.tile_size
+        shape = self.options.tile_shape
         for begin in range(0, len(mine), self.micro_batch_size):
             chosen = mine[begin : begin + self.micro_batch_size]
             units = np.searchsorted(ends, chosen, side="right")
@@ -205,6 +206,6 @@ class ValStream(IterableDataset):
                 samples.append(item)
             if not samples:
                 continue
-            windows = [((s.mask.shape[0] - size) // 2, (s.mask.shape[1] - size) // 2) for s in samples]
+            windows = [tuple((n - size) // 2 for n, size in zip(s.mask.shape, shape, strict=True)) for s in samples]
             batch = collate(samples, windows, self.options, shared=self.options.augment_on != "worker")
             yield to_model_input(batch, "cpu") if self.options.augment_on == "worker" else batch

@@ -5,7 +5,9 @@ made to look like the hard part of the U-Net paper's task: cells that touch or n
 touch, so a network must learn the dim seams between them, and a background whose
 illumination varies enough that a single global threshold does not separate the cells.
 :func:`write_synthetic` writes a set of them as image and mask folders for prepare
-(``python -m unetdist.prepare --synthetic N``).
+(``python -m unetdist.prepare --synthetic N``). :func:`synthetic_volume` is the same in 3-D
+(touching ellipsoids; ``--synthetic N --spatial-dims 3``), :func:`write_synthetic_volumes` its
+TIFF stacks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import numpy as np
 from scipy import ndimage
 
 from unetdist.data.imageio import PrepareError
+
+__all__ = ["synthetic_cells", "synthetic_volume", "write_synthetic", "write_synthetic_volumes"]
 
 # Cell semi-axes in pixels; fixed in pixels (not relative to the image) like a microscope's
 # magnification, so larger images hold more cells rather than larger ones.
@@ -142,10 +146,10 @@ def _rasterize(cells: list[dict], size: int) -> tuple[np.ndarray, np.ndarray]:
     return instances, depth
 
 
-def _drop_small_and_relabel(instances: np.ndarray) -> np.ndarray:
+def _drop_small_and_relabel(instances: np.ndarray, min_size: int = MIN_CELL_AREA) -> np.ndarray:
     """Remove slivers left by seams and image borders; number the cells 1..K."""
     areas = np.bincount(instances.ravel())
-    keep = areas >= MIN_CELL_AREA
+    keep = areas >= min_size
     keep[0] = False
     new_ids = np.zeros(areas.shape[0], dtype=np.uint16)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint16)
@@ -181,3 +185,131 @@ def _render(instances: np.ndarray, edge_depth: np.ndarray, rng: np.random.Genera
     noisy = rng.poisson(signal * photons_per_level) / photons_per_level
     noisy = noisy + rng.normal(0.0, 5.0, size=signal.shape)
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- volumes
+
+# Cell semi-axes of volumes in in-plane voxels: smaller than in 2-D, so that a 64-voxel cube,
+# what a quick test prepares, holds a few dozen cells and tiles of 16-32 voxels hold several.
+MIN_SEMI_AXIS_3D, MAX_SEMI_AXIS_3D = 4.0, 9.0
+# Of the volume: below the 2-D coverage, since ellipsoids pack less densely than ellipses, and
+# rejection sampling would mostly reject past this.
+TARGET_COVERAGE_3D = 0.45
+MIN_CELL_VOXELS = 20
+
+
+def synthetic_volume(
+    shape: tuple[int, int, int], rng: np.random.Generator, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """One toy volume of ``shape`` (z, y, x) voxels and its instance labels: touching ellipsoids.
+
+    ``spacing``: the voxel size (z, y, x) relative to each other; the cells are shaped in space,
+    so a coarse z (``(4, 1, 1)``) samples each cell in few planes, as a microscope's z steps do
+    (it looks squashed along z in voxels). Returns ``(image, instances)``: uint8 and uint16
+    [Z, Y, X], ids 1..K consecutive. Pure: depends only on the arguments and ``rng``'s state.
+    """
+    if min(shape[1:]) < 16 or shape[0] < 4:
+        raise ValueError(f"synthetic_volume: shape {shape} is too small; use at least 4x16x16 voxels")
+    scale = np.asarray(spacing, dtype=np.float64) / spacing[1]  # in-plane voxels: the unit of the cells
+    extent = np.asarray(shape) * scale
+    instances, depth = np.zeros(shape, np.uint16), np.full(shape, np.inf)
+    centres, radii = np.empty((0, 3)), np.empty(0)
+    covered, target = 0.0, TARGET_COVERAGE_3D * float(np.prod(extent))
+    mean_volume = 4 / 3 * math.pi * MIN_SEMI_AXIS_3D * MAX_SEMI_AXIS_3D**2
+    for _ in range(40 * int(target / mean_volume + 1)):
+        if covered >= target:
+            break
+        semi = rng.uniform(MIN_SEMI_AXIS_3D, MAX_SEMI_AXIS_3D) * np.array([1.0, *rng.uniform(0.6, 1.0, size=2)])
+        centre = rng.uniform(-0.3 * semi[0], extent + 0.3 * semi[0])
+        rotation, upper = np.linalg.qr(rng.normal(size=(3, 3)))
+        rotation *= np.sign(np.diag(upper))  # a uniformly random orientation
+        radius = float(semi.mean())
+        if np.any(np.linalg.norm(centres - centre, axis=1) < MIN_CENTRE_SEPARATION * (radii + radius)):
+            continue
+        _rasterize_ellipsoid(instances, depth, len(radii) + 1, centre, semi, rotation, scale)
+        centres, radii = np.vstack([centres, centre]), np.append(radii, radius)
+        covered += 4 / 3 * math.pi * float(np.prod(semi))
+    instances = _drop_small_and_relabel(instances, MIN_CELL_VOXELS)
+    depth[instances == 0] = 1.0
+    return _render_volume(instances, depth, rng, scale), instances
+
+
+def _rasterize_ellipsoid(instances, depth, label, centre, semi, rotation, scale) -> None:
+    """Give ``label`` the voxels inside the ellipsoid that lie deeper in it than in any cell so far
+    (overlaps are cut along a seam, as :func:`_rasterize` does in 2-D)."""
+    reach = 1.05 * semi.max()
+    low = np.maximum(0, np.floor((centre - reach) / scale)).astype(int)
+    high = np.minimum(instances.shape, np.ceil((centre + reach) / scale) + 1).astype(int)
+    if np.any(low >= high):
+        return
+    axes = [(np.arange(a, b) * s - c) for a, b, s, c in zip(low, high, scale, centre, strict=True)]
+    offsets = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    cell_depth = np.sqrt((((offsets @ rotation) / semi) ** 2).sum(axis=-1))
+    window = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    wins = (cell_depth < 1.0) & (cell_depth < depth[window])
+    instances[window][wins] = label
+    depth[window][wins] = cell_depth[wins]
+
+
+def _smooth_volume(shape: tuple[int, ...], rng: np.random.Generator, grid: int) -> np.ndarray:
+    """:func:`_smooth_field` of a volume: a coarse random grid upsampled cubically, in [-1, 1]."""
+    coarse = rng.normal(0.0, 1.0, size=(grid,) * len(shape))
+    field = ndimage.zoom(coarse, [length / grid for length in shape], order=3, mode="nearest")
+    field = field[tuple(slice(0, length) for length in shape)]
+    return field / (np.abs(field).max() + 1e-9)
+
+
+def _render_volume(instances: np.ndarray, edge_depth: np.ndarray, rng: np.random.Generator, scale) -> np.ndarray:
+    """:func:`_render` of a volume: uneven background, per-cell brightness, dim edges, blur, noise."""
+    shape = instances.shape
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    coordinates = np.meshgrid(*[np.arange(length) / length - 0.5 for length in shape], indexing="ij", sparse=True)
+    ramp = sum(weight * axis for weight, axis in zip(direction, coordinates, strict=True))
+    background = 45.0 + 50.0 * ramp + 15.0 * _smooth_volume(shape, rng, 4)
+    brightness = np.concatenate([[0.0], rng.uniform(55.0, 150.0, size=int(instances.max()))])
+    cell_signal = brightness[instances] * (1.0 - 0.45 * np.clip(edge_depth, 0.0, 1.0) ** 4)
+    texture = 1.0 + 0.12 * _smooth_volume(shape, rng, max(4, min(shape) // 12))
+    signal = np.clip(background + cell_signal * texture, 1.0, None)
+    # the same blur in space: a voxel's width in-plane, fewer planes along a coarse z
+    signal = ndimage.gaussian_filter(signal, sigma=[1.0 / size for size in scale])
+    photons_per_level = 0.5
+    noisy = rng.poisson(signal * photons_per_level) / photons_per_level + rng.normal(0.0, 5.0, size=shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def write_synthetic_volumes(
+    out_dir: str | Path,
+    count: int,
+    image_size: int,
+    depth_size: int,
+    seed: int,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> tuple[Path, Path]:
+    """``count`` toy volumes of ``depth_size`` x ``image_size`` x ``image_size`` voxels and their
+    instance masks as ImageJ TIFF stacks (axes ZYX, the ``spacing`` in their metadata, so prepare
+    reads it as it would a microscope's) under ``out_dir/raw/volumes``; returns (images, masks) dirs.
+    Earlier ``volume_*.tif`` there are removed: the folder is the generator's, and a smaller
+    count must not leave volumes of a larger one to be prepared with it."""
+    import tifffile
+
+    if count <= 0:
+        raise PrepareError(f"--synthetic needs a positive number of volumes, got {count}")
+    if image_size < 16 or depth_size < 4:
+        raise PrepareError(f"--image-size must be at least 16 and --depth-size at least 4, got {image_size} and "
+                           f"{depth_size}")  # fmt: skip
+    folder = Path(out_dir) / "raw" / "volumes"
+    images_dir, masks_dir = folder / "images", folder / "masks"
+    for directory in (images_dir, masks_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("volume_*.tif"):
+            stale.unlink()
+    rng = np.random.default_rng(seed)
+    z, y, x = (float(size) for size in spacing)
+    metadata = {"axes": "ZYX", "spacing": z, "unit": "um"}
+    for index in range(count):
+        image, instances = synthetic_volume((depth_size, image_size, image_size), rng, (z, y, x))
+        for directory, array in ((images_dir, image), (masks_dir, instances)):
+            tifffile.imwrite(directory / f"volume_{index:04d}.tif", array, imagej=True, resolution=(1 / x, 1 / y),
+                             metadata=metadata)  # fmt: skip
+    return images_dir, masks_dir

@@ -61,6 +61,7 @@ from unetdist.data.sources.tar_index import write_local_index
 TARGET_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_TILES = 64
 IMAGE_CHUNK = 256  # pixels per side of a whole image's 2-D chunks
+VOLUME_CHUNK = 64  # voxels per side of a whole volume's 3-D chunks (256 kB of uint8 per channel)
 # The mtime of every tar member: fixed, so the same tiles give the same shard bytes; a float like
 # webdataset's default time.time(), so the layout stays as it was (a PAX header per member holds it).
 SHARD_MTIME = 0.0
@@ -200,9 +201,10 @@ class ZarrImageWriter:
     uint16/uint32 instance ids: :func:`mask_dtype`), ``weights/<i>`` [H,W] float32, chunked in
     ``chunk`` x ``chunk`` pixel squares (all channels in a chunk), so a tile read decodes only the
     chunks it overlaps, and ``foreground/<i>`` (:func:`~unetdist.data.layout.foreground_points`).
-    The group attributes list the stems, the [C,H,W] shape of each image, where each lies in its
-    source image (``offsets``: a region held out of it, prepare's region split) and the
-    foreground tables' cap, seed and row counts."""
+    Volumes ([C,Z,Y,X], [Z,Y,X]) likewise, chunked in ``VOLUME_CHUNK`` cubes. The group attributes
+    list the stems, the [C,H,W] (or [C,Z,Y,X]) shape of each image, where each lies in its source
+    image (``offsets``: a region held out of it, prepare's region split), the foreground tables'
+    cap, seed and row counts, and for volumes ``spatial_dims`` and each one's ``spacing``."""
 
     def __init__(
         self, store: Path, split: str, chunk: int = IMAGE_CHUNK, foreground_cap: int = FOREGROUND_CAP
@@ -213,6 +215,7 @@ class ZarrImageWriter:
         self.shapes: list[list[int]] = []
         self.foreground_counts: list[int] = []
         self.offsets: list[list[int]] = []
+        self.spacings: list[list[float]] = []
 
     def write_image(
         self,
@@ -220,37 +223,44 @@ class ZarrImageWriter:
         image: np.ndarray,
         mask: np.ndarray,
         weight: np.ndarray | None,
-        offset: tuple[int, int] = (0, 0),
+        offset: tuple[int, ...] = (0, 0),
+        spacing: tuple[float, ...] | None = None,
     ) -> None:
-        """Store ``image`` whole; ``offset``: (top, left) of this region in the source image (keys say it)."""
+        """Store ``image`` whole; ``offset``: the corner of this region in the source image (keys
+        say it); ``spacing``: a volume's voxel size (z, y, x)."""
         import zarr
         from zarr.codecs import ZstdCodec
 
+        if mask.ndim not in (2, 3) or image.shape[1:] != mask.shape or (self.shapes and len(self.shapes[0]) != image.ndim):
+            raise ValueError(f"{stem}: image {image.shape} and mask {mask.shape}: expected [C, *S] and [*S], "
+                             "S 2-D or 3-D, one kind per split")  # fmt: skip
         if self.group is None:
             root = zarr.open_group(str(self.store), mode="a")
             self.group = root.create_group(self.split, overwrite=True)
             for name in ("images", "masks", "foreground") + (("weights",) if weight is not None else ()):
                 self.group.create_group(name)
         index, zstd = str(len(self.stems)), [ZstdCodec(level=1)]
-        channels, height, width = image.shape
-        ch, cw = min(self.chunk, height), min(self.chunk, width)
+        # a 3-D window reads every chunk it meets along z as well: cubes of VOLUME_CHUNK keep that to a few
+        side = self.chunk if mask.ndim == 2 else VOLUME_CHUNK
+        chunks = tuple(min(side, length) for length in mask.shape)
         points = foreground_points(mask, self.foreground_cap)
         fields = [
-            ("images", image, (channels, ch, cw)),
-            ("masks", mask.astype(mask_dtype(mask), copy=False), (ch, cw)),
-            ("foreground", points, (max(len(points), 1), 2)),
+            ("images", image, (image.shape[0], *chunks)),
+            ("masks", mask.astype(mask_dtype(mask), copy=False), chunks),
+            ("foreground", points, (max(len(points), 1), mask.ndim)),
         ]
         if weight is not None:
-            fields.append(("weights", weight.astype(np.float32), (ch, cw)))
-        for name, array, chunks in fields:
+            fields.append(("weights", weight.astype(np.float32), chunks))
+        for name, array, array_chunks in fields:
             out = self.group[name].create_array(
-                index, shape=array.shape, dtype=array.dtype, chunks=chunks, compressors=zstd
+                index, shape=array.shape, dtype=array.dtype, chunks=array_chunks, compressors=zstd
             )
             out[...] = array
         self.stems.append(stem)
-        self.shapes.append([int(channels), int(height), int(width)])
+        self.shapes.append([int(v) for v in image.shape])
         self.foreground_counts.append(len(points))
-        self.offsets.append([int(offset[0]), int(offset[1])])
+        self.offsets.append([int(v) for v in offset] if len(offset) == mask.ndim else [0] * mask.ndim)
+        self.spacings.append([float(v) for v in spacing] if spacing is not None else [1.0] * mask.ndim)
 
     def close(self) -> None:
         if self.group is not None:
@@ -259,6 +269,7 @@ class ZarrImageWriter:
                 "seed": FOREGROUND_SEED,
                 "counts": self.foreground_counts,
             }
+            volumes = {"spatial_dims": 3, "spacing": self.spacings} if len(self.shapes[0]) == 4 else {}
             self.group.attrs.update(
                 {
                     "layout": WHOLE_IMAGES,
@@ -267,6 +278,7 @@ class ZarrImageWriter:
                     "offsets": self.offsets,
                     "chunk": self.chunk,
                     "foreground": foreground,
+                    **volumes,
                 }
             )
 
@@ -356,9 +368,10 @@ class ZarrImageSplitWriter(ZarrTileSplitWriter):
         image: np.ndarray,
         mask: np.ndarray,
         weight: np.ndarray | None,
-        offset: tuple[int, int] = (0, 0),
+        offset: tuple[int, ...] = (0, 0),
+        spacing: tuple[float, ...] | None = None,
     ) -> None:
-        self.writer.write_image(stem, image, mask, weight, offset)
+        self.writer.write_image(stem, image, mask, weight, offset, spacing)
 
 
 def open_split_writer(

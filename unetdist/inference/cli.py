@@ -25,7 +25,8 @@ first) with the decoding the model was trained with, tuned on its validation dat
 ``--min-size`` and ``--min-distance`` override single fields, and ``--tune DATA`` chooses them
 anew on annotated images, writes them to ``<output>/decoding.json`` and predicts with them
 (:mod:`unetdist.inference.tuning`). ``--border-class`` decodes the class labels of a model
-trained with a border class, as before the boundary target.
+trained with a border class, as before the boundary target. A 3-D model's volumes (TIFF stacks,
+Zarr arrays) decode in 3-D, ``--min-size`` in voxels; ``--tune`` takes 2-D images only.
 
 ``--input`` and ``--output`` may be URLs (``s3://``, ``gs://``, ``az://``, ``https://``; credentials
 from the environment only, see :mod:`unetdist.data.remote`): a Zarr store at a URL is read, and
@@ -58,13 +59,8 @@ from unetdist.inference.loading import ModelLoadError, load_model
 from unetdist.inference.ngff_labels import DEFAULT_LABEL_NAME, NgffJob, prepare_ngff
 from unetdist.inference.ngff_predict import predict_ngff
 from unetdist.inference.zarr_instances import predict_zarr_instances
-from unetdist.inference.zarr_io import (
-    DEFAULT_BLOCK,
-    FailedElsewhere,
-    one_line,
-    open_zarr_inputs,
-    predict_zarr,
-)
+from unetdist.inference.zarr_io import DEFAULT_BLOCK, DEFAULT_BLOCK_3D, FailedElsewhere, predict_zarr
+from unetdist.inference.zarr_sources import one_line, open_zarr_inputs
 from unetdist.precision import PRECISIONS
 
 log = logging.getLogger("unetdist.predict")
@@ -105,11 +101,11 @@ def predict_zarr_item(
         else:
             summary = predict_zarr_instances(model, array, name, locations, decoder, **common)
         log.info(
-            "%s -> %s: %d blocks of %d (this rank %d), tile %s, %.1f s%s",
+            "%s -> %s: %d blocks of %s (this rank %d), tile %s, %.1f s%s",
             item.shown,
             remote.display(locations["labels"]),
             summary["blocks"],
-            summary["block_size"],
+            summary["block"],
             summary["blocks_this_rank"],
             summary["tile"],
             summary["seconds"],
@@ -149,6 +145,7 @@ def predict_ngff_item(
 def _predict_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "tile": args.tile,
+        "tile_depth": args.tile_depth,
         "overlap": args.overlap,
         "batch_size": args.batch,
         "precision": args.precision,
@@ -172,6 +169,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tile", type=int, help="model input tile side (default: from image, --memory-gb)")
     parser.add_argument(
+        "--tile-depth", type=int,
+        help="3-D models: the tile's z side, --tile its in-plane side (default: a cube)",
+    )
+    parser.add_argument(
         "--memory-gb", type=float,
         help="activation memory of one forward (default: 3 on a CPU, half of a GPU's free memory)",
     )
@@ -192,7 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     decoding = parser.add_argument_group("instance decoding (default: as stored with the model)")
     decoding.add_argument("--threshold", type=float, help="P(foreground) above which a pixel is in an object")
     decoding.add_argument("--seed-threshold", type=float, help="boundary target: P(interior) of a seed pixel")
-    decoding.add_argument("--min-size", type=int, help="objects smaller than this (px) are dropped")
+    decoding.add_argument("--min-size", type=int, help="objects smaller than this (px; voxels: 3-D) are dropped")
     decoding.add_argument("--min-distance", type=int, help="semantic target: spacing of the seeds (px)")
     decoding.add_argument(
         "--border-class", type=int, help="decode the class labels of a model trained with this border class"
@@ -205,7 +206,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     decoding.add_argument(
         "--tune-masks", metavar="MASKS", help="the instance masks of the --tune images, matched by stem"
     )
-    parser.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="Zarr: output block/chunk side (px)")
+    parser.add_argument(
+        "--block", type=int,
+        help=f"Zarr: output block/chunk side (px; default {DEFAULT_BLOCK}, a 3-D model's {DEFAULT_BLOCK_3D})",
+    )
     parser.add_argument("--level", type=int, default=0, help="OME-Zarr: the resolution level to read")
     parser.add_argument(
         "--label-name", default=DEFAULT_LABEL_NAME, help="OME-Zarr: the label image's name (labels/<name>)"
@@ -214,6 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tune_masks is not None and args.tune is None:
         parser.error("--tune-masks needs --tune IMAGES")
+    if args.tile_depth is not None and args.tile is None:
+        parser.error("--tile-depth needs --tile (the tile's in-plane side)")
     args.instances = args.instances or args.tune is not None
     return args
 
@@ -243,9 +249,10 @@ def _run(args: argparse.Namespace, ctx: Any) -> int:
     if args.output is not None:
         prepare_output(args.output)
     log.info(
-        "model %s (%s, %s in, %s classes); %d input(s) on %d rank(s)",
+        "model %s (%s%s, %s in, %s classes); %d input(s) on %d rank(s)",
         meta["source"],
         meta["preset"],
+        ", 3-D" if meta.get("spatial_dims") == 3 else "",
         meta["in_channels"],
         meta["num_classes"],
         len(items),
@@ -293,6 +300,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _decoder(args: argparse.Namespace, meta: dict[str, Any]) -> InstanceDecoder:
+    if meta.get("spatial_dims") == 3 and args.tune is not None:  # tuning.py reads 2-D images and masks only
+        raise InputError(
+            f"{meta['source']}: --tune: choosing the decoding on annotated volumes (a 3-D model) is not "
+            "supported yet; --instances decodes with the model's stored decoding (tuned on its validation "
+            "volumes) and --threshold, --seed-threshold, --min-size, --min-distance override it"
+        )
     decoder = InstanceDecoder.of(meta, _overrides(args), args.border_class)
     decoder.check_classes(meta["num_classes"], meta["source"])
     return decoder
@@ -337,6 +350,9 @@ def _prepare_ngff_jobs(
             f"{others[0]}: not an OME-Zarr (NGFF) image, a Zarr group with multiscales metadata, so {option}"
         )
     ngff_items = [item for item in items if item.is_ngff]
+    if ngff_items and getattr(model, "spatial_dims", 2) == 3:
+        raise InputError(f"{ngff_items[0].shown}: OME-Zarr images are predicted plane by plane by 2-D models "
+                         "only; for a 3-D model give the level's [C, Z, Y, X] volume as a plain Zarr array")
     if args.probabilities and ngff_items:
         raise InputError(f"{ngff_items[0].shown}: an OME-Zarr image gets labels only, not --probabilities")
     return [

@@ -17,6 +17,7 @@ mapping, so the result does not depend on the tiling at all.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -89,12 +90,14 @@ class ChannelStats:
 
 
 def normalise(region: np.ndarray, stats: ChannelStats) -> np.ndarray:
-    """float32 ``(x - mean) / (std + eps)`` per channel, as ``zscore_per_channel`` does per tile."""
-    mean = stats.mean.astype(np.float32)[:, None, None]
-    scale = (stats.std + NORMALISATION_EPSILON).astype(np.float32)[:, None, None]
+    """float32 ``(x - mean) / (std + eps)`` per channel of a ``[C, *spatial]`` region, as
+    ``zscore_per_channel`` does per tile."""
+    per_channel = (slice(None), *(None,) * (region.ndim - 1))
+    mean = stats.mean.astype(np.float32)[per_channel]
+    scale = (stats.std + NORMALISATION_EPSILON).astype(np.float32)[per_channel]
     region = region.astype(np.float32)
     if stats.clip is not None:
-        low, high = (bound.astype(np.float32)[:, None, None] for bound in stats.clip)
+        low, high = (bound.astype(np.float32)[per_channel] for bound in stats.clip)
         region = np.clip(region, low, high)
     return (region - mean) / scale
 
@@ -138,6 +141,39 @@ def as_chw(image: np.ndarray, in_channels: int | None, name: str = "image") -> n
     return image
 
 
+def as_czyx(volume: np.ndarray, in_channels: int | None, name: str = "volume") -> np.ndarray:
+    """``[Z, Y, X]`` -> ``[1, Z, Y, X]``; ``[C, Z, Y, X]`` checked against the model's channel count
+    (a 3-D model's input; :func:`as_chw` is a 2-D model's)."""
+    volume = np.asarray(volume)
+    if volume.dtype == bool:
+        volume = volume.astype(np.uint8)
+    if not (np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)):
+        raise InputError(f"{name}: dtype {volume.dtype} is not a real number type")
+    if volume.ndim == 3:
+        volume = volume[None]
+    if volume.ndim != 4:
+        raise InputError(
+            f"{name}: a 3-D model takes ZxYxX or CxZxYxX volumes, got shape {volume.shape}"
+            + (" (a 2-D image: predict it with a 2-D model)" if volume.ndim == 2 else "")
+        )
+    if in_channels is not None and volume.shape[0] != in_channels:
+        raise InputError(
+            f"{name}: has {volume.shape[0]} channel(s) (shape {volume.shape}), "
+            f"the model expects {in_channels}"
+        )
+    if min(volume.shape[1:]) < 1:
+        raise InputError(f"{name}: empty volume of shape {volume.shape}")
+    return volume
+
+
+def as_model_input(image: np.ndarray, model: nn.Module, name: str = "image") -> np.ndarray:
+    """``[C, *spatial]`` for the model: :func:`as_czyx` for a 3-D model, :func:`as_chw` for a 2-D one."""
+    geometry = ModelGeometry.of(model)
+    if geometry.spatial_dims == 3:
+        return as_czyx(image, geometry.in_channels, name)
+    return as_chw(image, geometry.in_channels, name)
+
+
 # ---------------------------------------------------------------- the predictor
 
 
@@ -166,33 +202,34 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 class TilePredictor:
-    """Class probabilities of an HxW image, one output block at a time.
+    """Class probabilities of an HxW image (a 3-D model: a DxHxW volume), one output block at a time.
 
     ``predict_block(source, stats, block)`` reads what the block's tiles need from
-    ``source`` (a ``[C, H, W]`` numpy or Zarr array; mirrored beyond the border),
-    normalises it with ``stats``, runs the model in batches and returns float32
-    ``[K, bottom-top, right-left]`` probabilities.
+    ``source`` (a ``[C, H, W]`` or ``[C, D, H, W]`` numpy or Zarr array; mirrored beyond the
+    border), normalises it with ``stats``, runs the model in batches and returns float32
+    ``[K, bottom-top, right-left]`` (``[K, z1-z0, bottom-top, right-left]``) probabilities;
+    ``block`` is ``(top, bottom, left, right)``, ``(z0, z1, top, bottom, left, right)`` in 3-D.
 
     The tiles (``plan``) come from :func:`unetdist.inference.planning.plan_tiles`: one pass
     over the whole image when it fits ``memory_gb`` (default: sized for the device), else the
     largest tiles that do; ``batch_size`` tiles per forward at most, fewer where the budget
-    holds fewer. ``max_block``: see ``plan_tiles`` (the Zarr path's block size).
+    holds fewer. ``max_block``: see ``plan_tiles`` (the Zarr path's block size). ``tile_depth``
+    (3-D): the tile along z, ``tile`` its in-plane side (default: ``tile``, a cube).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        height: int,
-        width: int,
-        *,
+        *shape: int,
         tile: int | None = None,
+        tile_depth: int | None = None,
         overlap: float | None = None,
         batch_size: int = 8,
         precision: str = "fp32",
         device: str | torch.device | None = None,
         flips: bool = False,
         memory_gb: float | None = None,
-        max_block: int | None = None,
+        max_block: int | tuple[int, ...] | None = None,
         normalize: str = "zscore",
     ) -> None:
         check_precision(precision)
@@ -203,12 +240,17 @@ class TilePredictor:
             raise ValueError(f"memory budget must be positive, got {memory_gb} GB")
         self.model = model
         self.geometry = ModelGeometry.of(model)
+        if len(shape) != self.geometry.spatial_dims:
+            raise InputError(_dims_message(self.geometry.spatial_dims, shape))
         self.device = resolve_device(model, device)
         memory_bytes = default_memory_bytes(self.device) if memory_gb is None else int(memory_gb * 2**30)
+        if tile_depth is not None:
+            if len(shape) != 3 or tile is None:
+                raise ValueError("a tile depth needs a 3-D model and a tile (the in-plane side) beside it")
+            tile = (tile_depth, tile, tile)
         self.plan = plan_tiles(
             self.geometry,
-            height,
-            width,
+            *shape,
             tile=tile,
             overlap=overlap,
             memory_bytes=memory_bytes,
@@ -221,8 +263,8 @@ class TilePredictor:
         self._window = None if window is None else torch.from_numpy(window).to(self.device)
 
     @property
-    def tile_shape(self) -> tuple[int, int]:
-        """The model input's (height, width)."""
+    def tile_shape(self) -> tuple[int, ...]:
+        """The model input's (height, width), (depth, height, width) in 3-D."""
         return self.plan.input_shape
 
     @property
@@ -234,10 +276,11 @@ class TilePredictor:
         with torch.inference_mode(), autocast(self.device.type, self.precision):
             probabilities = torch.softmax(self.model(batch).float(), dim=1)
             if self.flips:
-                for dims in ((-1,), (-2,), (-2, -1)):
+                flips = _flip_sets(batch.ndim - 2)
+                for dims in flips:
                     flipped = self.model(torch.flip(batch, dims)).float()
                     probabilities += torch.flip(torch.softmax(flipped, dim=1), dims)
-                probabilities /= 4.0
+                probabilities /= len(flips) + 1.0
         return probabilities
 
     def stats_of(self, chw: np.ndarray) -> ChannelStats:
@@ -246,19 +289,18 @@ class TilePredictor:
 
     def predict_block(
         self,
-        source,
+        source,  # noqa: ANN001
         stats: ChannelStats,
-        block: tuple[int, int, int, int],  # noqa: ANN001
+        block: tuple[int, ...],
     ) -> np.ndarray:
-        top, bottom, left, right = block
-        tiles = self.plan.tiles_for_block(top, bottom, left, right)
-        size_y, size_x = self.tile_shape
-        region_top = min(t.input_top for t in tiles)
-        region_left = min(t.input_left for t in tiles)
-        region_bottom = max(t.input_top for t in tiles) + size_y
-        region_right = max(t.input_left for t in tiles) + size_x
-        region = tiling.read_mirrored(source, region_top, region_bottom, region_left, region_right)
+        tiles = self.plan.tiles_for_block(*block)
+        sizes = self.tile_shape
+        region_low = [min(t.input_start[axis] for t in tiles) for axis in range(len(sizes))]
+        region_high = [max(t.input_start[axis] for t in tiles) + size for axis, size in enumerate(sizes)]
+        bounds = [value for pair in zip(region_low, region_high, strict=True) for value in pair]
+        region = tiling.read_mirrored(source, *bounds)
         region = torch.from_numpy(normalise(region, stats))
+        block_shape = tuple(block[2 * axis + 1] - block[2 * axis] for axis in range(len(sizes)))
 
         with eval_mode(self.model):
             probabilities = weights = None
@@ -267,17 +309,19 @@ class TilePredictor:
                 batch = torch.stack(
                     [
                         region[
-                            :,
-                            t.input_top - region_top : t.input_top - region_top + size_y,
-                            t.input_left - region_left : t.input_left - region_left + size_x,
+                            (
+                                slice(None),
+                                *(slice(first - low, first - low + size)
+                                  for first, low, size in zip(t.input_start, region_low, sizes, strict=True)),
+                            )
                         ]
                         for t in batch_tiles
                     ]
-                ).to(self.device, non_blocking=True)
+                ).to(self.device, non_blocking=True)  # fmt: skip
                 output = self.forward(batch)
                 if probabilities is None:
                     probabilities = torch.zeros(
-                        (output.shape[1], bottom - top, right - left), dtype=torch.float32, device=self.device
+                        (output.shape[1], *block_shape), dtype=torch.float32, device=self.device
                     )
                     if self.plan.blend:
                         weights = torch.zeros_like(probabilities[0])
@@ -293,25 +337,45 @@ class TilePredictor:
         weights: torch.Tensor | None,
         tile: tiling.Tile,
         tile_output: torch.Tensor,
-        block: tuple[int, int, int, int],
+        block: tuple[int, ...],
     ) -> None:
         """Add (blend) or copy (overlap-tile, context) the part of one tile's output inside the block."""
-        top, bottom, left, right = block
-        y0, y1 = max(tile.keep_top, top), min(tile.keep_bottom, bottom)
-        x0, x1 = max(tile.keep_left, left), min(tile.keep_right, right)
-        if y0 >= y1 or x0 >= x1:
-            return
-        # output pixel (0, 0) of a tile sits at image position input + margin
-        origin_y = tile.input_top + self.plan.rows.margin
-        origin_x = tile.input_left + self.plan.cols.margin
-        source = tile_output[:, y0 - origin_y : y1 - origin_y, x0 - origin_x : x1 - origin_x]
-        target = (slice(None), slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+        source_index, target_index = [], []
+        for axis, (keep_begin, keep_end) in enumerate(tile.keep):
+            begin, end = max(keep_begin, block[2 * axis]), min(keep_end, block[2 * axis + 1])
+            if begin >= end:
+                return
+            # output pixel 0 of a tile sits at image position input + margin
+            origin = tile.input_start[axis] + self.plan.axes[axis].margin
+            source_index.append(slice(begin - origin, end - origin))
+            target_index.append(slice(begin - block[2 * axis], end - block[2 * axis]))
+        source = tile_output[(slice(None), *source_index)]
+        target = (slice(None), *target_index)
         if self.plan.blend:
-            window = self._window[y0 - origin_y : y1 - origin_y, x0 - origin_x : x1 - origin_x]
+            window = self._window[tuple(source_index)]
             probabilities[target] += source * window
             weights[target[1:]] += window
         else:
             probabilities[target] = source
+
+
+def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
+    """The flips test-time augmentation averages over besides none: every set of flipped axes,
+    in-plane ones first (the 2-D order: x, y, both)."""
+    axes = [-1 - axis for axis in range(spatial_dims)]
+    return [dims for count in range(1, spatial_dims + 1) for dims in _subsets(axes, count)]
+
+
+def _subsets(axes: list[int], count: int) -> list[tuple[int, ...]]:
+    return [tuple(sorted(chosen)) for chosen in itertools.combinations(axes, count)]
+
+
+def _dims_message(spatial_dims: int, shape: tuple[int, ...]) -> str:
+    if spatial_dims == 3:
+        return (f"a 3-D model (model.spatial_dims 3) predicts volumes, got a {len(shape)}-D image of "
+                f"shape {shape}: give a ZxYxX or CxZxYxX volume, or use a 2-D model")  # fmt: skip
+    return (f"a 2-D model predicts images, got {len(shape)} spatial axes {shape}: a volume needs a model "
+            "trained with model.spatial_dims 3")  # fmt: skip
 
 
 def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -332,10 +396,12 @@ def predict_array(
     flips: bool = False,
     memory_gb: float | None = None,
     return_probabilities: bool = False,
+    tile_depth: int | None = None,
 ) -> np.ndarray:
     """Segment one in-memory image of any size.
 
-    ``image``: ``[H, W]`` or ``[C, H, W]``, any real dtype, raw intensities (normalised
+    ``image``: ``[H, W]`` or ``[C, H, W]`` (a 3-D model: ``[Z, Y, X]`` or ``[C, Z, Y, X]``, and
+    ``tile_depth`` its tiles' z side), any real dtype, raw intensities (normalised
     here with the whole image's per-channel mean/std). The tiles: one pass over the whole
     image when it fits ``memory_gb`` (default: sized for the device), else the largest tiles
     that do (see :mod:`unetdist.inference.planning`). Valid-conv models use the paper's
@@ -344,18 +410,18 @@ def predict_array(
     (padded models) asks for a Gaussian-weighted sliding window whose neighbours overlap by
     that fraction of a tile instead. ``tile`` None picks a size; ``device`` None uses the
     model's device, else moves the model. ``flips`` averages the probabilities over the
-    horizontal/vertical flips.
+    horizontal/vertical flips (3-D: every combination of z, y and x flips).
 
-    Returns HxW uint8 class labels, or float32 ``[K, H, W]`` softmax probabilities.
+    Returns HxW uint8 class labels, or float32 ``[K, H, W]`` softmax probabilities (3-D:
+    ``[Z, Y, X]`` and ``[K, Z, Y, X]``).
     The model runs in eval mode and is left in the mode it came in.
     """
-    chw = as_chw(image, ModelGeometry.of(model).in_channels)
-    height, width = chw.shape[1:]
+    chw = as_model_input(image, model)
     predictor = TilePredictor(
         model,
-        height,
-        width,
+        *chw.shape[1:],
         tile=tile,
+        tile_depth=tile_depth,
         overlap=overlap,
         batch_size=batch_size,
         precision=precision,
@@ -363,5 +429,6 @@ def predict_array(
         flips=flips,
         memory_gb=memory_gb,
     )
-    probabilities = predictor.predict_block(chw, ChannelStats.of(chw), (0, height, 0, width))
+    whole = tuple(value for side in chw.shape[1:] for value in (0, side))
+    probabilities = predictor.predict_block(chw, ChannelStats.of(chw), whole)
     return probabilities if return_probabilities else labels_from_probabilities(probabilities)

@@ -3,8 +3,9 @@
     failures = predict_files(model, items, output="preds/", options={...}, decoder=decoder)
 
 For each image ``<stem>``: ``<stem>_mask.tif`` (uint8 class labels), with ``probabilities``
-``<stem>_prob.tif`` (float16 [K, H, W]), with a ``decoder`` ``<stem>_instances.tif``
-(uint16/uint32 ids). The class labels, the instance decoding and the writes of an image run on
+``<stem>_prob.tif`` (float16 [K, H, W]), with a ``decoder`` ``<stem>_instances.tif`` (uint16/uint32
+ids); a 3-D model reads TIFF stacks (ZxYxX, ZxCxYxX) and writes [Z, Y, X] labels, [K, Z, Y, X]
+probabilities. The class labels, the instance decoding and the writes of an image run on
 worker threads while the next image is predicted (the model's forward and scipy's decoding both
 release the GIL), so beside a GPU, or with cores to spare, they cost little beyond the forward;
 at most one image per thread waits there. A file that cannot be read or predicted is a failure
@@ -29,7 +30,7 @@ from torch import nn
 
 from unetdist.data import remote
 from unetdist.inference.engine import InputError, TilePredictor, labels_from_probabilities
-from unetdist.inference.inputs import InputItem, read_image_for_model
+from unetdist.inference.inputs import InputItem, read_for_model
 from unetdist.inference.instance_decoding import InstanceDecoder
 
 log = logging.getLogger("unetdist.predict")
@@ -46,7 +47,7 @@ class Predicted:
     item: InputItem
     probabilities: np.ndarray
     tiles: int
-    tile_shape: tuple[int, int]
+    tile_shape: tuple[int, ...]
     predict_s: float
 
 
@@ -99,10 +100,10 @@ def writer_threads(device: str | torch.device | None) -> int:
 
 def predict_file(model: nn.Module, item: InputItem, options: dict[str, Any]) -> Predicted:
     started = time.perf_counter()
-    image = read_image_for_model(Path(item.path), getattr(model, "in_channels", None))
-    height, width = image.shape[1:]
-    predictor = TilePredictor(model, height, width, **options)
-    probabilities = predictor.predict_block(image, predictor.stats_of(image), (0, height, 0, width))
+    image = read_for_model(Path(item.path), model)
+    predictor = TilePredictor(model, *image.shape[1:], **options)
+    whole = tuple(value for side in image.shape[1:] for value in (0, side))
+    probabilities = predictor.predict_block(image, predictor.stats_of(image), whole)
     return Predicted(item, probabilities, predictor.plan.num_tiles, predictor.tile_shape,
                      time.perf_counter() - started)  # fmt: skip
 
@@ -120,12 +121,10 @@ def write_outputs(
         instances = decoder(predicted.probabilities)
         write_tiff(remote.join(output, f"{stem}_instances.tif"), instances)
         count = int(instances.max())
-    _, height, width = predicted.probabilities.shape
     log.info(
-        "%s: %dx%d, %d tile(s) of %s, predicted in %.2f s, %s in %.2f s%s",
+        "%s: %s, %d tile(s) of %s, predicted in %.2f s, %s in %.2f s%s",
         predicted.item.path,
-        height,
-        width,
+        "x".join(map(str, predicted.probabilities.shape[1:])),
         predicted.tiles,
         "x".join(map(str, predicted.tile_shape)),
         predicted.predict_s,

@@ -2,6 +2,7 @@
 
     items = list_inputs(["images/", "big.zarr", "s3://bucket/cells.ome.zarr"])
     image = read_image_for_model(Path(items[0].path), in_channels=1)       # [C, H, W]
+    volume = read_volume_for_model(Path("stack.tif"), in_channels=1)         # [C, Z, Y, X]
 
 An input is an image file (.tif/.tiff/.png), a folder of them (and of Zarr stores), a Zarr array
 or group, or an OME-Zarr image, locally or (Zarr only) at a URL. Each has a stem that names its
@@ -18,13 +19,11 @@ import numpy as np
 
 from unetdist.data import remote
 from unetdist.data.imageio import SUPPORTED_SUFFIXES, file_stem, read_array
-from unetdist.inference.engine import InputError, as_chw
-from unetdist.inference.zarr_io import is_ngff_image, location_name
+from unetdist.inference.engine import InputError, as_chw, as_czyx
+from unetdist.inference.zarr_sources import is_ngff_image, location_name
 
 log = logging.getLogger("unetdist.predict")
 ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")  # v3, then v2 array and group
-
-
 
 
 @dataclass(frozen=True)
@@ -128,3 +127,23 @@ def read_image_for_model(path: Path, in_channels: int | None) -> np.ndarray:
     ):
         image = np.moveaxis(image, -1, 0)
     return as_chw(image, in_channels, str(path))
+
+
+def read_volume_for_model(path: Path, in_channels: int | None) -> np.ndarray:
+    """``[C, Z, Y, X]`` from a TIFF stack: ZxYxX, or ZxCxYxX (ImageJ's hyperstack order) or CxZxYxX
+    (decided by the model's channel count; ZxCxYxX when both fit)."""
+    try:
+        volume = read_array(path)
+    except ValueError as err:  # PrepareError names the file
+        raise InputError(str(err)) from err
+    if volume.ndim == 4 and in_channels is not None and volume.shape[1] == in_channels:
+        volume = np.moveaxis(volume, 1, 0)
+    return as_czyx(volume, in_channels, str(path))
+
+
+def read_for_model(path: Path, model: object) -> np.ndarray:
+    """A 3-D model's volume (:func:`read_volume_for_model`) or a 2-D model's image."""
+    in_channels = getattr(model, "in_channels", None)
+    if getattr(model, "spatial_dims", 2) == 3:
+        return read_volume_for_model(path, in_channels)
+    return read_image_for_model(path, in_channels)

@@ -2,7 +2,7 @@
 
 The model carries its decoding (``load_model``'s ``meta["decoding"]``: the thresholds tuned on
 validation when it was trained, see :mod:`unetdist.inference.loading`); a model without one
-decodes with the defaults of its training target. Command-line options override single fields;
+decodes with the defaults of its training target (a 3-D model's: min size in voxels). Command-line options override single fields;
 ``--tune`` replaces the whole (:mod:`unetdist.inference.tuning`)::
 
     decoder = InstanceDecoder.of(meta, {"threshold": 0.6})       # stored params, threshold 0.6
@@ -53,7 +53,7 @@ class InstanceDecoder:
         params = tuned or (
             DecodeParams.from_dict(meta["decoding"])
             if meta.get("decoding")
-            else DecodeParams(target=meta.get("target") or "semantic")
+            else DecodeParams.defaults(meta.get("target") or "semantic", meta.get("spatial_dims") or 2)
         )
         chosen = {key: value for key, value in (overrides or {}).items() if value is not None}
         try:
@@ -66,7 +66,8 @@ class InstanceDecoder:
         return cls(params, border_class)
 
     def __call__(self, probabilities: np.ndarray) -> np.ndarray:
-        """HxW instance ids (0 background, 1..N; uint16, uint32 past 65,535) of [K, H, W] probabilities."""
+        """HxW instance ids (0 background, 1..N; uint16, uint32 past 65,535) of [K, H, W] probabilities;
+        ZxYxX ids of a volume's [K, Z, Y, X]."""
         if self.border_class is not None:
             return instances_from_labels(
                 labels_from_probabilities(probabilities),

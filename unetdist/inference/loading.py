@@ -60,7 +60,8 @@ def load_model(model: str, map_location: str | torch.device = "cpu") -> tuple[UN
     """An eval-mode model and its metadata from a checkpoint path/folder, an MLflow URI or model folder.
 
     Metadata keys: ``source``, ``kind`` ("checkpoint" or "mlflow"), ``preset``,
-    ``in_channels``, ``num_classes``, ``tile_size`` (the training tile), ``target`` and
+    ``in_channels``, ``num_classes``, ``spatial_dims`` (2, or 3 with ``z_pools``), ``tile_size``
+    and ``tile_depth`` (the training tile; 0: a cube or 2-D), ``target`` and
     ``decoding`` (see the module docstring), and for checkpoints ``step`` and ``config``.
     """
     if str(model).startswith(MLFLOW_SCHEMES) or (Path(model) / MLMODEL_FILE).is_file():
@@ -106,6 +107,7 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[UNet
             base_width=model_config.get("base_width") or None,
             depth=model_config.get("depth") or None,
             norm=model_config.get("norm", "batch"),
+            **_volume_arguments(model_config),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ModelLoadError(
@@ -124,6 +126,7 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> tuple[UNet
         "kind": "checkpoint",
         "step": int(state.get("step", 0)),
         "tile_size": int(config.get("data", {}).get("tile_size", 0) or 0),
+        "tile_depth": int(config.get("data", {}).get("tile_depth", 0) or 0),
         "config": config,
         "normalize": _normalize_of(config.get("data", {}).get("normalize"), f"{path}: its config's"),
         **_model_meta(model),
@@ -231,6 +234,7 @@ def network_from_files(
             base_width=spec.get("base_width") or None,
             depth=spec.get("depth") or None,
             norm=spec.get("norm", "batch"),
+            **_volume_arguments(spec),
         )
     except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ModelLoadError(
@@ -253,6 +257,7 @@ def network_from_files(
     network.to(map_location).eval()
     meta = {
         "tile_size": int(spec.get("tile_size") or 0),
+        "tile_depth": int(spec.get("tile_depth") or 0),
         "normalize": _normalize_of(spec.get("normalize"), f"{source}: {SPEC_FILE}'s"),
         **_model_meta(network),
         **_decoding_meta(spec.get("target"), spec.get("decoding"), f"{source}: {SPEC_FILE}'s"),
@@ -285,11 +290,26 @@ def _decoding_meta(target: Any, decoding: Any, where: str) -> dict[str, Any]:
     return {"target": params.target, "decoding": params.to_dict()}
 
 
+def _volume_arguments(model_config: dict[str, Any]) -> dict[str, Any]:
+    """``build_unet``'s 3-D arguments from a model config or ``unet.json``: none for a 2-D model
+    (``spatial_dims`` absent or 2: models saved before volumes build as they always did);
+    ``z_pools`` -1 or absent: every level pools z."""
+    spatial_dims = int(model_config.get("spatial_dims") or 2)
+    if spatial_dims == 2:
+        return {}
+    z_pools = model_config.get("z_pools")
+    return {"spatial_dims": spatial_dims, "z_pools": None if z_pools is None or z_pools < 0 else int(z_pools)}
+
+
 def _model_meta(model: nn.Module) -> dict[str, Any]:
-    return {
+    meta = {
         key: getattr(model, key, None)
         for key in ("preset", "in_channels", "num_classes", "base_width", "depth", "norm")
     }
+    meta["spatial_dims"] = int(getattr(model, "spatial_dims", 2) or 2)
+    if meta["spatial_dims"] == 3:
+        meta["z_pools"] = getattr(model, "z_pools", None)
+    return meta
 
 
 def _load_weights(model: UNet, state: Any, what: str, hint: str) -> None:
@@ -315,7 +335,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def _describe(model: UNet) -> str:
+    volume = (f" spatial_dims=3 z_pools={getattr(model, 'z_pools', None)}"
+              if getattr(model, "spatial_dims", 2) == 3 else "")  # fmt: skip
     return (
         f"preset={model.preset} in_channels={model.in_channels} num_classes={model.num_classes} "
-        f"base_width={model.base_width} depth={model.depth} norm={model.norm}"
+        f"base_width={model.base_width} depth={model.depth} norm={model.norm}{volume}"
     )

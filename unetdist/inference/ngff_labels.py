@@ -39,7 +39,8 @@ import numpy as np
 
 from unetdist.data import ngff, remote
 from unetdist.inference.engine import InputError
-from unetdist.inference.zarr_io import OutputError, PlaneView, downsample, one_line
+from unetdist.inference.zarr_io import OutputError, downsample
+from unetdist.inference.zarr_sources import PlaneView, one_line
 
 DEFAULT_LABEL_NAME = "unetdist"
 PYRAMID_MIN_SIDE = 256  # a single-level input's label pyramid stops at the first level this small
@@ -292,9 +293,9 @@ class PlaneOutputs:
     def __init__(self, writer: LabelWriter, plane: tuple[int, ...]) -> None:
         self.writer, self.plane = writer, plane
 
-    def create(self, height: int, width: int, num_classes: int, block_size: int) -> None:
+    def create(self, shape: tuple[int, ...], num_classes: int, block_shape: tuple[int, ...]) -> None:
         if not self.writer.created:
-            self.writer.create(num_classes, block_size)
+            self.writer.create(num_classes, block_shape[-1])
 
     def open(self) -> Callable[[tuple[int, int, int, int], np.ndarray], None]:
         labels = self.writer.array(0)

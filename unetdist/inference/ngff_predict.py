@@ -28,7 +28,7 @@ from unetdist.inference.zarr_instances import (
     run_together,
     scratch_location,
 )
-from unetdist.inference.zarr_io import DEFAULT_BLOCK, BlockOutputs, predict_blocks
+from unetdist.inference.zarr_io import BlockOutputs, predict_blocks
 
 
 def predict_ngff(
@@ -37,7 +37,7 @@ def predict_ngff(
     *,
     rank: int = 0,
     world_size: int = 1,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
     instances: InstanceDecoder | None = None,
     **predict_options: Any,
 ) -> dict[str, Any]:

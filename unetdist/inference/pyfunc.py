@@ -90,6 +90,8 @@ def save_model_files(
         "target": config.loss.target,
         "decoding": decoding,
     }
+    if getattr(config.model, "spatial_dims", 2) == 3:  # a 2-D model's unet.json stays as it was
+        spec.update(spatial_dims=3, z_pools=config.model.z_pools, tile_depth=config.data.tile_depth)
     spec_path = directory / SPEC_FILE
     spec_path.write_text(json.dumps(spec, indent=2))
     return {"weights": str(weights_path), "spec": str(spec_path)}

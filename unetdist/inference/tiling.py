@@ -1,7 +1,12 @@
 """Tile geometry for whole-image inference: plain integer/numpy arithmetic, no torch.
 
 A plan places model inputs along each image axis on its own (:class:`AxisTiles`; tiles may be
-rectangular, so a 700 x 1100 image can be one 704 x 1104 pass). Three strategies:
+rectangular, so a 700 x 1100 image can be one 704 x 1104 pass). An image has 2 spatial axes
+(y, x) or, a volume, 3 (z, y, x); every function here takes shapes of either, the spatial axes
+trailing, and a block or window is the flat tuple of its ``(begin, end)`` per axis:
+``(top, bottom, left, right)`` or ``(z0, z1, top, bottom, left, right)``. Each axis has its own
+pooling period (``2**pools``: a volume whose z pools at fewer levels has a shorter one along z),
+so every rule below holds per axis. Three strategies:
 
 ``overlap-tile`` (valid-conv presets ``paper``/``article``, Ronneberger et al. 2015, Fig. 2):
 output tiles laid edge to edge; each input tile is the output tile grown by the model's
@@ -28,12 +33,14 @@ field is unknown): input tile == output tile, neighbours overlap by ``overlap`` 
 and each tile's probabilities are weighted by a Gaussian that is highest at the tile centre,
 so the zero-padded tile borders count least and no seams show.
 
-A plan covers the whole image; ``tiles_for_block`` returns the tiles a rectangular output
+A plan covers the whole image; ``tiles_for_block`` returns the tiles a box-shaped output
 block needs, so a large image can be predicted block by block with the same result.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -46,20 +53,43 @@ GAUSSIAN_SIGMA_FRACTION = 1.0 / 8.0
 # (and finite in fp16) where only a tile's far border covers a pixel.
 GAUSSIAN_MIN_WEIGHT = 1e-3
 
-TileSize = int | tuple[int, int]  # a square side, or (height, width)
+Shape = tuple[int, ...]
+TileSize = int | Shape  # a square (2-D) side, or a size per spatial axis
+Bounds = tuple[int, ...]  # (begin, end) per spatial axis, flat: (top, bottom, left, right)
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One model input: ``input_*`` in image coordinates (may reach outside: mirrored);
-    ``keep_*``: the output pixels this tile contributes, in image coordinates (inside)."""
+    """One model input: ``input_start`` per axis in image coordinates (may reach outside:
+    mirrored); ``keep``: per axis the ``[begin, end)`` output pixels this tile contributes
+    (inside the image). The 2-D names (``input_top``, ``keep_left``, ...) read the last two axes."""
 
-    input_top: int
-    input_left: int
-    keep_top: int
-    keep_bottom: int
-    keep_left: int
-    keep_right: int
+    input_start: Shape
+    keep: tuple[tuple[int, int], ...]
+
+    @property
+    def input_top(self) -> int:
+        return self.input_start[-2]
+
+    @property
+    def input_left(self) -> int:
+        return self.input_start[-1]
+
+    @property
+    def keep_top(self) -> int:
+        return self.keep[-2][0]
+
+    @property
+    def keep_bottom(self) -> int:
+        return self.keep[-2][1]
+
+    @property
+    def keep_left(self) -> int:
+        return self.keep[-1][0]
+
+    @property
+    def keep_right(self) -> int:
+        return self.keep[-1][1]
 
 
 @dataclass(frozen=True)
@@ -91,49 +121,61 @@ class AxisTiles:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Where the tiles of one HxW image go: ``rows`` (along y) times ``cols`` (along x).
+    """Where the tiles of one image go: one :class:`AxisTiles` per spatial axis, the tiles their
+    product (``rows`` and ``cols``: the last two, y and x).
 
     ``blend``: True for the Gaussian sliding window (overlapping outputs are averaged), False
     for overlap-tile and context plans (each output pixel comes from exactly one tile).
     """
 
-    height: int
-    width: int
-    rows: AxisTiles
-    cols: AxisTiles
+    axes: tuple[AxisTiles, ...]
     blend: bool
 
     @property
-    def num_tiles(self) -> int:
-        return len(self.rows.starts) * len(self.cols.starts)
+    def shape(self) -> Shape:
+        return tuple(axis.length for axis in self.axes)
 
     @property
-    def input_shape(self) -> tuple[int, int]:
-        return self.rows.input_size, self.cols.input_size
+    def height(self) -> int:
+        return self.axes[-2].length
+
+    @property
+    def width(self) -> int:
+        return self.axes[-1].length
+
+    @property
+    def rows(self) -> AxisTiles:
+        return self.axes[-2]
+
+    @property
+    def cols(self) -> AxisTiles:
+        return self.axes[-1]
+
+    @property
+    def num_tiles(self) -> int:
+        return math.prod(len(axis.starts) for axis in self.axes)
+
+    @property
+    def input_shape(self) -> Shape:
+        return tuple(axis.input_size for axis in self.axes)
 
     @property
     def step(self) -> int:
-        """The larger axis step: output blocks of a multiple of it cut through few tiles."""
+        """The larger in-plane step: output blocks of a multiple of it cut through few tiles."""
         return max(self.rows.step, self.cols.step)
 
-    def tiles_for_block(self, top: int, bottom: int, left: int, right: int) -> list[Tile]:
-        """Tiles whose kept output meets the block ``[top, bottom) x [left, right)``, row-major."""
-        tiles = []
-        for row in self.rows.meeting(top, bottom):
-            keep_top, keep_bottom = self.rows.kept[row]
-            for col in self.cols.meeting(left, right):
-                keep_left, keep_right = self.cols.kept[col]
-                tiles.append(
-                    Tile(
-                        input_top=self.rows.starts[row],
-                        input_left=self.cols.starts[col],
-                        keep_top=keep_top,
-                        keep_bottom=keep_bottom,
-                        keep_left=keep_left,
-                        keep_right=keep_right,
-                    )
-                )
-        return tiles
+    def tiles_for_block(self, *bounds: int) -> list[Tile]:
+        """Tiles whose kept output meets the block ``bounds`` (``top, bottom, left, right``, a
+        ``z0, z1`` in front for a volume), the last axis varying fastest."""
+        spans = _pairs(bounds, len(self.axes))
+        meeting = [axis.meeting(low, high) for axis, (low, high) in zip(self.axes, spans, strict=True)]
+        return [
+            Tile(
+                input_start=tuple(axis.starts[i] for axis, i in zip(self.axes, indices, strict=True)),
+                keep=tuple(axis.kept[i] for axis, i in zip(self.axes, indices, strict=True)),
+            )
+            for indices in itertools.product(*meeting)
+        ]
 
 
 def as_pair(size: TileSize) -> tuple[int, int]:
@@ -141,27 +183,39 @@ def as_pair(size: TileSize) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def as_shape(size: TileSize, ndim: int) -> Shape:
+    """A size per axis of ``ndim`` axes: one side for all, or a tuple of ``ndim``."""
+    if isinstance(size, int):
+        return (size,) * ndim
+    if len(size) != ndim:
+        raise ValueError(f"expected {ndim} sizes (one per spatial axis), got {tuple(size)}")
+    return tuple(int(side) for side in size)
+
+
+def _pairs(bounds: Bounds, ndim: int) -> list[tuple[int, int]]:
+    if len(bounds) != 2 * ndim:
+        raise ValueError(f"expected (begin, end) for each of {ndim} axes, got {tuple(bounds)}")
+    return [(int(bounds[2 * axis]), int(bounds[2 * axis + 1])) for axis in range(ndim)]
+
+
 def overlap_tile_plan(
-    height: int,
-    width: int,
+    shape: Shape,
     input_tile: TileSize,
     output_tile: TileSize,
-    pool_period: int,
-    trailing_context: int = 0,
+    pool_period: TileSize,
+    trailing_context: TileSize = 0,
 ) -> TilePlan:
     """The overlap-tile plan of a valid-conv model (see the module docstring).
 
-    ``pool_period`` is ``2**depth``; ``trailing_context``: output pixels at the bottom/right
-    of a tile that are not exact (see the module docstring). ``output_tile -
-    trailing_context`` must be at least ``pool_period``.
+    ``pool_period`` is ``2**pools`` (per axis, or one for all); ``trailing_context``: output
+    pixels at the end of a tile that are not exact (see the module docstring).
+    ``output_tile - trailing_context`` must be at least ``pool_period``.
     """
-    _check_image_size(height, width)
-    inputs, outputs = as_pair(input_tile), as_pair(output_tile)
-    axes = [
-        _overlap_tile_axis(length, size, out, pool_period, trailing_context)
-        for length, size, out in zip((height, width), inputs, outputs, strict=True)
-    ]
-    return TilePlan(height, width, axes[0], axes[1], blend=False)
+    _check_image_size(shape)
+    ndim = len(shape)
+    per_axis = (as_shape(value, ndim) for value in (input_tile, output_tile, pool_period, trailing_context))
+    axes = [_overlap_tile_axis(length, *values) for length, *values in zip(shape, *per_axis, strict=True)]
+    return TilePlan(tuple(axes), blend=False)
 
 
 def _overlap_tile_axis(
@@ -187,21 +241,24 @@ def _overlap_tile_axis(
     )
 
 
-def context_tile_plan(height: int, width: int, tile: TileSize, context: int, pool_period: int) -> TilePlan:
+def context_tile_plan(shape: Shape, tile: TileSize, context: TileSize, pool_period: TileSize) -> TilePlan:
     """The context plan of a same-padding model (see the module docstring).
 
     ``tile``: the input tile (multiples of ``pool_period``), cut down along an axis to the image
     side rounded up to the pooling period; ``context``: output pixels dropped at an inner tile
-    edge, a multiple of ``pool_period`` and less than half the tile less one period.
+    edge, a multiple of ``pool_period`` and less than half the tile less one period. Each may
+    be one value for all axes or one per axis.
     """
-    _check_image_size(height, width)
-    if context < 0 or context % pool_period:
-        raise ValueError(f"context {context} must be a multiple of the pooling period {pool_period}")
-    axes = [
-        _context_axis(length, size, context, pool_period)
-        for length, size in zip((height, width), as_pair(tile), strict=True)
-    ]
-    return TilePlan(height, width, axes[0], axes[1], blend=False)
+    _check_image_size(shape)
+    ndim = len(shape)
+    axes = []
+    for length, size, margin, period in zip(
+        shape, as_shape(tile, ndim), as_shape(context, ndim), as_shape(pool_period, ndim), strict=True
+    ):
+        if margin < 0 or margin % period:
+            raise ValueError(f"context {margin} must be a multiple of the pooling period {period}")
+        axes.append(_context_axis(length, size, margin, period))
+    return TilePlan(tuple(axes), blend=False)
 
 
 def _context_axis(length: int, size: int, context: int, pool_period: int) -> AxisTiles:
@@ -225,28 +282,27 @@ def _context_axis(length: int, size: int, context: int, pool_period: int) -> Axi
     return AxisTiles(length, size, size, tuple(starts), kept, step=step)
 
 
-def sliding_window_plan(
-    height: int, width: int, tile: TileSize, overlap: float, pool_period: int
-) -> TilePlan:
+def sliding_window_plan(shape: Shape, tile: TileSize, overlap: float, pool_period: TileSize) -> TilePlan:
     """The Gaussian sliding-window plan of a padded model.
 
-    The step is ``tile * (1 - overlap)`` rounded down to a multiple of ``pool_period``
-    (at least one period), so overlapping tiles share their pooling grid; the last tile of
-    a row/column is moved inwards to end at the image border. An image side shorter than
-    the tile gets one tile, mirrored beyond the border.
+    The step along an axis is ``tile * (1 - overlap)`` rounded down to a multiple of that axis's
+    pooling period (at least one period), so overlapping tiles share their pooling grid; the
+    last tile along an axis is moved inwards to end at the image border. An image side shorter
+    than the tile gets one tile, mirrored beyond the border.
     """
-    _check_image_size(height, width)
+    _check_image_size(shape)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    ndim = len(shape)
     axes = []
-    for length, size in zip((height, width), as_pair(tile), strict=True):
-        if size < 1 or size % pool_period:
-            raise ValueError(f"tile {size} must be a positive multiple of the pooling period {pool_period}")
-        step = max(pool_period, int(size * (1.0 - overlap)) // pool_period * pool_period)
+    for length, size, period in zip(shape, as_shape(tile, ndim), as_shape(pool_period, ndim), strict=True):
+        if size < 1 or size % period:
+            raise ValueError(f"tile {size} must be a positive multiple of the pooling period {period}")
+        step = max(period, int(size * (1.0 - overlap)) // period * period)
         starts = sliding_origins(length, size, step)
         kept = tuple((start, min(start + size, length)) for start in starts)
         axes.append(AxisTiles(length, size, size, tuple(starts), kept, step=step))
-    return TilePlan(height, width, axes[0], axes[1], blend=True)
+    return TilePlan(tuple(axes), blend=True)
 
 
 def sliding_origins(length: int, tile: int, step: int) -> list[int]:
@@ -260,13 +316,14 @@ def sliding_origins(length: int, tile: int, step: int) -> list[int]:
 
 
 def gaussian_window(tile: TileSize, sigma_fraction: float = GAUSSIAN_SIGMA_FRACTION) -> np.ndarray:
-    """float32 [height, width] Gaussian weights, peak 1 at the centre, floored at GAUSSIAN_MIN_WEIGHT."""
+    """float32 Gaussian weights of the tile's shape (an int: a square), peak 1 at the centre,
+    floored at GAUSSIAN_MIN_WEIGHT."""
     profiles = []
-    for size in as_pair(tile):
+    for size in as_pair(tile) if isinstance(tile, int) else tile:
         sigma = max(size * sigma_fraction, 1e-6)
         coords = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
         profiles.append(np.exp(-0.5 * (coords / sigma) ** 2))
-    window = np.outer(*profiles)
+    window = functools.reduce(np.multiply.outer, profiles)  # in 2-D: np.outer
     return np.maximum(window / window.max(), GAUSSIAN_MIN_WEIGHT).astype(np.float32)
 
 
@@ -284,33 +341,43 @@ def mirror_indices(start: int, stop: int, length: int) -> np.ndarray:
     return np.where(folded < length, folded, period - folded)
 
 
-def read_mirrored(array, top: int, bottom: int, left: int, right: int) -> np.ndarray:  # noqa: ANN001
-    """``[C, bottom-top, right-left]`` window of a ``[C, H, W]`` array (numpy, Zarr, ...).
+def read_mirrored(array, *bounds: int) -> np.ndarray:  # noqa: ANN001
+    """The ``[C, *sizes]`` window ``bounds`` (``top, bottom, left, right``, a ``z0, z1`` in front
+    for a volume) of a ``[C, *spatial]`` array (numpy, Zarr, ...).
 
     Only the bounding box of the pixels needed is read (one slice, so a Zarr array decodes
     just the chunks it touches); the mirrored parts are then gathered from it in memory.
     """
-    _, height, width = array.shape
-    rows = mirror_indices(top, bottom, height)
-    cols = mirror_indices(left, right, width)
-    row_low, col_low = int(rows.min()), int(cols.min())
-    box = np.asarray(array[:, row_low : int(rows.max()) + 1, col_low : int(cols.max()) + 1])
-    inside = (row_low == top) and (col_low == left) and box.shape[1:] == (bottom - top, right - left)
+    spans = _pairs(bounds, len(array.shape) - 1)
+    indices = [mirror_indices(low, high, length)
+               for (low, high), length in zip(spans, array.shape[1:], strict=True)]  # fmt: skip
+    lows = [int(index.min()) for index in indices]
+    box_slices = (slice(low, int(index.max()) + 1) for low, index in zip(lows, indices, strict=True))
+    box = np.asarray(array[(slice(None), *box_slices)])
+    inside = lows == [low for low, _ in spans] and box.shape[1:] == tuple(high - low for low, high in spans)
     if inside:
         return box
-    return box[:, (rows - row_low)[:, None], (cols - col_low)[None, :]]
+    gather = np.ix_(*(index - low for index, low in zip(indices, lows, strict=True)))
+    return box[(slice(None), *gather)]
 
 
 def block_grid(height: int, width: int, block: int) -> list[tuple[int, int, int, int]]:
     """``(top, bottom, left, right)`` of ``block``-sized output blocks covering the image, row-major."""
-    _check_image_size(height, width)
-    if block < 1:
+    return grid_blocks((height, width), (block, block))  # type: ignore[return-value]
+
+
+def grid_blocks(shape: Shape, block: Shape) -> list[Bounds]:
+    """The flat bounds of ``block``-shaped output blocks covering an image of ``shape``, the last
+    axis varying fastest."""
+    _check_image_size(shape)
+    if min(block) < 1:
         raise ValueError(f"block size must be positive, got {block}")
+    starts = [range(0, length, side) for length, side in zip(shape, block, strict=True)]
     return [
-        (top, min(top + block, height), left, min(left + block, width))
-        for top in range(0, height, block)
-        for left in range(0, width, block)
-    ]
+        tuple(value for begin, length, side in zip(corner, shape, block, strict=True)
+              for value in (begin, min(begin + side, length)))
+        for corner in itertools.product(*starts)
+    ]  # fmt: skip
 
 
 def aligned_block_size(requested: int, step: int) -> int:
@@ -322,6 +389,15 @@ def aligned_block_size(requested: int, step: int) -> int:
     return max(step, int(math.floor(requested / step + 0.5)) * step)
 
 
-def _check_image_size(height: int, width: int) -> None:
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
+def aligned_block_shape(requested: Shape, plan: TilePlan) -> Shape:
+    """Blocks of ``requested`` (one side per axis) on the plan's step grid: the in-plane axes share
+    one side (2-D blocks are square), z, in a volume, rounds to its own step."""
+    in_plane = aligned_block_size(requested[-1], plan.step)
+    leading = [aligned_block_size(side, axis.step)
+               for side, axis in zip(requested[:-2], plan.axes[:-2], strict=True)]  # fmt: skip
+    return (*leading, in_plane, in_plane)
+
+
+def _check_image_size(shape: Shape) -> None:
+    if min(shape) < 1:
+        raise ValueError(f"image size must be positive, got {'x'.join(map(str, shape))}")

@@ -12,7 +12,8 @@ by one rank (planes split over ranks), and the scratch is deleted::
 Decoding from float16 probabilities may differ from the in-memory decoding of an image file
 where a probability lies within float16 rounding of a threshold. The plane's probabilities and
 its decoding need memory for the whole plane (about 40 bytes per pixel): the size limit of
-``--instances`` on Zarr inputs.
+``--instances`` on Zarr inputs. A 3-D model's volume is one "plane", decoded in 3-D (about 35
+bytes per voxel for the boundary target, 65 for the semantic one: 1 GiB holds ~250^3 at most).
 """
 
 from __future__ import annotations
@@ -28,25 +29,23 @@ from torch import nn
 from unetdist.data import remote
 from unetdist.inference.instance_decoding import InstanceDecoder
 from unetdist.inference.zarr_io import (
-    DEFAULT_BLOCK,
+    Block,
     BlockOutputs,
     OutputError,
     ZarrOutputs,
-    one_line,
     predict_blocks,
     raise_if_any_failed,
 )
-
-Block = tuple[int, int, int, int]
+from unetdist.inference.zarr_sources import one_line
 
 
 class ProbabilityScratch:
-    """float16 ``[*planes, K, H, W]`` probabilities at ``location``, chunked by blocks."""
+    """float16 ``[*planes, K, *spatial]`` probabilities at ``location``, chunked by blocks."""
 
     def __init__(self, location: str, planes: tuple[int, ...] = ()) -> None:
         self.location, self.planes, self.created = location, tuple(planes), False
 
-    def create(self, num_classes: int, height: int, width: int, block_size: int) -> None:
+    def create(self, num_classes: int, shape: tuple[int, ...], block_shape: tuple[int, ...]) -> None:
         """Make the (empty) array once, replacing a scratch left by a run that stopped. Rank 0 only."""
         if self.created:
             return
@@ -55,8 +54,8 @@ class ProbabilityScratch:
         try:
             zarr.create_array(
                 store=remote.zarr_store(self.location, writable=True),
-                shape=(*self.planes, num_classes, height, width),
-                chunks=(*(1 for _ in self.planes), num_classes, block_size, block_size),
+                shape=(*self.planes, num_classes, *shape),
+                chunks=(*(1 for _ in self.planes), num_classes, *block_shape),
                 dtype=np.float16,
                 fill_value=0.0,
                 overwrite=True,
@@ -74,14 +73,13 @@ class ProbabilityScratch:
         array = self._array()
 
         def write(block: Block, probabilities: np.ndarray) -> None:
-            top, bottom, left, right = block
-            index = (*plane, slice(None), slice(top, bottom), slice(left, right))
-            array[index] = probabilities.astype(np.float16)
+            spatial = (slice(block[axis], block[axis + 1]) for axis in range(0, len(block), 2))
+            array[(*plane, slice(None), *spatial)] = probabilities.astype(np.float16)
 
         return write
 
     def read(self, plane: tuple[int, ...] = ()) -> np.ndarray:
-        """float32 ``[K, H, W]`` probabilities of one plane."""
+        """float32 ``[K, *spatial]`` probabilities of one plane."""
         return np.asarray(self._array()[plane], dtype=np.float32)
 
     def delete(self) -> None:
@@ -111,9 +109,9 @@ class KeepProbabilities:
     ) -> None:
         self.outputs, self.scratch, self.plane, self.write_outputs = outputs, scratch, plane, write_outputs
 
-    def create(self, height: int, width: int, num_classes: int, block_size: int) -> None:
-        self.outputs.create(height, width, num_classes, block_size)
-        self.scratch.create(num_classes, height, width, block_size)
+    def create(self, shape: tuple[int, ...], num_classes: int, block_shape: tuple[int, ...]) -> None:
+        self.outputs.create(shape, num_classes, block_shape)
+        self.scratch.create(num_classes, shape, block_shape)
 
     def open(self) -> Callable[[Block, np.ndarray], None]:
         passed_on = self.outputs.open() if self.write_outputs else None
@@ -153,11 +151,11 @@ def predict_zarr_instances(
     *,
     rank: int = 0,
     world_size: int = 1,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
     **predict_options: Any,
 ) -> dict[str, Any]:
     """:func:`~unetdist.inference.zarr_io.predict_zarr` into ``locations["labels"]`` (and
-    ``locations["probabilities"]``, None: not written), plus uint32 HxW instance ids at
+    ``locations["probabilities"]``, None: not written), plus uint32 HxW (ZxYxX) instance ids at
     ``locations["instances"]``, decoded by rank 0 from the whole image's probabilities."""
     instances_location = str(locations["instances"])
     scratch = ProbabilityScratch(scratch_location(instances_location))
@@ -172,12 +170,13 @@ def predict_zarr_instances(
         import zarr
 
         ids = decoder(scratch.read()).astype(np.uint32)
-        block_size = summary["block_size"]
+        sides = zip(summary["block_shape"], ids.shape, strict=True)
+        chunks = tuple(min(side, length) for side, length in sides)
         try:
             target = zarr.create_array(
                 store=remote.zarr_store(instances_location, writable=True),
                 shape=ids.shape,
-                chunks=(min(block_size, ids.shape[0]), min(block_size, ids.shape[1])),
+                chunks=chunks,
                 dtype=np.uint32,
                 fill_value=0,
                 overwrite=True,

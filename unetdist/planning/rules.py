@@ -15,15 +15,21 @@ defaults. These are those rules for unetdist's 2-D padded U-Net, in order:
    diameter; other masks: their classes.
 5. schedule: steps from the budget (``--minutes``: the step-time estimate of
    :mod:`unetdist.planning.costs`), AdamW with warmup and cosine decay, 5 validations.
+
+Volumes (a :class:`~unetdist.data.fingerprint_volumes.VolumeFingerprint`): rule 1 is
+:mod:`unetdist.planning.volumes`' (nnU-Net's 3-D tile, pooling per axis, 3-D or slice-wise);
+rules 2-5 are these, over voxels. 2-D fingerprints take exactly the 2-D path.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
 from unetdist.data.fingerprint import Fingerprint
+from unetdist.data.fingerprint_volumes import VolumeFingerprint
 from unetdist.instance_targets import boundary_width_px
 from unetdist.planning.costs import (
     BASE_WIDTH,
@@ -39,6 +45,7 @@ from unetdist.planning.costs import (
     network_depth,
     rate,
 )
+from unetdist.planning.volumes import volume_tile
 
 PRESET = "padded"
 OBJECT_DIAMETERS_PER_TILE = 4  # a tile holds an object with its neighbours, not just part of one
@@ -95,21 +102,16 @@ def _tile(fp: Fingerprint, budget: Budget, num_classes: int) -> tuple[Net, str]:
         raise PlanError(f"the data gives tiles of at most {cap} px; a U-Net needs at least {MIN_TILE_PX}")
 
     width = BASE_WIDTH if budget.device == "gpu" else CPU_BASE_WIDTH
+    fits_net, cost_net = _budget_check(budget)
 
     def net(tile: int) -> Net:
         return Net(tile, network_depth(tile), fp.channels, num_classes, width)
 
     def fits(tile: int) -> bool:
-        if budget.device == "gpu":
-            return net(tile).memory_bytes(MIN_BATCH, budget.precision) <= budget.usable_memory_bytes
-        return net(tile).step_s(MIN_BATCH, budget) <= cpu_step_s(budget)
+        return fits_net(net(tile))
 
     def cost(tile: int) -> str:
-        if budget.device == "gpu":
-            used = net(tile).memory_bytes(MIN_BATCH, budget.precision)
-            return f"{MIN_BATCH} tiles ~{_gib(used)} of {_gib(budget.usable_memory_bytes)}"
-        step_s = net(tile).step_s(MIN_BATCH, budget)
-        return f"a step of {MIN_BATCH} tiles ~{step_s:.2g} s of {cpu_step_s(budget):.2g} s"
+        return cost_net(net(tile))
 
     if fp.max_tile_px <= median_edge:
         limit = f"the stored tiles' {fp.max_tile_px} px"
@@ -129,6 +131,25 @@ def _tile(fp: Fingerprint, budget: Budget, num_classes: int) -> tuple[Net, str]:
     else:
         why = f"the smallest plannable tile, over the budget: {cost(tile)}"
     return _objects_tile(fp, budget, net, candidates, tile, why, limit, fits, cost)
+
+
+def _budget_check(budget: Budget) -> tuple[Callable[[Net], bool], Callable[[Net], str]]:
+    """Whether a batch of MIN_BATCH tiles of a net fits the budget (GPU memory, or the CPU step
+    time), and that cost in words."""
+
+    def fits(net: Net) -> bool:
+        if budget.device == "gpu":
+            return net.memory_bytes(MIN_BATCH, budget.precision) <= budget.usable_memory_bytes
+        return net.step_s(MIN_BATCH, budget) <= cpu_step_s(budget)
+
+    def cost(net: Net) -> str:
+        if budget.device == "gpu":
+            used = net.memory_bytes(MIN_BATCH, budget.precision)
+            return f"{MIN_BATCH} tiles ~{_gib(used)} of {_gib(budget.usable_memory_bytes)}"
+        step_s = net.step_s(MIN_BATCH, budget)
+        return f"a step of {MIN_BATCH} tiles ~{step_s:.2g} s of {cpu_step_s(budget):.2g} s"
+
+    return fits, cost
 
 
 def _objects_tile(fp, budget, net, candidates, tile, why, limit, fits, cost) -> tuple[Net, str]:
@@ -152,8 +173,12 @@ def _objects_tile(fp, budget, net, candidates, tile, why, limit, fits, cost) -> 
     return net(tile), why
 
 
+def _pixels(net: Net) -> str:
+    return "voxels" if net.tile_depth else "pixels"
+
+
 def _batch(fp: Fingerprint, budget: Budget, net: Net) -> tuple[int, str]:
-    share_cap = math.floor(MAX_BATCH_PIXEL_SHARE * fp.train_pixels / net.tile_px**2)
+    share_cap = math.floor(MAX_BATCH_PIXEL_SHARE * fp.train_pixels / net.tile_elements)
     if budget.device == "gpu":
         fixed = net.memory_bytes(0, budget.precision)
         per_sample = net.memory_bytes(1, budget.precision) - fixed
@@ -164,7 +189,7 @@ def _batch(fp: Fingerprint, budget: Budget, net: Net) -> tuple[int, str]:
         step_s = cpu_step_s(budget)
         fits = math.floor((step_s - STEP_OVERHEAD_S["cpu"]) * budget.flops_per_s / net.flops)
         why = f"a {step_s:.2g} s CPU step computes {fits} tiles of {net.flops / 1e9:.3g} GFLOP"
-    why += f"; 5% of the {_count(fp.train_pixels / 1e6)} M training pixels allows {share_cap}"
+    why += f"; 5% of the {_count(fp.train_pixels / 1e6)} M training {_pixels(net)} allows {share_cap}"
     batch = min(fits, share_cap)
     if batch >= 16:
         batch -= batch % 8
@@ -195,9 +220,9 @@ def _steps(fp: Fingerprint, budget: Budget, batch: int, net: Net) -> tuple[int, 
     if budget.minutes:
         steps = max(1, math.floor(budget.minutes * 60 * (1 - EVALUATION_SHARE) / step_s))
         return steps, f"--minutes {budget.minutes:g}, {EVALUATION_SHARE:.0%} kept for validation; {estimate}"
-    epoch_steps = fp.train_pixels / (batch * net.tile_px**2)
+    epoch_steps = fp.train_pixels / (batch * net.tile_elements)
     steps = min(MAX_DEFAULT_STEPS, max(MIN_DEFAULT_STEPS, math.ceil(DEFAULT_EPOCHS * epoch_steps)))
-    return steps, (f"no --steps or --minutes: {DEFAULT_EPOCHS} passes over the training pixels "
+    return steps, (f"no --steps or --minutes: {DEFAULT_EPOCHS} passes over the training {_pixels(net)} "
                    f"({_count(epoch_steps)} steps each), within {MIN_DEFAULT_STEPS}..{MAX_DEFAULT_STEPS}; "
                    f"{estimate}")  # fmt: skip
 
@@ -321,18 +346,55 @@ def _schedule(fp: Fingerprint, budget: Budget, steps: int) -> list[Choice]:
     ]
 
 
+# Volumes: the 3-D keys go beside their 2-D neighbours, and a few 2-D reasons read otherwise.
+VOLUME_KEYS_AFTER = {"data.tile_size": "data.tile_depth", "model.preset": "model.spatial_dims",
+                     "model.depth": "model.z_pools"}  # fmt: skip
+VOLUME_REASONS = {
+    "model.preset": "same-size output, a norm after each conv: nnU-Net's 3d_fullres network",
+    "data.augment": "in-plane flips and quarter turns, and z flips: microscopy has no up or left",
+}
+
+
+def _volume_tile(fp: VolumeFingerprint, budget: Budget, num_classes: int) -> tuple[Net, list[Choice]]:
+    width = BASE_WIDTH if budget.device == "gpu" else CPU_BASE_WIDTH  # CPU: more steps in the time, as 2-D
+    fits, cost = _budget_check(budget)
+    net, choices = volume_tile(fp, num_classes, width, fits, cost)
+    return net, choices + [(key, None, why) for key, why in VOLUME_REASONS.items()]
+
+
+def _in_order(choices: list[Choice], volume: list[Choice]) -> list[Choice]:
+    """The 2-D choices with the volume's: theirs win, new keys after VOLUME_KEYS_AFTER's."""
+    by_key = {dotted: (value, why) for dotted, value, why in volume}
+    out: list[Choice] = []
+    for dotted, value, why in choices:
+        if dotted in by_key:
+            new_value, why = by_key[dotted]
+            value = value if new_value is None else new_value
+        out.append((dotted, value, why))
+        if dotted in VOLUME_KEYS_AFTER:
+            after = VOLUME_KEYS_AFTER[dotted]
+            out.append((after, *by_key[after]))
+    return out
+
+
 def plan_config(fp: Fingerprint, budget: Budget) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Config values {section: {key: value}} for the data ``fp`` describes and the ``budget``, and
     the reason for each ("section.key" -> why). Pure: the same arguments give the same result."""
     num_classes = 3 if fp.mask_kind == "instances" else fp.num_classes
-    net, tile_why = _tile(fp, budget, num_classes)
+    volume: list[Choice] = []
+    if isinstance(fp, VolumeFingerprint):
+        net, volume = _volume_tile(fp, budget, num_classes)
+        tile_why = next(why for dotted, _, why in volume if dotted == "data.tile_size")
+    else:
+        net, tile_why = _tile(fp, budget, num_classes)
     batch, batch_why = _batch(fp, budget, net)
     steps, steps_why = _steps(fp, budget, batch, net)
     made_by_rules = {"data.tile_size": (net.tile_px, tile_why), "train.max_steps": (steps, steps_why),
                      "train.global_batch_size": (batch, batch_why)}  # fmt: skip
     values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     reasons: dict[str, str] = {}
-    for dotted, value, why in _data(fp, net) + _model_and_loss(fp, net, batch) + _schedule(fp, budget, steps):
+    choices = _data(fp, net) + _model_and_loss(fp, net, batch) + _schedule(fp, budget, steps)
+    for dotted, value, why in _in_order(choices, volume) if volume else choices:
         value, why = made_by_rules.get(dotted, (value, why))
         section, key = dotted.split(".")
         values[section][key] = value

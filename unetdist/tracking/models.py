@@ -88,13 +88,13 @@ def filtered_logger(name: str, message_prefix: str) -> Iterator[None]:
         target.removeFilter(message_filter)
 
 
-def model_signature(in_channels: int) -> Any:
+def model_signature(in_channels: int, spatial_dims: int = 2) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, in_channels, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, in_channels, *(-1,) * spatial_dims))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *(-1,) * spatial_dims))]),
         params=ParamSchema(
             [
                 ParamSpec("overlap", "double", PREDICT_PARAMS["overlap"]),
@@ -111,7 +111,7 @@ def log_pyfunc_model(
 ) -> str:
     """Log the files of ``save_model_files`` as a LoggedModel of the run; returns its model id.
 
-    ``op`` holds ``name``, ``files`` (paths), ``step``, ``in_channels``, ``example_size``,
+    ``op`` holds ``name``, ``files`` (paths), ``step``, ``in_channels``, ``example_shape`` (the tile),
     ``register_as`` and ``alias``. A retry after a partial failure reuses the
     LoggedModel created before (its id is kept in ``op``).
 
@@ -138,16 +138,14 @@ def log_pyfunc_model(
             tags={"unetdist.kind": op.get("alias") or op["name"], "unetdist.step": str(op["step"])},
         )
         op["model_id"] = logged.model_id
-    size = int(op["example_size"])
-    example = (
-        np.random.default_rng(0).standard_normal((1, int(op["in_channels"]), size, size)).astype(np.float32)
-    )
+    shape = [int(v) for v in op.get("example_shape") or [op["example_size"]] * 2]  # ops queued before volumes
+    example = np.random.default_rng(0).standard_normal((1, int(op["in_channels"]), *shape)).astype(np.float32)
     with global_tracking_uri(tracking_uri):
         info = mlflow.pyfunc.log_model(
             name=op["name"],
             python_model=str(ENTRY_FILE),
             artifacts=op["files"],
-            signature=model_signature(int(op["in_channels"])),
+            signature=model_signature(int(op["in_channels"]), len(shape)),
             input_example=example,
             pip_requirements=pinned_requirements("torch", "numpy", "mlflow"),
             # the whole package, so the entry file imports it where no unetdist is installed

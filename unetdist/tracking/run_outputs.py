@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from unetdist import preemption
-from unetdist.config import RESUME_SAFE_KEYS, Config, DataConfig, TrackingConfig, save_config
+from unetdist.config import RESUME_SAFE_KEYS, Config, DataConfig, TrackingConfig, save_config, tile_shape
 from unetdist.data.lineage import describe_split, split_sources
 from unetdist.distributed import DistributedContext
 from unetdist.logs import NullProgress, RichProgress
@@ -142,7 +142,8 @@ class RunOutputs:
         (``plan.fingerprint.json``), also as the params ``fingerprint.<name>``."""
         if not self.active:
             return
-        from unetdist.data.fingerprint import Fingerprint, FingerprintError, fingerprint_path
+        from unetdist.data.fingerprint import FingerprintError, fingerprint_path
+        from unetdist.data.fingerprint_volumes import load_fingerprint  # a 2-D or a volumes fingerprint
 
         for name in files:
             path = Path(name)
@@ -152,7 +153,7 @@ class RunOutputs:
                 continue
             self.tracker.log_artifact(fingerprint_file, "inputs")
             try:
-                summary = Fingerprint.from_dict(json.loads(fingerprint_file.read_text())).summary()
+                summary = load_fingerprint(json.loads(fingerprint_file.read_text())).summary()
             except (ValueError, FingerprintError) as err:  # the run does not depend on it: say so, go on
                 log.warning("%s: not logged as params: %s", fingerprint_file, err)
                 continue
@@ -228,6 +229,7 @@ class RunOutputs:
                 "step": int(step),
                 "in_channels": config.model.in_channels,
                 "example_size": config.data.tile_size,
+                "example_shape": list(tile_shape(config)),  # a volume model's example is a volume
                 "register_as": self.tracking.register_as,
                 "alias": kind,
             }

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from unetdist.data.augment import point_windows
-from unetdist.data.layout import grid_windows
+from unetdist.data.layout import grid_corners
 from unetdist.data.node_cache import NodeCache, Schedule
 from unetdist.data.samples import DataError, Sample, SampleChecks
 
@@ -67,23 +67,25 @@ class ImageWindows:
     checks: SampleChecks
     sampled: bool
     foreground_fraction: float
-    shapes: list[tuple[int, int]]  # (height, width) of each unit's window area
+    shapes: list[tuple[int, ...]]  # (height, width) of each unit's window area; a volume's (depth, height, width)
     chunk_cache: NodeCache | None = None  # at a URL with data.cache_dir: chunks through it (zarr_cache.py)
     counts: list[int]
     _pid = -1  # the process whose caches _caches holds (see _cache)
 
-    def _set_units(self, shapes: list[tuple[int, int]], tiles_per_image: int, what: list[str]) -> None:
+    def _set_units(self, shapes: list[tuple[int, ...]], tiles_per_image: int, what: list[str]) -> None:
         """Counts (and validation grids) of units of these window areas; ``what`` names them in errors."""
-        size = self.checks.tile_size
-        small = [name for name, shape in zip(what, shapes, strict=True) if min(shape) < size]
+        tile = self.checks.tile_shape
+        small = [name for name, shape in zip(what, shapes, strict=True)
+                 if any(length < size for length, size in zip(shape, tile, strict=True))]  # fmt: skip
         if small:
+            wanted = f"data.tile_size={tile[-1]}" if len(tile) == 2 else f"the tile {'x'.join(map(str, tile))}"
             raise ValueError(f"{small[0]}{f' (and {len(small) - 1} more)' if len(small) > 1 else ''}: "
-                             f"smaller than data.tile_size={size}")
+                             f"smaller than {wanted}")
         self.shapes = shapes
         if self.sampled:
             self.counts = [tiles_per_image] * len(shapes)
         else:
-            self.grids = [grid_windows(height, width, size) for height, width in shapes]
+            self.grids = [grid_corners(shape, tile) for shape in shapes]
             self.counts = [len(grid) for grid in self.grids]
 
     def __getstate__(self) -> dict:
@@ -104,17 +106,18 @@ class ImageWindows:
         pass
 
     def foreground(self, unit: int) -> np.ndarray:
-        """int32 [K, 2] (y, x): foreground pixels of unit ``unit`` in its window area's coordinates."""
+        """int32 [K, 2] (y, x) (a volume's [K, 3] (z, y, x)): foreground pixels of unit ``unit`` in its
+        window area's coordinates."""
         raise NotImplementedError
 
-    def windows(self, units: np.ndarray, words: np.ndarray) -> list[tuple[int, int]]:
+    def windows(self, units: np.ndarray, words: np.ndarray) -> list[tuple[int, ...]]:
         """Training windows of samples in ``units`` from their positions' random words: uniform, or
         with probability ``foreground_fraction`` centred on a pixel of the unit's foreground table."""
         shapes = [self.shapes[int(unit)] for unit in units]
         return point_windows(
             shapes,
             lambda i: self.foreground(int(units[i])),
-            self.checks.tile_size,
+            self.checks.tile_size if self.checks.spatial_dims == 2 else self.checks.tile_shape,
             words,
             self.foreground_fraction,
         )
@@ -135,32 +138,34 @@ class ImageWindows:
 
     # ------------------------------------------------------------ what a subclass provides
 
-    def _tile_reads(self, unit: int, top: int, left: int) -> list[TileRead]:
-        """The array reads of the tile at (top, left) of unit ``unit`` (opening arrays as needed)."""
+    # A tile's place is its corner, one number per spatial axis: (top, left), or (z, top, left).
+
+    def _tile_reads(self, unit: int, *corner: int) -> list[TileRead]:
+        """The array reads of the tile at ``corner`` of unit ``unit`` (opening arrays as needed)."""
         raise NotImplementedError
 
-    def _sample(self, unit: int, top: int, left: int, arrays: list[np.ndarray]) -> Sample:
+    def _sample(self, unit: int, *corner: int, arrays: list[np.ndarray]) -> Sample:
         """The checked sample of a tile from what its reads returned (:class:`DataError` if bad)."""
         raise NotImplementedError
 
-    def _describe(self, unit: int, top: int, left: int) -> tuple[str, str]:
+    def _describe(self, unit: int, *corner: int) -> tuple[str, str]:
         """(where, key) of a tile, for its sample and its messages."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ reading
 
-    def _read(self, wanted: list[tuple[int, tuple[int, int]]]) -> list[Sample | DataError]:
+    def _read(self, wanted: list[tuple[int, tuple[int, ...]]]) -> list[Sample | DataError]:
         # the reads are built (arrays opened: synchronous) outside the event loop, then run in it
-        tiles = [self._tile_reads(unit, top, left) for unit, (top, left) in wanted]
+        tiles = [self._tile_reads(unit, *corner) for unit, corner in wanted]
         out: list[Sample | DataError] = []
-        for (unit, (top, left)), arrays in zip(wanted, gather_tiles(tiles), strict=True):
+        for (unit, corner), arrays in zip(wanted, gather_tiles(tiles), strict=True):
             if isinstance(arrays, Exception):
-                where, key = self._describe(unit, top, left)
+                where, key = self._describe(unit, *corner)
                 problem = f"cannot decode: {type(arrays).__name__}: {arrays}"
                 out.append(DataError(f"{where} sample {key}: {problem}"))
                 continue
             try:
-                out.append(self._sample(unit, top, left, arrays))
+                out.append(self._sample(unit, *corner, arrays=arrays))
             except DataError as err:
                 out.append(err)
         return out

@@ -64,8 +64,12 @@ class ZarrImages(ImageWindows):
         self.stems = list(attrs["images"])
         # where each stored image lies in its source image (a region of it: prepare's region split);
         # keys are the source image's pixels, so a region's keys never repeat the other region's
+        self.spatial_dims = int(attrs.get("spatial_dims", 2))  # 3: whole volumes
+        if self.spatial_dims != checks.spatial_dims:
+            held = "3-D volumes" if self.spatial_dims == 3 else "2-D images"
+            raise ValueError(f"zarr store {self.store}/{split} holds {held}: set model.spatial_dims={self.spatial_dims}")
         self.offsets = [tuple(int(v) for v in offset) for offset in attrs.get("offsets", [])]
-        self.offsets += [(0, 0)] * (len(self.stems) - len(self.offsets))  # stores written before offsets
+        self.offsets += [(0,) * self.spatial_dims] * (len(self.stems) - len(self.offsets))  # stores before offsets
         image_shapes = [tuple(int(v) for v in shape) for shape in attrs["shapes"]]
         self.has_weight = "weights" in group
         # Row counts of the foreground tables; None: a store written before they existed.
@@ -85,7 +89,7 @@ class ZarrImages(ImageWindows):
             )
             self.foreground_fraction = 0.0
         self._set_units(
-            [(h, w) for _, h, w in image_shapes],
+            [shape[1:] for shape in image_shapes],
             tiles_per_image,
             [f"zarr store {self.store}/{split}: image {stem}" for stem in self.stems],
         )
@@ -111,21 +115,21 @@ class ZarrImages(ImageWindows):
         return arrays[name, unit]
 
     def foreground(self, unit: int) -> np.ndarray:
-        """int32 [K, 2] (y, x): image ``unit``'s foreground table, read once per process."""
+        """int32 [K, 2] (y, x) (a volume's [K, 3]): image ``unit``'s foreground table, read once per process."""
         import zarr
 
         points = self._cache("foreground")
         if unit not in points:
             if not self.foreground_counts or not self.foreground_counts[unit]:
-                points[unit] = np.zeros((0, 2), np.int32)
+                points[unit] = np.zeros((0, self.spatial_dims), np.int32)
             else:
                 points[unit] = zarr.open_array(
                     zarr_store(self.store), mode="r", path=f"{self.split}/foreground/{unit}"
                 )[...]
         return points[unit]
 
-    def _tile_reads(self, unit: int, top: int, left: int) -> list[TileRead]:
-        window = (slice(top, top + self.checks.tile_size), slice(left, left + self.checks.tile_size))
+    def _tile_reads(self, unit: int, *corner: int) -> list[TileRead]:
+        window = tuple(slice(start, start + size) for start, size in zip(corner, self.checks.tile_shape, strict=True))
         reads = []
         for name in self._fields():
             array = self._array(name, unit).async_array
@@ -133,12 +137,11 @@ class ZarrImages(ImageWindows):
             reads.append(lambda array=array, selection=selection: array.getitem(selection))
         return reads
 
-    def _describe(self, unit: int, top: int, left: int) -> tuple[str, str]:
-        top0, left0 = self.offsets[unit]
-        key = sample_key(self.stems[unit], top0 + top, left0 + left)
+    def _describe(self, unit: int, *corner: int) -> tuple[str, str]:
+        key = sample_key(self.stems[unit], *(start + at for start, at in zip(self.offsets[unit], corner, strict=True)))
         return f"zarr store {self.store}/{self.split}/images/{unit}", key
 
-    def _sample(self, unit: int, top: int, left: int, arrays: list[np.ndarray]) -> Sample:
-        where, key = self._describe(unit, top, left)
+    def _sample(self, unit: int, *corner: int, arrays: list[np.ndarray]) -> Sample:
+        where, key = self._describe(unit, *corner)
         fields = dict(zip(self._fields(), arrays, strict=True))
         return check_sample(key, where, fields["images"], fields["masks"], fields.get("weights"), self.checks)
