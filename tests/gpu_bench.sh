@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for issues 4 and 9, as one short script for a session with a lent H100/H200:
+# GPU checks for issues 4, 9 and 19 (volumes), as one short script for a session with a lent H100/H200:
 #   the CUDA tests (pytest -m gpu), the bench rows of issue 9 (most important first), and the
 #   data bench with the GPU-side augmentation rate (issue 4), then a compact summary.
 #
@@ -87,7 +87,15 @@ print("\t".join([name] + [pairs.get(key, "?") for key in keys]))' "$name" >> "$S
 # GPU timings are steady: 2 rounds of 15 steps after 5 warmup steps (compile happens in warmup)
 PADDED=(--preset padded --base-width 32 --tile 256 --batch 32 --steps 15 --warmup 5 --rounds 2)
 PAPER=(--preset paper --tile 572 --batch 8 --steps 15 --warmup 5 --rounds 2)
+# volumes (issue 19): nnU-Net's 3d_fullres size class, and Cicek et al.'s 132x132x116 input (-> 44x44x28)
+VOLUME=(--spatial-dims 3 --preset padded --base-width 32 --depth 4 --norm instance --tile 128 --tile-depth 64
+        --batch 2 --steps 10 --warmup 5 --rounds 2)
+CICEK=(--spatial-dims 3 --preset cicek --tile 132 --tile-depth 116 --batch 1 --steps 10 --warmup 5 --rounds 2)
 if [ -n "${DRY_RUN:-}" ]; then
+  VOLUME=(--spatial-dims 3 --preset padded --base-width 4 --depth 2 --tile 16 --tile-depth 8 --batch 2 --steps 2
+          --warmup 1 --rounds 1)
+  CICEK=(--spatial-dims 3 --preset cicek --base-width 4 --depth 1 --tile 20 --tile-depth 20 --batch 1 --steps 2
+         --warmup 1 --rounds 1)
   PADDED=(--preset padded --base-width 4 --depth 2 --tile 32 --batch 2 --steps 2 --warmup 1 --rounds 1)
   PAPER=(--preset paper --base-width 4 --depth 2 --tile 60 --batch 2 --steps 2 --warmup 1 --rounds 1)
 fi
@@ -111,6 +119,13 @@ if [ -z "${QUICK:-}" ]; then
   row padded-bf16-cl "${PADDED[@]}" --precision bf16 --channels-last
   row padded-fp16-cl "${PADDED[@]}" --precision fp16 --channels-last
   row padded-bf16 "${PADDED[@]}" --precision bf16
+fi
+if [ -z "${QUICK:-}" ]; then  # volumes: bf16, channels_last_3d, compile, activation checkpointing (larger patch)
+  row volume-fp32 "${VOLUME[@]}" --precision fp32
+  row volume-bf16-cl "${VOLUME[@]}" --precision bf16 --channels-last
+  [ -z "${DRY_RUN:-}" ] && row volume-bf16-cl-compile "${VOLUME[@]}" --precision bf16 --channels-last --compile
+  row volume-bf16-cl-ckpt "${VOLUME[@]}" --precision bf16 --channels-last --activation-checkpointing
+  row cicek-bf16-cl "${CICEK[@]}" --precision bf16 --channels-last
 fi
 if [ -n "${EXTRA:-}" ]; then
   row padded-fp16-cl-fused "${PADDED[@]}" --precision fp16 --channels-last --fused

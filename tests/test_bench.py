@@ -155,3 +155,29 @@ def test_bench_quality_runs_the_newcomer_path_and_scores_the_test_images():
     assert pairs["train_images"] == "3" and pairs["test_images"] == "2" and pairs["steps"] == "4"
     assert 0.0 <= float(pairs["boundary_ap50"]) <= 1.0 and 0.0 < float(pairs["boundary_dice"]) <= 1.0
     assert bench("quality", "--variants", "nonsense", "--synthetic", "3").returncode == 2
+
+
+def test_bench_data_of_volumes_reads_3d_windows_against_the_in_memory_ceiling():
+    done = bench("data", "--spatial-dims", "3", "--volumes", "1", "--volume", "16x48x48", "--tile", "16",
+                 "--batch", "2", "--batches", "2", "--repeats", "1", "--workers", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pairs = final_pairs(done.stdout)
+    for key in ("samples_per_s", "voxels_per_s", "ceiling_voxels_per_s", "loader_vs_ceiling"):
+        assert float(pairs[key]) > 0, key
+    assert (pairs["spatial_dims"], pairs["tile"], pairs["zarr_chunk"]) == ("3", "16x16x16", "16x48x48")
+    # a 16^3 window in chunks of the whole 16x48x48 volume meets exactly one chunk per array
+    assert pairs["zarr_chunk_reads_per_window"] == "2" and pairs["zarr_image_chunks_per_window"] == "1"
+    done = bench("data", "--spatial-dims", "3", "--format", "webdataset")
+    assert done.returncode == 2 and "--format zarr" in done.stderr
+
+
+def test_bench_predict_of_a_volume_times_zarr_to_zarr_and_the_3d_decoding():
+    done = bench("predict", "--spatial-dims", "3", "--volume", "8x32x32", "--base-width", "2", "--depth", "1",
+                 "--repeats", "1", "--device", "cpu", "--instances")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pairs = final_pairs(done.stdout)
+    for key in ("forward_s", "predict_s", "instances_s", "voxels_per_s", "forward_voxels_per_s",
+                "predict_vs_forward", "instances_vs_forward", "decode_truth_voxels_per_s"):
+        assert float(pairs[key]) > 0, key
+    assert (pairs["volume"], pairs["forward_input"], pairs["forward_whole"]) == ("8x32x32", "8x32x32", "true")
+    assert int(pairs["truth_instances"]) >= 1 and int(pairs["truth_cells"]) >= 1

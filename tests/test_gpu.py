@@ -39,3 +39,29 @@ def test_cuda_step_learns(tmp_path, overrides):
     losses = [trainer.train_step([batch]).item() for _ in range(20)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.precision=bf16", "train.channels_last=true"],  # channels_last_3d for volumes
+        ["train.precision=bf16", "train.channels_last=true", "train.compile=true"],
+        ["train.precision=fp16", "train.activation_checkpointing=true"],
+    ],
+)
+def test_cuda_volume_step_learns(tmp_path, overrides):
+    config = load_config([], ["data.format=zarr", "data.zarr_store=x", "data.tile_size=64", "data.tile_depth=32",
+                              "model.spatial_dims=3", "model.base_width=8", "model.depth=3", "model.norm=instance",
+                              "train.global_batch_size=2", "train.device=cuda", "optim.schedule=constant",
+                              *overrides])  # fmt: skip
+    ctx = distributed.init_distributed("cuda", "auto")
+    torch.manual_seed(0)
+    raw, model = wrap_model(build_unet("padded", 1, 2, base_width=8, depth=3, norm="instance", spatial_dims=3),
+                            config, ctx)  # fmt: skip
+    optimizer = build_optimizer(raw.parameters(), config.optim, "padded", "cuda")
+    trainer = Trainer(config, ctx, batch_layout(config.train, 1), raw, model, optimizer, RunOutputs.null(tmp_path))
+    image = torch.randn(2, 1, 32, 64, 64)
+    batch = {"image": image, "mask": (image[:, 0] > 0.3).long()}
+    losses = [trainer.train_step([batch]).item() for _ in range(20)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]

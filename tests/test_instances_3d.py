@@ -4,7 +4,6 @@ tuning grid, validation of 3-D tiles, and ``predict --instances`` with a 3-D mod
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -224,17 +223,3 @@ def test_predict_instances_of_a_3d_model_zarr_and_tiff(tmp_path: Path, target: s
     assert not (out / ".vol_instances.zarr.probabilities.partial").exists()  # the scratch is gone
     for found in (ids[:], stack_ids):  # ids 1..N consecutive (random weights: maybe no background)
         assert found.max() >= 1 and set(range(1, int(found.max()) + 1)) <= set(np.unique(found))
-
-
-def test_predict_tune_is_refused_for_a_3d_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    import zarr
-
-    from unetdist.inference.cli import main
-
-    checkpoint = _checkpoint(tmp_path / "ckpt", "boundary")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "dataset.json").write_text(json.dumps({}))
-    zarr.create_array(store=str(tmp_path / "vol.zarr"), data=np.zeros((8, 8, 8), np.uint8), overwrite=True)
-    code = main(["--model", str(checkpoint), "--input", str(tmp_path / "vol.zarr"), "--output", str(tmp_path / "out"),
-                 "--tune", str(tmp_path / "data"), "--device", "cpu"])  # fmt: skip
-    assert code == 2 and "--tune: choosing the decoding on annotated volumes" in capsys.readouterr().err

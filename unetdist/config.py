@@ -432,10 +432,10 @@ def _validate_tile_shape(config: Config) -> None:
 
     model, shape, depth = config.model, tile_shape(config), config.model.depth or default_depth(config.model.preset)
     if model.spatial_dims not in (2, 3) or not -1 <= model.z_pools <= depth or (
-            model.spatial_dims == 3 and config.data.format != "zarr"):  # fmt: skip
+            model.spatial_dims == 3 and config.data.format not in ("zarr", "ome-zarr")):  # fmt: skip
         raise ConfigError(f"model.spatial_dims={model.spatial_dims}, model.z_pools={model.z_pools}, data.format="
-                          f"{config.data.format}: expected 2 (images) or 3 (volumes: format zarr, `prepare "
-                          f"--spatial-dims 3`), z_pools -1 (every level) or 0..{depth}")
+                          f"{config.data.format}: expected 2 (images) or 3 (volumes: format zarr from `prepare "
+                          f"--spatial-dims 3`, or ome-zarr), z_pools -1 (every level) or 0..{depth}")
     try:  # a 2-D tile is square: its message names the one size, as it always has
         check_input_size(model.preset, depth, shape[0]) if len(shape) == 2 else check_input_shape(
             model.preset, depth, shape, z_pools=None if model.z_pools < 0 else model.z_pools)

@@ -13,6 +13,8 @@ Examples::
     python -m unetdist.prepare --from-shards 'raw/cells-{000..009}.tar' --image-key png --mask-key seg.png \\
         --out data/cells
     python -m unetdist.prepare --from-ome-zarr raw/a.ome.zarr raw/b.ome.zarr --labels nuclei --out data/nuclei
+    python -m unetdist.prepare --spatial-dims 3 --from-ome-zarr raw/embryo.ome.zarr --labels nuclei \
+        --out data/embryo --format zarr --whole-images --tile 64 --tile-depth 16
     python -m unetdist.prepare index 's3://bucket/other/train-{000000..000099}.tar'
 
 The work is :func:`unetdist.data.prepare.prepare_pairs`, over the inputs of
@@ -41,7 +43,7 @@ from unetdist.data.samples import DataError
 from unetdist.data.splits import MIN_IMAGES_TO_SPLIT_BY_IMAGE, region_text
 from unetdist.data.synthetic import write_synthetic, write_synthetic_volumes
 from unetdist.data.upload import index_shard, remote_output
-from unetdist.data.volumes import VolumePairs, check_volume_settings
+from unetdist.data.volumes import NgffVolumePairs, VolumePairs, check_volume_settings
 from unetdist.redaction import redact_log_records
 
 __all__ = ["context_margin", "main"]
@@ -78,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         "--from-ome-zarr",
         nargs="+",
         metavar="URL",
-        help="instead of folders: OME-Zarr (NGFF 0.4/0.5) images, paths or URLs; each t/z plane is one image",
+        help="instead of folders: OME-Zarr (NGFF 0.4/0.5) images, paths or URLs; each t/z plane is one image "
+        "(--spatial-dims 3: each t one volume, its spacing the level's NGFF scale)",
     )
     parser.add_argument("--labels", metavar="NAME", help="with --from-ome-zarr: the label image labels/NAME")
     parser.add_argument("--level", type=int, help="with --from-ome-zarr: the resolution level (default 0)")
@@ -229,9 +232,9 @@ def _inputs(args: argparse.Namespace, out_dir: Path) -> tuple[PairSource, dict]:
         for option, value in options.items():
             if value is not None and needs not in given:
                 raise PrepareError(f"{option} goes with {needs}")
-    if args.spatial_dims == 3 and (args.from_shards or args.from_ome_zarr):
-        option = "--from-shards" if args.from_shards else "--from-ome-zarr"
-        raise PrepareError(f"--spatial-dims 3 reads volumes from --images/--masks or --synthetic, not {option} yet")
+    if args.spatial_dims == 3 and args.from_shards:
+        raise PrepareError("--spatial-dims 3 reads volumes from --images/--masks, --from-ome-zarr or --synthetic, "
+                           "not --from-shards yet")  # fmt: skip
     volumes = args.spatial_dims == 3
     folders = VolumePairs if volumes else FolderPairs
     if args.synthetic is not None:
@@ -253,7 +256,8 @@ def _inputs(args: argparse.Namespace, out_dir: Path) -> tuple[PairSource, dict]:
     if args.from_shards:
         return ShardPairs(args.from_shards, args.image_key or "image", args.mask_key or "mask"), {}
     if args.from_ome_zarr:
-        return NgffPairs(args.from_ome_zarr, args.labels, args.level or 0, _channels(args.channels)), {}
+        ngff = NgffVolumePairs if volumes else NgffPairs  # volumes: each (image, t) one [C, Z, Y, X] volume
+        return ngff(args.from_ome_zarr, args.labels, args.level or 0, _channels(args.channels)), {}
     if args.images is None or args.masks is None:
         raise PrepareError(
             "give --images and --masks, --from-shards PATTERN, --from-ome-zarr URL..., or --synthetic N"

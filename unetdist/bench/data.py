@@ -3,6 +3,7 @@
     python -m unetdist.bench data --tiles 1024 --tile 256 --workers 2 --batch 32
     python -m unetdist.bench data --format zarr --tiles 1024 --batch 32 --block-sizes 1,2,4,8
     python -m unetdist.bench data --format ome-zarr --images 8 --image-size 1024   # bench/ngff_data.py
+    python -m unetdist.bench data --spatial-dims 3 --volumes 4 --volume 64x192x192 --tile 48   # bench/volume_data.py
 
 Writes ``--tiles`` synthetic uint16 tiles (``--tile`` px) as npy tar shards, a Zarr store and
 PNG tar shards into ``--dir`` (and, where Mosaic Streaming is importable, an MDS data set of the
@@ -52,14 +53,18 @@ from unetdist.data.sources.base import StoredSamples
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("webdataset", "zarr", "ome-zarr"), default="webdataset",
-                        help="ome-zarr: OME-Zarr images against the same images prepared --whole-images "
-                             "(unetdist/bench/ngff_data.py)")
+    # --format, --tile and --batches default to None so that --spatial-dims 3 can tell them unset (its
+    # defaults differ, and it refuses the tile formats); 2-D resolves them to the values they always had
+    parser.add_argument("--format", choices=("webdataset", "zarr", "ome-zarr"), default=None,
+                        help="default webdataset; ome-zarr: OME-Zarr images against the same images prepared "
+                             "--whole-images (unetdist/bench/ngff_data.py); --spatial-dims 3: zarr only")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--tile", type=int, default=None, help="tile side (default 256; --spatial-dims 3: 48)")
     parser.add_argument("--tiles", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=None, help="micro-batch size; none given: 16, --source s3: 32")
-    parser.add_argument("--batches", type=int, default=96, help="micro-batches timed per window")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="micro-batch size; none given: 16, --source s3: 32, --spatial-dims 3: 4")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="micro-batches timed per window (default 96; --spatial-dims 3: 24)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="alternating timing windows of loader and ceiling (none given: 7); --source s3: "
                              "rounds per latency of a local and a remote loader, two epochs each (none given: 3)")
@@ -75,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="s3://unetdist-bench/data", help="--source s3: the prefix to upload to")
     parser.add_argument("--latency-ms", default="20,50",
                         help="--source s3: latencies injected into GETs through S3_FAULTS_FILE (comma list)")
+    volumes = parser.add_argument_group("volumes (--spatial-dims 3: unetdist/bench/volume_data.py)")
+    volumes.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
+                         help="3: 3-D windows of whole volumes in a Zarr store against the same windows in memory")
+    volumes.add_argument("--volumes", type=int, default=4, help="--spatial-dims 3: synthetic volumes written")
+    volumes.add_argument("--volume", default="64x192x192", help="--spatial-dims 3: their shape, ZxYxX voxels")
+    volumes.add_argument("--tile-depth", type=int, default=0, help="--spatial-dims 3: the tile's z side; 0: --tile")
 
 
 def _write(folder: Path, tiles: int, size: int) -> None:
@@ -180,6 +191,14 @@ def run(args) -> dict[str, float | int | str]:
     from unetdist.config import DataConfig
     from unetdist.data import build_train_loader
 
+    if args.spatial_dims == 3:
+        from unetdist.bench import volume_data
+
+        return volume_data.run(args)
+    if args.tile_depth:
+        raise ValueError(f"--tile-depth {args.tile_depth}: tiles have a depth with --spatial-dims 3 only")
+    args = argparse.Namespace(**{**vars(args), "format": args.format or "webdataset", "tile": args.tile or 256,
+                                 "batches": args.batches or 96})
     if args.source == "s3":
         from unetdist.bench import remote_data
 

@@ -2,6 +2,7 @@
 
     python -m unetdist.bench predict --height 700 --width 1100 --images 6 --base-width 8 --depth 3
     python -m unetdist.bench predict --size 2048 --preset paper --base-width 16
+    python -m unetdist.bench predict --spatial-dims 3 --volume 64x256x256 --instances   # bench/volume_predict.py
 
 On ``--images`` synthetic cell images of ``height`` x ``width`` (``unetdist.data.synthetic``),
 times, summed over the images, best of ``--repeats``:
@@ -43,6 +44,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from unetdist.model.sizes import PRESETS
+
 if TYPE_CHECKING:
     from unetdist.inference.tiling import TilePlan
     from unetdist.instances import DecodeParams
@@ -55,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=1100, help="image width in pixels")
     parser.add_argument("--size", type=int, help="square images of this side (instead of --height/--width)")
     parser.add_argument("--images", type=int, default=6, help="images per timed run")
-    parser.add_argument("--preset", default="padded", choices=("paper", "article", "padded"))
+    parser.add_argument("--preset", default="padded", choices=PRESETS)
     parser.add_argument("--base-width", type=int, default=8)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--in-channels", type=int, default=1)
@@ -66,6 +69,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs; the best is reported")
+    volumes = parser.add_argument_group("volumes (--spatial-dims 3: unetdist/bench/volume_predict.py)")
+    volumes.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
+                         help="3: one volume predicted Zarr -> Zarr by a 3-D U-Net, against its bare forward")
+    volumes.add_argument("--volume", default="64x256x256", help="--spatial-dims 3: its shape, ZxYxX voxels")
+    volumes.add_argument("--tile-depth", type=int, default=0, help="--spatial-dims 3: the tile's z side (with --tile)")
+    volumes.add_argument("--z-pools", type=int, default=-1,
+                         help="--spatial-dims 3: how many of the deepest levels pool z; -1: every level")
+    volumes.add_argument("--block", type=int, help="--spatial-dims 3: output block side (default: predict's, 256)")
+    volumes.add_argument("--instances", action="store_true",
+                         help="--spatial-dims 3: also predict --instances and the 3-D decoding alone (2-D: always)")
+    volumes.add_argument("--probabilities", action="store_true",
+                         help="--spatial-dims 3: write float16 probabilities beside the labels")
+    volumes.add_argument("--forward-memory-gb", type=float,
+                         help="--spatial-dims 3: the bare forward's budget (default: half the free memory); "
+                              "a volume over it is timed by its largest tile that fits")
 
 
 def run(args: argparse.Namespace) -> dict[str, float | int | str]:
@@ -74,6 +92,13 @@ def run(args: argparse.Namespace) -> dict[str, float | int | str]:
     from unetdist.instances import DecodeParams, decode_instances
     from unetdist.model import build_unet
 
+    if args.spatial_dims == 3:
+        from unetdist.bench import volume_predict
+
+        return volume_predict.run(args)
+    if args.tile_depth or args.z_pools != -1 or args.block or args.probabilities or args.forward_memory_gb:
+        raise ValueError("--tile-depth, --z-pools, --block, --probabilities and --forward-memory-gb are for "
+                         "volumes: add --spatial-dims 3")
     height, width = (args.size, args.size) if args.size else (args.height, args.width)
     torch.manual_seed(0)
     device = torch.device(

@@ -14,6 +14,9 @@ The spacing is read from the image file's metadata: ImageJ's ``spacing`` (z) and
 resolution tags (y, x: one over the pixels per unit), or OME-TIFF's PhysicalSizeZ/Y/X; in the
 file's unit. ``--spacing z,y,x`` wins over it; where neither says, 1, 1, 1 with a warning,
 since a planner would take a coarse z for an isotropic one.
+
+:class:`NgffVolumePairs` (``--from-ome-zarr`` with ``--spatial-dims 3``): each OME-Zarr image with a
+z axis, per time point, is one volume; its spacing is the NGFF scale of the level read.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from unetdist.data.imageio import PrepareError, is_ome_tiff, match_by_stem, ome_planes
-from unetdist.data.inputs import Pair, PairSource
+from unetdist.data.inputs import NgffPairs, Pair, PairSource, ngff_stem
 from unetdist.data.layout import IMAGE_DTYPES
+from unetdist.data.remote import display
 
-__all__ = ["VOLUME_SUFFIXES", "VolumePairs", "check_volume", "read_volume", "voxel_spacing"]
+__all__ = ["VOLUME_SUFFIXES", "NgffVolumePairs", "VolumePairs", "check_volume", "read_volume", "voxel_spacing"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,61 @@ class VolumePairs(PairSource):
 
     def provenance(self) -> dict:
         return {"images": str(self.images_dir.resolve()), "masks": str(self.masks_dir.resolve())}
+
+
+class NgffVolumePairs(NgffPairs):
+    """NGFF images with a z axis and their label image ``labels/<labels>`` at ``level``: each time
+    point is one volume (``NAME``, or ``NAME_t0``... of an image with several), image [C, Z, Y, X] of
+    the ``channels``, labels [Z, Y, X]; the spacing is the level's NGFF scale (z, y, x), in the
+    axes' unit. The plan (levels, sizes, channels) is :class:`~unetdist.data.inputs.NgffPairs`'s;
+    the time points of one image stay in one split (their group is the image)."""
+
+    def items(self) -> list[tuple[str, str]]:
+        planes = super().items()  # checks every image and label image, one stem per (t, z) plane
+        self._volumes: dict[str, tuple] = {}
+        items = []
+        for url in dict.fromkeys(url for _, url in planes):
+            plan = next(self._planes[stem][0] for stem, group in planes if group == url)
+            if "z" not in plan.image_index:  # _axis_roles: "z" is the space axis before y and x
+                raise PrepareError(f"ome-zarr {display(url)}: axes without z; --spatial-dims 3 needs images "
+                                   "with a z axis ((t,) (c,) z, y, x)")  # fmt: skip
+            base = ngff_stem(url)
+            for t in range(plan.planes[0]):
+                stem = f"{base}_t{t}" if plan.planes[0] > 1 else base
+                self._volumes[stem] = (plan, t, self._spacings[url])
+                items.append((stem, url))
+        return items
+
+    def _plan(self, image, label):
+        plan = super()._plan(image, label)
+        # the voxel size of the level read: its scale's space axes (z, y, x), kept from the metadata
+        # read once (at a URL, a request)
+        scale = image.scales[self.level]
+        self._spacings = getattr(self, "_spacings", {})
+        self._spacings[image.url] = tuple(float(v) for role, v in zip(plan.image_index, scale, strict=True)
+                                          if role in ("z", "yx"))  # fmt: skip
+        return plan
+
+    def read(self, stems: Sequence[str]) -> Iterator[Pair]:
+        for stem in stems:
+            plan, t, spacing = self._volumes[stem]
+            when = f" time point t={t}" if plan.planes[0] > 1 else ""
+            everything = slice(None)
+            image = self._array(plan.url, plan.image_path)[_ngff_index(plan.image_index, t, everything)]
+            if "c" in plan.image_index and self.channels is not None:
+                image = image[self.channels]  # NGFF puts c before z: the first axis left
+            mask = self._array(plan.label_url, plan.label_path)[_ngff_index(plan.label_index, t, 0)]
+            axes = "CZYX" if "c" in plan.image_index else "ZYX"
+            yield Pair(stem, image, mask, f"ome-zarr {display(plan.url)}{when}",
+                       f"ome-zarr {display(plan.label_url)}{when}", f"labels/{self.labels}", axes, spacing)  # fmt: skip
+
+    def provenance(self) -> dict:
+        return {**super().provenance(), "spatial_dims": 3}
+
+
+def _ngff_index(roles: tuple[str, ...], t: int, channel: slice | int) -> tuple:
+    """The index of time point ``t``'s volume: all of z, y and x, ``channel`` of a channel axis."""
+    return tuple({"t": t, "c": channel}.get(role, slice(None)) for role in roles)
 
 
 def _mask_volume(mask: np.ndarray, axes: str) -> np.ndarray:

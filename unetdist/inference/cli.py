@@ -26,7 +26,7 @@ first) with the decoding the model was trained with, tuned on its validation dat
 anew on annotated images, writes them to ``<output>/decoding.json`` and predicts with them
 (:mod:`unetdist.inference.tuning`). ``--border-class`` decodes the class labels of a model
 trained with a border class, as before the boundary target. A 3-D model's volumes (TIFF stacks,
-Zarr arrays) decode in 3-D, ``--min-size`` in voxels; ``--tune`` takes 2-D images only.
+Zarr arrays) decode in 3-D, ``--min-size`` in voxels; ``--tune`` takes annotated volumes.
 
 ``--input`` and ``--output`` may be URLs (``s3://``, ``gs://``, ``az://``, ``https://``; credentials
 from the environment only, see :mod:`unetdist.data.remote`): a Zarr store at a URL is read, and
@@ -300,12 +300,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _decoder(args: argparse.Namespace, meta: dict[str, Any]) -> InstanceDecoder:
-    if meta.get("spatial_dims") == 3 and args.tune is not None:  # tuning.py reads 2-D images and masks only
-        raise InputError(
-            f"{meta['source']}: --tune: choosing the decoding on annotated volumes (a 3-D model) is not "
-            "supported yet; --instances decodes with the model's stored decoding (tuned on its validation "
-            "volumes) and --threshold, --seed-threshold, --min-size, --min-distance override it"
-        )
     decoder = InstanceDecoder.of(meta, _overrides(args), args.border_class)
     decoder.check_classes(meta["num_classes"], meta["source"])
     return decoder
@@ -318,7 +312,7 @@ def _tuned_decoder(
     and written to ``<output>/decoding.json``."""
     from unetdist.inference.tuning import tune_decoding, tuning_samples
 
-    samples = tuning_samples(args.tune, args.tune_masks, meta["in_channels"])
+    samples = tuning_samples(args.tune, args.tune_masks, meta["in_channels"], meta.get("spatial_dims", 2))
     ranks = {"rank": ctx.rank, "world_size": ctx.world_size}
     result = tune_decoding(model, samples, meta["target"], **ranks, **_predict_options(args))
     log.info(

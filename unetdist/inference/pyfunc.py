@@ -7,7 +7,11 @@ A model logged by ``RunOutputs.log_final_model`` loads anywhere MLflow runs::
     masks = model.predict(images, params={"overlap": 0.5, "flips": True})
 
 ``predict`` runs the overlap-tile prediction of ``unetdist.inference.engine.predict_array``
-on each image, so images of any size work, whatever the network's tile.
+on each image, so images of any size work, whatever the network's tile. A 3-D model (its
+``unet.json`` says ``spatial_dims: 3``) takes float32 volumes ``[N, C, Z, Y, X]`` (one: ``[C, Z, Y, X]``,
+or ``[Z, Y, X]`` of one channel) and returns uint8 ``[N, Z, Y, X]``, predicted as ``unetdist.predict``
+predicts a stack: ``TilePredictor`` with the model's normalisation, tiles of the training tile
+(``tile`` its in-plane side, z the training ``tile_depth``; 0: a cube).
 
 The model is logged as MLflow "models from code", not as a pickle: the model directory
 holds the weights (``artifacts/weights.pt``, a state dict of plain tensors, read with
@@ -35,7 +39,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from unetdist.inference.engine import predict_array
+from unetdist.inference.engine import (
+    InputError,
+    TilePredictor,
+    as_czyx,
+    labels_from_probabilities,
+    predict_array,
+)
 from unetdist.inference.loading import SPEC_FILE, WEIGHTS_FILE, network_from_files
 
 try:  # the class must subclass PythonModel; mlflow is a dependency of the package anyway
@@ -102,7 +112,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
 
     class UNetSegmenter(PythonModel):
-        """float32 images ``[N, C, H, W]`` -> uint8 label masks ``[N, H, W]`` by overlap-tile prediction."""
+        """float32 images ``[N, C, H, W]`` -> uint8 label masks ``[N, H, W]`` by overlap-tile prediction
+        (a 3-D model: volumes ``[N, C, Z, Y, X]`` -> ``[N, Z, Y, X]``)."""
 
         def load_context(self, context: Any) -> None:
             # the same reader as `unetdist.predict --model`: the state dict loads with weights_only=True
@@ -114,6 +125,8 @@ with warnings.catch_warnings():
         def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
             options = {**PREDICT_PARAMS, **(params or {})}
             images = np.asarray(model_input, dtype=np.float32)
+            if int(self.spec.get("spatial_dims") or 2) == 3:
+                return np.stack([self._predict_volume(volume, options) for volume in _volumes(images)])
             if images.ndim == 2:  # tolerate one single-channel image when called without a signature
                 images = images[np.newaxis, np.newaxis]
             elif images.ndim == 3:
@@ -130,3 +143,34 @@ with warnings.catch_warnings():
                 for image in images
             ]
             return np.stack(masks).astype(np.uint8)
+
+        def _predict_volume(self, volume: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+            """uint8 [Z, Y, X] labels of one volume, as ``unetdist.predict`` predicts a TIFF stack."""
+            volume = as_czyx(volume, self.spec["in_channels"])
+            tile = int(options["tile"]) or self.spec["tile_size"] or None
+            predictor = TilePredictor(
+                self.network,
+                *volume.shape[1:],
+                tile=tile,
+                # no signature param for the z side (the logged schema is fixed): the training one
+                tile_depth=(self.spec.get("tile_depth") or None) if tile else None,
+                overlap=float(options["overlap"]),
+                batch_size=int(options["batch_size"]),
+                flips=bool(options["flips"]),
+                normalize=self.spec["normalize"],
+            )
+            whole = tuple(value for side in volume.shape[1:] for value in (0, side))
+            probabilities = predictor.predict_block(volume, predictor.stats_of(volume), whole)
+            return labels_from_probabilities(probabilities).astype(np.uint8)
+
+
+def _volumes(volumes: np.ndarray) -> np.ndarray:
+    """``[N, C, Z, Y, X]`` of a 3-D model's input: one ``[C, Z, Y, X]`` volume, or one ``[Z, Y, X]`` of
+    one channel, as a batch of one (a caller without the signature may pass either)."""
+    if volumes.ndim == 3:
+        return volumes[np.newaxis, np.newaxis]
+    if volumes.ndim == 4:
+        return volumes[np.newaxis]
+    if volumes.ndim != 5:
+        raise InputError(f"a 3-D model takes volumes [N, C, Z, Y, X], got shape {volumes.shape}")
+    return volumes

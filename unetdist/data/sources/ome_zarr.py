@@ -18,6 +18,9 @@ tile), with a gap of half a tile above them that neither split reads (prepare's 
 ``data.foreground_fraction``: each plane's foreground table is built when first needed, in each
 process, from the coarsest label level downsampled at most tile_size / 4 (a tile centre needs
 no finer position).
+
+With ``model.spatial_dims=3`` the units are volumes, one per (image, t), cut into 3-D windows:
+:mod:`unetdist.data.sources.ome_zarr_volumes` (:class:`OmeZarrImages` with other units).
 """
 
 from __future__ import annotations
@@ -106,7 +109,12 @@ def open_ome_zarr(data: DataConfig, split: str, checks: SampleChecks) -> OmeZarr
         chosen = images[-held_count:] if split == "val" else images[:-held_count]
     else:
         chosen, rows = images, (split, data.val_fraction)
-    return OmeZarrImages(
+    source = OmeZarrImages
+    if checks.spatial_dims == 3:  # one unit per (image, t) volume, 3-D windows
+        from unetdist.data.sources.ome_zarr_volumes import OmeZarrVolumes
+
+        source = OmeZarrVolumes
+    return source(
         chosen,
         data.labels,
         checks,
@@ -167,6 +175,11 @@ class OmeZarrImages(ImageWindows):
 
         with ThreadPoolExecutor(min(16, len(urls))) as pool:  # a few metadata requests per image
             self.images = list(pool.map(describe, urls, stems))
+        self._set_up_units(rows, tiles_per_image)
+
+    def _set_up_units(self, rows: tuple[str, float] | None, tiles_per_image: int) -> None:
+        """The units (here planes) of the images described, their window areas and counts."""
+        checks = self.checks
         self.planes = [
             Plane(index, t, z, 0, image.height)
             for index, image in enumerate(self.images)
@@ -329,7 +342,7 @@ def _image_levels(
             f"model.in_channels={checks.in_channels}; expected as many"
         )
     start, stop = min(chosen), max(chosen) + 1
-    foreground_level = _foreground_level(label, label_level, checks.tile_size)
+    foreground_level = _foreground_level(label, label_level, checks.tile_shape)
     return ImageLevels(
         url=url,
         stem=stem,
@@ -373,13 +386,15 @@ def _matching_level(image: NgffImage, label: NgffImage, level: int) -> int:
     )
 
 
-def _foreground_level(label: NgffImage, base: int, tile_size: int) -> int:
-    """The coarsest label level (from ``base`` on) with t and z as at ``base`` and y, x downsampled at
-    most tile_size / 4: its pixels place a tile centre to within a quarter tile."""
+def _foreground_level(label: NgffImage, base: int, tile: tuple[int, ...]) -> int:
+    """The coarsest label level (from ``base`` on) with t as at ``base`` and each tile axis (y, x; a
+    volume's z, y, x) downsampled at most its tile length / 4: its pixels place a tile centre to
+    within a quarter tile. In 2-D z is no tile axis: it stays as at ``base`` (each plane is a unit)."""
+    limits = dict(zip("zyx"[-len(tile):], (length / 4 for length in tile), strict=True))
     chosen = base
     for candidate in range(base, len(label.levels)):
         ratio = _downsampling(label, candidate, base)
-        same_plane = all(ratio[axis] == 1 for axis in ("t", "z") if axis in ratio)
-        if same_plane and max(ratio["y"], ratio["x"]) <= tile_size / 4:
+        fine = all(value <= limits[axis] if axis in limits else value == 1 for axis, value in ratio.items())
+        if fine:
             chosen = candidate
     return chosen
