@@ -17,7 +17,7 @@ from ome_zarr.writer import write_image, write_labels
 from unetdist.config import ConfigError, DataConfig, load_config
 from unetdist.data import build_train_loader, build_val_loader
 from unetdist.data.samples import SampleChecks
-from unetdist.data.sources.ome_zarr import open_ome_zarr
+from unetdist.data.sources import open_source
 from unetdist.data.sources.ome_zarr_volumes import OmeZarrVolumes
 from unetdist.prepare import main as prepare_main
 
@@ -165,7 +165,7 @@ def test_training_windows_in_place_equal_the_prepared_store_at_any_ranks_and_wor
 def test_foreground_windows_come_from_a_coarse_level(prepared):
     _, images = prepared
     checks = SampleChecks(16, 2, 2, False, mask_kind="instances", spatial_dims=3, tile_depth=8)
-    source = open_ome_zarr(ngff_config(images, val_fraction=0.0, foreground_fraction=1.0), "train", checks)
+    source = open_source(ngff_config(images, val_fraction=0.0, foreground_fraction=1.0), "train", checks)
     assert isinstance(source, OmeZarrVolumes) and source.images[0].foreground_path.endswith("/s2")  # y, x 4x coarser: 16 / 4
     table = source.foreground(0)
     coarse = zarr.open_group(images[0], mode="r")["labels/cells/s2"][...]
@@ -199,14 +199,15 @@ def test_one_volume_validates_on_the_region_that_prepare_holds_out(volumes, tmp_
         keys += [key for batch in loader for key in batch["key"]]
     assert ngff_keys == store_keys and ngff_keys
     checks = SampleChecks(16, 2, 2, False, mask_kind="instances", spatial_dims=3, tile_depth=8)
-    train = open_ome_zarr(ngff_config(image), "train", checks)
+    train = open_source(ngff_config(image), "train", checks)
     (z0, z1, y0, y1, x0, x1), = [tuple(meta["train_regions"][stem])]  # fmt: skip
     assert train.planes[0].box == (z0, z1, y0, y1, x0, x1)
 
 
-def test_config_allows_ome_zarr_volumes_only(tmp_path):
+def test_config_allows_ome_zarr_volumes(tmp_path):
     args = ["model.spatial_dims=3", "data.tile_depth=8", "data.tile_size=16", "model.depth=2"]
     config = load_config((), ["data.format=ome-zarr", "data.images=[a.ome.zarr]", "data.labels=cells", *args])
     assert config.model.spatial_dims == 3
-    with pytest.raises(ConfigError, match="spatial_dims=3"):
-        load_config((), ["data.format=webdataset", "data.root=somewhere", *args])
+    with pytest.raises(ConfigError, match="data.tile_depth x tile_size=9x16"):  # a z size the net cannot pool
+        load_config((), ["data.format=ome-zarr", "data.images=[a.ome.zarr]", "data.labels=cells", *args,
+                         "data.tile_depth=9"])  # fmt: skip

@@ -226,8 +226,8 @@ def test_bad_volumes_are_one_line_naming_the_file_and_shapes(tmp_path: Path, cap
         assert err == f"prepare: error: {where / name}: {expected}\n"
     assert not out.exists()
 
-    assert main(["--synthetic", "1", "--spatial-dims", "3", "--out", str(out)]) == 2
-    assert "--spatial-dims 3 needs --format zarr --whole-images" in _error(capsys)
+    assert main(["--synthetic", "1", "--spatial-dims", "3", "--format", "zarr", "--out", str(out)]) == 2
+    assert "--spatial-dims 3 needs --format webdataset (3-D tiles) or --format zarr --whole-images" in _error(capsys)
     assert not out.exists()  # refused before any synthetic volume was written
     assert main(["--from-shards", "x-{0..1}.tar", *VOLUME, "--out", str(out)]) == 2
     assert "not --from-shards yet" in _error(capsys)

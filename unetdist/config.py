@@ -72,6 +72,7 @@ class DataConfig:
     augment_intensity: bool = False  # gamma, scale, shift
     augment_noise_std: float = 0.0  # Gaussian noise in unit-range intensity; 0: off
     augment_elastic: bool = False  # the paper's elastic deformation
+    augment_rotate_3d: bool = False  # volumes with isotropic spacing and cubic tiles: any of the cube's 48 symmetries instead of in-plane turns and a z flip
     elastic_sigma_px: float = 10.0
     augment_on: str = _choice("worker", "device", default="worker")  # device: the trainer calls to_model_input
     foreground_fraction: float = 0.0  # share of training crops centred on a foreground pixel
@@ -380,17 +381,12 @@ def validate(config: Config) -> None:
         "checkpoint.keep": config.checkpoint.keep,
     }
     non_negative = {
-        "train.micro_batch_size": config.train.micro_batch_size,
-        "train.val_every": config.train.val_every,
-        "train.val_max_batches": config.train.val_max_batches,
-        "data.num_workers": config.data.num_workers,
-        "model.base_width": config.model.base_width,
-        "model.depth": config.model.depth,
-        "checkpoint.every": config.checkpoint.every,
-        "optim.weight_decay": config.optim.weight_decay,
-        "optim.warmup_steps": config.optim.warmup_steps,
-        "optim.grad_clip_norm": config.optim.grad_clip_norm,
-    }
+        "train.micro_batch_size": config.train.micro_batch_size, "train.val_every": config.train.val_every,
+        "train.val_max_batches": config.train.val_max_batches, "data.num_workers": config.data.num_workers,
+        "model.base_width": config.model.base_width, "model.depth": config.model.depth,
+        "checkpoint.every": config.checkpoint.every, "optim.weight_decay": config.optim.weight_decay,
+        "optim.warmup_steps": config.optim.warmup_steps, "optim.grad_clip_norm": config.optim.grad_clip_norm,
+    }  # fmt: skip
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: expected a positive number")
@@ -419,6 +415,10 @@ def validate(config: Config) -> None:
     if config.checkpoint.resume not in ("never", "auto") and not Path(config.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={config.checkpoint.resume!r}: expected never, auto or an existing checkpoint")
     _validate_tile_shape(config)
+    shape = tile_shape(config)  # rotations of the cube map a tile onto itself only when it is a cube
+    if config.data.augment_rotate_3d and not (len(shape) == 3 and len(set(shape)) == 1 and config.data.augment):
+        raise ConfigError(f"data.augment_rotate_3d=true needs model.spatial_dims=3, data.augment=true and a cubic tile (data.tile_depth "
+                          f"0 or = data.tile_size): got {config.model.spatial_dims}, {config.data.augment}, {'x'.join(map(str, shape))}")
 
 
 def tile_shape(config: Config) -> tuple[int, ...]:
@@ -432,10 +432,10 @@ def _validate_tile_shape(config: Config) -> None:
 
     model, shape, depth = config.model, tile_shape(config), config.model.depth or default_depth(config.model.preset)
     if model.spatial_dims not in (2, 3) or not -1 <= model.z_pools <= depth or (
-            model.spatial_dims == 3 and config.data.format not in ("zarr", "ome-zarr")):  # fmt: skip
+            model.spatial_dims == 3 and config.data.format not in ("zarr", "ome-zarr", "webdataset")):  # fmt: skip
         raise ConfigError(f"model.spatial_dims={model.spatial_dims}, model.z_pools={model.z_pools}, data.format="
-                          f"{config.data.format}: expected 2 (images) or 3 (volumes: format zarr from `prepare "
-                          f"--spatial-dims 3`, or ome-zarr), z_pools -1 (every level) or 0..{depth}")
+                          f"{config.data.format}: expected 2 (images) or 3 (volumes: format zarr or webdataset "
+                          f"from `prepare --spatial-dims 3`, or ome-zarr), z_pools -1 (every level) or 0..{depth}")
     try:  # a 2-D tile is square: its message names the one size, as it always has
         check_input_size(model.preset, depth, shape[0]) if len(shape) == 2 else check_input_shape(
             model.preset, depth, shape, z_pools=None if model.z_pools < 0 else model.z_pools)

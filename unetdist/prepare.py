@@ -131,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=(2, 3),
         default=2,
         help="3: the images are volumes, TIFF stacks (z, y, x) or (z, c, y, x) or .npy, with 3-D masks; "
-        "needs --format zarr --whole-images",
+        "stored as --format webdataset shards of (--tile-depth, --tile, --tile) tiles, or whole with "
+        "--format zarr --whole-images",
     )
     parser.add_argument(
         "--tile-depth",
@@ -290,7 +291,8 @@ def _prepare(args: argparse.Namespace, out_dir: Path) -> dict:
     content."""
     # before any --synthetic volumes are written: a refusal costs nothing
     whole_zarr = args.format == "zarr" and args.whole_images
-    check_volume_settings(args.spatial_dims, whole_zarr, args.tile_depth, _spacing(args.spacing))
+    check_volume_settings(args.spatial_dims, whole_zarr, args.tile_depth, _spacing(args.spacing),
+                          webdataset=args.format == "webdataset", context_margin=1 if args.context_for else 0)
     pairs, source = _inputs(args, out_dir)
     with pairs:  # shards at URLs are downloaded to a temporary folder, removed here
         return prepare_pairs(

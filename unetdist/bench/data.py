@@ -40,14 +40,13 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from unetdist.bench import peers
-from unetdist.bench.loader_rounds import median_ratio, rate, rounds
+from unetdist.bench.loader_rounds import augmentation_rate, median_ratio, rate, rounds
 from unetdist.data.sequence import Blocks, GlobalSequence
 from unetdist.data.sources.base import StoredSamples
 
@@ -136,22 +135,6 @@ class _BareCopy(torch.utils.data.IterableDataset):
         while True:
             chosen = np.sort(rng.choice(len(self.images), self.batch, replace=False))
             yield {"image": torch.from_numpy(self.images[chosen]), "mask": torch.from_numpy(self.masks[chosen])}
-
-
-def _augment_rate(batch: dict, device: str, repeats: int) -> float:
-    """Tiles/s of ``to_model_input`` (copy to ``device`` + augmentation + normalisation)."""
-    from unetdist.data import to_model_input
-
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if device.startswith("cuda"):
-        batch = {**batch, **{key: batch[key].pin_memory() for key in ("image", "mask") if key in batch}}
-    to_model_input(batch, device)  # warm-up: kernels, allocator
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        to_model_input(batch, device)
-    synchronize()
-    return repeats * len(batch["image"]) / (time.perf_counter() - start)
 
 
 def _block_sizes(args) -> list[int]:
@@ -251,9 +234,9 @@ def run(args) -> dict[str, float | int | str]:
         del contestants  # their workers stop
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        augment_rate = _augment_rate(sample, "cpu", 4)
+        augment_rate = augmentation_rate(sample, "cpu", 4)
         torch.set_num_threads(threads)
-        device_rate = _augment_rate(sample, args.device, 50) if args.device != "cpu" else None
+        device_rate = augmentation_rate(sample, args.device, 50) if args.device != "cpu" else None
 
         bare = DataLoader(_BareCopy(images, masks, args.batch), batch_size=None, num_workers=args.workers,
                           persistent_workers=args.workers > 0, prefetch_factor=data.prefetch_factor if args.workers else None)

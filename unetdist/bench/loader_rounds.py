@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def rate(iterator, batches: int, batch: int, buffered: int) -> float:
@@ -64,3 +65,19 @@ def rounds(
 
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return float(np.median(np.divide(numerators, denominators)))
+
+
+def augmentation_rate(batch: dict, device: str, repeats: int) -> float:
+    """Tiles/s of ``to_model_input`` (copy to ``device`` + augmentation + normalisation)."""
+    from unetdist.data import to_model_input
+
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        batch = {**batch, **{key: batch[key].pin_memory() for key in ("image", "mask") if key in batch}}
+    to_model_input(batch, device)  # warm-up: kernels, allocator
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        to_model_input(batch, device)
+    synchronize()
+    return repeats * len(batch["image"]) / (time.perf_counter() - start)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from unetdist.bench.timing import interleaved
 from unetdist.model.sizes import PRESETS
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, float | int | str]:
             timed["sliding_s"] = lambda: [
                 predict_array(model, image, device=device, **sliding) for image in images
             ]
-        seconds = _interleaved(timed, device, args.repeats)
+        seconds = interleaved(timed, device, args.repeats)
     instances_s = seconds["predict_s"] + seconds["decode_s"]
     figures: dict[str, float | int | str] = {
         "image_px": f"{height}x{width}",
@@ -219,30 +219,6 @@ def _tiles_of(image: np.ndarray, plan: TilePlan, device: torch.device) -> list[t
         region = read_mirrored(image, t.input_top, t.input_top + size_y, t.input_left, t.input_left + size_x)
         inputs.append(torch.from_numpy(normalise(region, stats)).to(device))
     return inputs
-
-
-def _interleaved(
-    timed: dict[str, Callable[[], object]], device: torch.device, repeats: int
-) -> dict[str, float]:
-    """The best of ``repeats`` seconds of each function, after one warm-up run each; the functions
-    take turns, so a machine that slows down or speeds up meanwhile skews no ratio."""
-    for function in timed.values():
-        function()
-    best = dict.fromkeys(timed, float("inf"))
-    for _ in range(max(repeats, 1)):
-        for name, function in timed.items():
-            best[name] = min(best[name], _timed(function, device))
-    return best
-
-
-def _timed(function: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,3 +84,27 @@ def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def interleaved(
+    timed: dict[str, Callable[[], object]], device: torch.device, repeats: int
+) -> dict[str, float]:
+    """The best of ``repeats`` seconds of each function, after one warm-up run each; the functions
+    take turns, so a machine that slows down or speeds up meanwhile skews no ratio."""
+    for function in timed.values():
+        function()
+    best = dict.fromkeys(timed, float("inf"))
+    for _ in range(max(repeats, 1)):
+        for name, function in timed.items():
+            best[name] = min(best[name], timed_once(function, device))
+    return best
+
+
+def timed_once(function: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started

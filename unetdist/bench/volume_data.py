@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unetdist.bench.loader_rounds import median_ratio, rounds
+from unetdist.bench.loader_rounds import augmentation_rate, median_ratio, rounds
 from unetdist.data.sources.zarr_images import ZarrImages
 
 FOREGROUND_FRACTION = 1 / 3  # nnU-Net's oversampling: windows are not all background, as in training
@@ -109,7 +109,6 @@ def chunks_met(corner: tuple[int, ...], tile: tuple[int, ...], chunks: tuple[int
 
 
 def run(args: argparse.Namespace) -> dict[str, float | int | str]:
-    from unetdist.bench.data import _augment_rate
     from unetdist.config import DataConfig
     from unetdist.data import build_train_loader
     from unetdist.data.loader import sample_checks
@@ -160,9 +159,9 @@ def run(args: argparse.Namespace) -> dict[str, float | int | str]:
     image_met, image_voxels, mask_met, _ = np.mean(met, axis=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    augment_rate = _augment_rate(handed[0], "cpu", 4)
+    augment_rate = augmentation_rate(handed[0], "cpu", 4)
     torch.set_num_threads(threads)
-    device_rate = _augment_rate(handed[0], args.device, 20) if args.device != "cpu" else None
+    device_rate = augmentation_rate(handed[0], args.device, 20) if args.device != "cpu" else None
     medians = {name: float(np.median(values)) for name, values in rates.items()}
     tile_voxels = math.prod(tile)
     return {

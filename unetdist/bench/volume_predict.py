@@ -85,7 +85,7 @@ def _truth_probabilities(cells: np.ndarray, num_classes: int) -> np.ndarray:
 def run(args: argparse.Namespace) -> dict[str, float | int | str]:
     import zarr
 
-    from unetdist.bench.predict import _interleaved
+    from unetdist.bench.timing import interleaved
     from unetdist.bench.volume_data import parse_volume
     from unetdist.data.synthetic import synthetic_volume
     from unetdist.inference.engine import TilePredictor, predict_array
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, float | int | str]:
             timed["decode_s"] = lambda: decoder(in_memory)
             truth = _truth_probabilities(cells, args.num_classes)
             timed["decode_truth_s"] = lambda: summary.update(truth_instances=int(decoder(truth).max()))
-        seconds = _interleaved(timed, device, args.repeats)
+        seconds = interleaved(timed, device, args.repeats)
     voxels = math.prod(shape)
     forward_rate = forward_voxels / seconds["forward_s"]
     figures: dict[str, float | int | str] = {

@@ -16,7 +16,8 @@ whatever device the tensors are on:
   workers only read and decode.
 
 Order: stored image -> unit range (integer images / dtype max; float images per-sample
-min-max) -> flips/rot90 (in-plane: the last two axes; volumes also flip z) -> elastic
+min-max) -> flips/rot90 (in-plane: the last two axes; volumes also flip z, or with ``rotate_3d``
+take any of the cube's 48 symmetries: :mod:`unetdist.data.symmetries`) -> elastic
 deformation (the U-Net paper's: Gaussian displacements with ``elastic_sigma_px`` on a coarse
 3x3 grid, bicubically interpolated; bicubic sampling of the image, nearest of mask and weight;
 volumes: a 3x3x3 grid of (dz, dy, dx), all trilinear for the image, as bicubic does not exist
@@ -43,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from unetdist.data.sequence import SAMPLE_STREAM
+from unetdist.data.symmetries import CUBE_SYMMETRIES, cube_symmetries, square_symmetries
+from unetdist.data.symmetries import flip_rot90 as _flip_rot90  # noqa: F401  (its old home; tests use it)
 
 NORMALISATION_EPSILON = 1e-6
 ELASTIC_GRID = 3
@@ -54,7 +57,8 @@ ELASTIC_NODES_3D = 3 * ELASTIC_GRID**3  # (dz, dy, dx) per node of the 3x3x3 gri
 _ELASTIC_2D = 5  # turns, flip, gamma, scale, shift, then the (dy, dx) grid
 _Z_FLIP = _ELASTIC_2D + 2 * ELASTIC_GRID * ELASTIC_GRID
 _ELASTIC_3D = _Z_FLIP + 1
-NUM_PARAMS = _ELASTIC_3D + ELASTIC_NODES_3D
+_CUBE = _ELASTIC_3D + ELASTIC_NODES_3D  # the cube symmetry's code (rotate_3d), after every older column
+NUM_PARAMS = _CUBE + 1
 NORMALISATIONS = ("zscore", "percentile", "range")
 # data.normalize=percentile clips each sample and channel to these percentiles of its own pixels
 # (nnU-Net clips CT to 0.5..99.5 of the foreground; per image, 1..99.8 keeps the bright cells)
@@ -71,6 +75,7 @@ class AugmentSpec:
     elastic: bool = False
     elastic_sigma_px: float = 10.0
     normalize: str = "zscore"
+    rotate_3d: bool = False  # with flips, on cubic volumes: any cube symmetry, not turns + a z flip
 
     @property
     def any(self) -> bool:
@@ -83,7 +88,8 @@ _TOSS, _TOP, _LEFT, _PICK, _TURNS, _FLIP, _INTENSITY, _NOISE_SEED, _NORMALS = 0,
 _DEPTH = _NORMALS + 2 * ELASTIC_GRID * ELASTIC_GRID  # the z corner
 _Z_FLIP_WORD = _DEPTH + 1
 _NORMALS_3D = _Z_FLIP_WORD + 1  # Box-Muller pairs: one word per normal, rounded up to a pair
-NUM_WORDS = _NORMALS_3D + ELASTIC_NODES_3D + ELASTIC_NODES_3D % 2
+_CUBE_WORD = _NORMALS_3D + ELASTIC_NODES_3D + ELASTIC_NODES_3D % 2  # appended: none above moves
+NUM_WORDS = _CUBE_WORD + 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -181,7 +187,9 @@ def draw_params(words: np.ndarray, spec: AugmentSpec) -> tuple[np.ndarray, np.nd
     params[:, _ELASTIC_2D:_Z_FLIP] = spec.elastic_sigma_px * normals
     # volume columns: always drawn (the vector's length is fixed), from their own words
     params[:, _Z_FLIP] = words[:, _Z_FLIP_WORD] % np.uint64(2)
-    params[:, _ELASTIC_3D:] = spec.elastic_sigma_px * _normals(words[:, _NORMALS_3D:])[:, :ELASTIC_NODES_3D]
+    normals_3d = _normals(words[:, _NORMALS_3D:_CUBE_WORD])[:, :ELASTIC_NODES_3D]
+    params[:, _ELASTIC_3D:_CUBE] = spec.elastic_sigma_px * normals_3d
+    params[:, _CUBE] = words[:, _CUBE_WORD] % np.uint64(CUBE_SYMMETRIES)  # modulo bias (2**64 % 48) / 2**64: none to speak of
     noise_seeds = (words[:, _NOISE_SEED] >> np.uint64(2)).astype(np.int64)
     return params, noise_seeds
 
@@ -209,37 +217,11 @@ def unit_range(image: torch.Tensor) -> torch.Tensor:
     return (image - low) / (high - low + NORMALISATION_EPSILON)
 
 
-def _flip_rot90(array: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
-    array = torch.rot90(array, turns, dims=(-2, -1))
-    return array.flip(-1) if flip else array
-
-
-_SYMMETRY_SOURCES: dict[tuple[int, str], torch.Tensor] = {}
-
-
 def _symmetries(arrays: list[torch.Tensor | None], params: torch.Tensor) -> list[torch.Tensor | None]:
     """Each sample's flip/rot90 (params[:, 0] quarter turns, params[:, 1] flip) applied to every
-    array [B, ..., S, S] with one gather: per sample, the source pixel of each output pixel, so
-    the batch costs a few kernels whatever its size and the host never waits for the device.
-    A volume's z slices are only more leading axes: each turns in its plane."""
-    size = arrays[0].shape[-1]
-    key = (size, str(arrays[0].device))
-    if key not in _SYMMETRY_SOURCES:  # [8, S*S] for code 2 * turns + flip
-        pixels = torch.arange(size * size).view(size, size)
-        _SYMMETRY_SOURCES[key] = torch.stack(
-            [_flip_rot90(pixels, turns, bool(flip)).reshape(-1) for turns in range(4) for flip in (0, 1)]
-        ).to(arrays[0].device)
-    codes = (params[:, 0] * 2 + params[:, 1]).long()
-    sources = _SYMMETRY_SOURCES[key][codes]  # [B, S*S]
-    out: list[torch.Tensor | None] = []
-    for array in arrays:
-        if array is None:
-            out.append(None)
-            continue
-        flat = array.reshape(array.shape[0], -1, size * size)
-        index = sources[:, None, :].expand(-1, flat.shape[1], -1)
-        out.append(torch.gather(flat, 2, index).view(array.shape))
-    return out
+    array [B, ..., S, S] with one gather (:mod:`unetdist.data.symmetries`). A volume's z slices
+    are only more leading axes: each turns in its plane."""
+    return square_symmetries(arrays, (params[:, 0] * 2 + params[:, 1]).long())
 
 
 def _z_flips(arrays: list[torch.Tensor | None], params: torch.Tensor) -> list[torch.Tensor | None]:
@@ -300,7 +282,9 @@ def apply(
     [B,*spatial] or None; spatial (Y, X) or (Z, Y, X), read from the image's rank."""
     params = params.to(image.device, torch.float32)
     volume = image.ndim == 5
-    if spec.flips:
+    if spec.flips and volume and spec.rotate_3d:  # the 48 include the turns and both flips below
+        image, mask, weight = cube_symmetries([image, mask, weight], params[:, _CUBE].long())
+    elif spec.flips:
         if image.shape[-1] != image.shape[-2]:
             raise ValueError(f"flips/rot90 augmentation needs square tiles, got {tuple(image.shape[-2:])}")
         image, mask, weight = _symmetries([image, mask, weight], params)
@@ -308,7 +292,7 @@ def apply(
             image, mask, weight = _z_flips([image, mask, weight], params)
     if spec.elastic:
         if volume:
-            grid = elastic_grid_3d(params[:, _ELASTIC_3D:], tuple(image.shape[-3:]))
+            grid = elastic_grid_3d(params[:, _ELASTIC_3D:_CUBE], tuple(image.shape[-3:]))
             smooth = "bilinear"  # on 5-D input: trilinear
         else:
             grid = elastic_grid(params[:, _ELASTIC_2D:_Z_FLIP], image.shape[-2], image.shape[-1])

@@ -247,6 +247,7 @@ def _options(data: DataConfig, *, train: bool, spatial_dims: int = 2) -> BatchOp
             elastic=data.augment_elastic,
             elastic_sigma_px=data.elastic_sigma_px,
             normalize=data.normalize,
+            rotate_3d=data.augment_rotate_3d,
         )
         spec = spec if spec.any else None
     return BatchOptions(
@@ -305,7 +306,7 @@ def build_train_loader(
     """
     opened = source is None
     if opened:
-        check_tile_size(data)
+        check_tile_size(data, spatial_dims)
     data, mask_origin = resolve_mask_kind(data, target)
     checks = sample_checks(data, in_channels, num_classes, use_weight_map, target, boundary_width_px, spatial_dims)
     if opened:

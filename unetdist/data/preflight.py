@@ -118,11 +118,14 @@ def log_weight_maps(source: Source, checks: SampleChecks, seed: int) -> None:
     log.info("border weight maps: %s (loss.use_weight_map=%s)", how, checks.use_weight_map)
 
 
-def check_tile_size(data: DataConfig) -> None:
-    """Refuse a ``data.tile_size`` larger than the tiles of the prepare folder ``data.root``.
+def check_tile_size(data: DataConfig, spatial_dims: int | None = None) -> None:
+    """Refuse a ``data.tile_size`` (of volumes, ``data.tile_depth``) larger than the tiles of the
+    prepare folder ``data.root``.
 
     Otherwise every sample fails its check in the workers, after the start-up. Stores of
     whole images check their images themselves; explicit shard lists are checked per sample.
+    ``spatial_dims``: the model's; volumes read against images (or the reverse) are left to the
+    sample check, whose one line names the shard, the sample and model.spatial_dims.
     """
     explicit = data.train_shards if data.format == "webdataset" else data.zarr_store
     if not data.root or explicit:
@@ -133,7 +136,16 @@ def check_tile_size(data: DataConfig) -> None:
         return  # the source names a missing or unreadable dataset.json itself
     if not isinstance(meta, dict) or meta.get("layout") == WHOLE_IMAGES or meta.get("format") != data.format:
         return
-    stored = meta.get("tile_size")
+    if spatial_dims is not None and meta.get("spatial_dims", 2) != spatial_dims:
+        return
+    stored, depth = meta.get("tile_size"), meta.get("tile_depth")
+    wanted = data.tile_depth or data.tile_size  # data.tile_depth 0: a cube
+    if spatial_dims == 3 and isinstance(depth, int) and wanted > depth:
+        raise ConfigError(
+            f"data.tile_depth={data.tile_depth}{' (0: data.tile_size)' if not data.tile_depth else ''} is deeper "
+            f"than the {depth}-plane tiles stored in {data.root} (its dataset.json): set data.tile_depth to at "
+            f"most {depth}, or prepare the data again with --tile-depth {wanted} or more"
+        )
     if isinstance(stored, int) and data.tile_size > stored:
         raise ConfigError(
             f"data.tile_size={data.tile_size} is larger than the {stored}x{stored} tiles stored in {data.root} "

@@ -8,7 +8,8 @@ whole image, crop to its region, tile -> a writer per split (:mod:`unetdist.data
 ``dataset.json`` (written last, so its presence means the rest is complete). The names and
 formats written are those of :mod:`unetdist.data.layout`; the command line is :mod:`unetdist.prepare`.
 Volumes (``spatial_dims=3``, :mod:`unetdist.data.volumes`) take the same flow, stored whole, their
-regions cut along the axis that holds the most tiles, their voxel spacing in the store and dataset.json.
+regions cut along the axis that holds the most tiles, their voxel spacing in the store and dataset.json;
+or, as WebDataset shards, as a grid of 3-D tiles (:mod:`unetdist.data.volume_tiles`).
 
 Masks are stored as what they mean: instance ids as uint16 (uint32 past 65,535 cells in an
 image), so validation can match instances and the loader can derive other targets from them
@@ -58,6 +59,7 @@ from unetdist.data.splits import (
     split_by_image,
 )
 from unetdist.data.staging import staged_output
+from unetdist.data.volume_tiles import volume_tiles
 from unetdist.data.volumes import (
     VolumePairs,
     check_volume,
@@ -128,7 +130,8 @@ class _Settings:
             raise PrepareError(
                 f"tile size and shard size must be positive, got {self.tile_size} and {self.shard_size}"
             )
-        check_volume_settings(self.spatial_dims, self.whole_images, self.tile_depth, self.spacing)
+        check_volume_settings(self.spatial_dims, self.whole_images, self.tile_depth, self.spacing,
+                              webdataset=self.output_format == "webdataset", context_margin=self.context_margin)
         if self.weight_map and (self.sigma <= 0 or self.w0 < 0):
             raise PrepareError(
                 f"weight map needs sigma > 0 and w0 >= 0, got sigma={self.sigma}, w0={self.w0}"
@@ -242,7 +245,9 @@ def _write_image(
         written.counts[split] += math.prod(grid)  # validation's grid
         log.info("%s: %s stored whole", split, stem)
         return
-    for sample in _tiles(stem, image, mask, weight, settings.tile_size, settings.context_margin, offset):
+    tiles = (volume_tiles(stem, image, mask, settings.tile_shape, offset) if settings.spatial_dims == 3
+             else _tiles(stem, image, mask, weight, settings.tile_size, settings.context_margin, offset))  # fmt: skip
+    for sample in tiles:
         writer.write(stem, sample)
         written.counts[split] += 1
     log.info("%s: %s -> %s tiles so far", split, stem, written.counts[split])
@@ -376,8 +381,9 @@ def prepare_pairs(
     samples tiles from it, validation reads a fixed grid (the tile counts are the grid's).
     ``zarr_codec`` (pre-tiled zarr only) compresses the tiles; None: uncompressed, the fastest
     to read (see :mod:`unetdist.data.writers`). ``spatial_dims=3``: volumes (``pairs`` of
-    :class:`~unetdist.data.volumes.VolumePairs`), whole-image Zarr only, tiles of ``(tile_depth or
-    tile_size, tile_size, tile_size)``, the voxel ``spacing`` (z, y, x) if given, else the files'.
+    :class:`~unetdist.data.volumes.VolumePairs`), whole-image Zarr or WebDataset shards of 3-D tiles,
+    tiles of ``(tile_depth or tile_size, tile_size, tile_size)``, the voxel ``spacing`` (z, y, x) if
+    given, else the files'.
 
     Validation (``val_fraction`` > 0): whole images (stacks), or, with fewer than
     :data:`~unetdist.data.splits.MIN_IMAGES_TO_SPLIT_BY_IMAGE`, the last part of every image

@@ -262,16 +262,27 @@ def _to_czyx(image: np.ndarray, axes: str, mask_shape: tuple[int, ...], pair: Pa
 
 
 def check_volume_settings(
-    spatial_dims: int, whole_images: bool, tile_depth: int, spacing: Sequence[float] | None
+    spatial_dims: int,
+    whole_images: bool,
+    tile_depth: int,
+    spacing: Sequence[float] | None,
+    *,
+    webdataset: bool = False,
+    context_margin: int = 0,
 ) -> None:
-    """prepare's options that concern volumes, one :class:`PrepareError` naming the flags."""
+    """prepare's options that concern volumes, one :class:`PrepareError` naming the flags.
+    ``webdataset``: the output is tar shards (3-D tiles, :mod:`unetdist.data.volume_tiles`)."""
     if spatial_dims not in (2, 3):
         raise PrepareError(f"--spatial-dims must be 2 or 3, got {spatial_dims}")
-    if spatial_dims == 3 and not whole_images:
+    if spatial_dims == 3 and not (whole_images or webdataset):
         raise PrepareError(
-            "--spatial-dims 3 needs --format zarr --whole-images: volumes are stored whole "
-            "(no webdataset shards or pre-tiled Zarr of volumes yet)"
+            "--spatial-dims 3 needs --format webdataset (3-D tiles) or --format zarr --whole-images "
+            "(no pre-tiled Zarr of volumes yet)"
         )
+    if spatial_dims == 3 and context_margin:
+        # a valid-conv model's margin differs per axis where z pools fewer levels: 2-D prepare's one
+        # margin per side would be wrong along z
+        raise PrepareError("--context-for goes with --spatial-dims 2 (volumes store no overlap-tile context yet)")
     if spatial_dims == 2 and (tile_depth or spacing is not None):
         raise PrepareError(f"{'--tile-depth' if tile_depth else '--spacing'} goes with --spatial-dims 3")
     if tile_depth < 0:

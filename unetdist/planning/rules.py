@@ -71,6 +71,7 @@ HEAVY_TAIL_RATIO = 1.0
 # AP@0.5:0.95 0.802, on (the paper's strain) 0.935 and 0.747: the warped outlines cost the strict
 # IoUs, and the warp costs the loader time.
 ELASTIC = False
+ISOTROPIC_RATIO = 1.2  # volumes: spacing within this factor on all axes turns freely in 3-D
 NOISE_OF_SPREAD = 0.05  # Gaussian noise std: this share of the p1..p99.8 spread, in unit range
 LEARNING_RATE, WEIGHT_DECAY, GRAD_CLIP_NORM = 1e-3, 1e-4, 1.0  # AdamW, as configs/padded.yaml
 MAX_WARMUP_STEPS, WARMUP_SHARE = 500, 0.05
@@ -348,7 +349,7 @@ def _schedule(fp: Fingerprint, budget: Budget, steps: int) -> list[Choice]:
 
 # Volumes: the 3-D keys go beside their 2-D neighbours, and a few 2-D reasons read otherwise.
 VOLUME_KEYS_AFTER = {"data.tile_size": "data.tile_depth", "model.preset": "model.spatial_dims",
-                     "model.depth": "model.z_pools"}  # fmt: skip
+                     "model.depth": "model.z_pools", "data.augment_elastic": "data.augment_rotate_3d"}  # fmt: skip
 VOLUME_REASONS = {
     "model.preset": "same-size output, a norm after each conv: nnU-Net's 3d_fullres network",
     "data.augment": "in-plane flips and quarter turns, and z flips: microscopy has no up or left",
@@ -359,7 +360,21 @@ def _volume_tile(fp: VolumeFingerprint, budget: Budget, num_classes: int) -> tup
     width = BASE_WIDTH if budget.device == "gpu" else CPU_BASE_WIDTH  # CPU: more steps in the time, as 2-D
     fits, cost = _budget_check(budget)
     net, choices = volume_tile(fp, num_classes, width, fits, cost)
-    return net, choices + [(key, None, why) for key, why in VOLUME_REASONS.items()]
+    return net, choices + [(key, None, why) for key, why in VOLUME_REASONS.items()] + _rotations_3d(fp, net)
+
+
+def _rotations_3d(fp: VolumeFingerprint, net: Net) -> list[Choice]:
+    """Full 3-D rotations where they map the data onto data it could have been: an isotropic voxel
+    (a turned tile has the same resolution on every axis) and a cubic tile (it turns onto itself)."""
+    ratio, shape = max(fp.spacing) / min(fp.spacing), f"{net.tile_depth}x{net.tile_px}x{net.tile_px}"
+    if ratio <= ISOTROPIC_RATIO and net.tile_depth == net.tile_px:
+        why = f"spacing within {ratio:.3g}x on all axes (<= {ISOTROPIC_RATIO:g}) and a cubic tile {shape}: no axis is special"
+        return [("data.augment_rotate_3d", True, why),
+                ("data.augment", None, "any of the cube's 48 symmetries (data.augment_rotate_3d): no up, left or top")]  # fmt: skip
+    why = (f"spacing {ratio:.3g}x between axes (isotropic: <= {ISOTROPIC_RATIO:g}): a turn would put a coarse axis in-plane"
+           if ratio > ISOTROPIC_RATIO else f"tile {shape}, not a cube: a 3-D turn would not map it onto itself")
+    why += "; in-plane turns and z flips"
+    return [("data.augment_rotate_3d", False, why)]
 
 
 def _in_order(choices: list[Choice], volume: list[Choice]) -> list[Choice]:

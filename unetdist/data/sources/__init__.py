@@ -63,9 +63,10 @@ def open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
 def _open_source(data: DataConfig, split: str, checks: SampleChecks) -> Source:
     if data.format == "ome-zarr":
         from unetdist.data.sources.ome_zarr import open_ome_zarr
+        from unetdist.data.sources.ome_zarr_volumes import OmeZarrVolumes  # one unit per (image, t) volume
 
         configure_remote(data)
-        return open_ome_zarr(data, split, checks)
+        return open_ome_zarr(data, split, checks, OmeZarrVolumes if checks.spatial_dims == 3 else None)
     if data.format == "zarr" and (data.image_array or data.mask_array):  # a store of the user's own arrays
         configure_remote(data)
         return open_zarr_arrays(data, split, checks, _fetcher(data, split, [data.zarr_store]))

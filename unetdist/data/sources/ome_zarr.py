@@ -75,8 +75,11 @@ class Plane:
     height: int
 
 
-def open_ome_zarr(data: DataConfig, split: str, checks: SampleChecks) -> OmeZarrImages:
-    """The OME-Zarr source of ``split`` ("train" or "val") named by the data config."""
+def open_ome_zarr(
+    data: DataConfig, split: str, checks: SampleChecks, source: type[OmeZarrImages] | None = None
+) -> OmeZarrImages:
+    """The OME-Zarr source of ``split`` ("train" or "val") named by the data config; ``source``: its
+    class (volumes: :class:`~unetdist.data.sources.ome_zarr_volumes.OmeZarrVolumes`)."""
     if not data.labels:
         raise ValueError(
             "data.labels is empty: data.format=ome-zarr needs the name of the label image (labels/NAME "
@@ -109,12 +112,7 @@ def open_ome_zarr(data: DataConfig, split: str, checks: SampleChecks) -> OmeZarr
         chosen = images[-held_count:] if split == "val" else images[:-held_count]
     else:
         chosen, rows = images, (split, data.val_fraction)
-    source = OmeZarrImages
-    if checks.spatial_dims == 3:  # one unit per (image, t) volume, 3-D windows
-        from unetdist.data.sources.ome_zarr_volumes import OmeZarrVolumes
-
-        source = OmeZarrVolumes
-    return source(
+    return (source or OmeZarrImages)(
         chosen,
         data.labels,
         checks,

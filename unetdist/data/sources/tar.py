@@ -22,6 +22,8 @@ import mmap
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+
 from unetdist.data.cache import LruCache
 from unetdist.data.fetch import Fetcher, Piece
 from unetdist.data.layout import DATASET_JSON
@@ -234,6 +236,7 @@ class TarShards(StoredSamples):
         fields = {name: data[offset - base : offset - base + size] for name, offset, size in sample.members}
         try:
             image, mask, weight = decode_sample(fields, sample.key, f"shard {path}", self.checks.keys)
+            _check_dims(image, sample.key, path, self.checks.spatial_dims)
             return check_sample(sample.key, f"shard {path}", image, mask, weight, self.checks, weights_of)
         except DataError as err:
             return err
@@ -241,3 +244,13 @@ class TarShards(StoredSamples):
     def key(self, unit: int, index: int) -> str:
         samples = self._index(unit).samples
         return samples[index].key if index < len(samples) else f"#{index}"
+
+
+def _check_dims(image: np.ndarray, key: str, path: str, spatial_dims: int) -> None:
+    """A volume's tile read by a 2-D model, or an image's by a 3-D one: one line saying so, before
+    the shape check's, which would only say that the shape is not the expected one."""
+    stored = image.ndim - 1  # [C, *spatial]
+    if stored in (2, 3) and stored != spatial_dims:
+        kind = "a 3-D tile (a volume's)" if stored == 3 else "a 2-D tile (an image's)"
+        raise DataError(f"shard {path} sample {key}: {kind}, image shape {tuple(image.shape)}, but "
+                        f"model.spatial_dims={spatial_dims}; set model.spatial_dims={stored} for these shards")  # fmt: skip
