@@ -23,6 +23,21 @@ from unetdist.data.layout import IMAGE_DTYPES
 UINT16_IDS = np.iinfo(np.uint16).max  # more cells in one image: renumbered, and uint32 past this
 
 
+def check_labels(mask: np.ndarray, mask_kind: str, where: str) -> None:
+    """:class:`PrepareError` naming ``where`` unless ``mask`` holds labels of ``mask_kind`` (an image's or a volume's)."""
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise PrepareError(f"{where}: mask must hold integer labels, got dtype {mask.dtype}")
+    if mask.size and mask.min() < 0:
+        raise PrepareError(f"{where}: negative label {mask.min()}; labels are 0 (background) and up")
+    if mask_kind == "classes" and mask.size and mask.max() > 255:
+        raise PrepareError(f"{where}: class id {mask.max()} does not fit the uint8 class mask")
+    if mask_kind == "classes" and mask.size and mask.max() == 255 and set(np.unique(mask).tolist()) <= {0, 255}:
+        raise PrepareError(
+            f"{where}: labels 0/255, a binary mask: as class ids they would make 256 classes; "
+            "binary masks are 0/1, and --mask-kind binary maps 255 -> 1"
+        )
+
+
 def check_pair(pair: Pair, mask_kind: str, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Check one image/mask pair; returns (image [C,H,W], mask [H,W])."""
     mask, mask_path, image_path = pair.mask, pair.mask_where, pair.image_where
@@ -32,18 +47,7 @@ def check_pair(pair: Pair, mask_kind: str, tile_size: int) -> tuple[np.ndarray, 
         raise PrepareError(
             f"{mask_path}: mask must be a single-channel HxW label image, got shape {mask.shape}"
         )
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise PrepareError(f"{mask_path}: mask must hold integer labels, got dtype {mask.dtype}")
-    if mask.size and mask.min() < 0:
-        raise PrepareError(f"{mask_path}: negative label {mask.min()}; labels are 0 (background) and up")
-    if mask_kind == "classes" and mask.max() > 255:
-        raise PrepareError(f"{mask_path}: class id {mask.max()} does not fit the uint8 class mask")
-    classes_255 = mask_kind == "classes" and mask.size and mask.max() == 255
-    if classes_255 and set(np.unique(mask).tolist()) <= {0, 255}:
-        raise PrepareError(
-            f"{mask_path}: labels 0/255, a binary mask: as class ids they would make 256 classes; "
-            "binary masks are 0/1, and --mask-kind binary maps 255 -> 1"
-        )
+    check_labels(mask, mask_kind, str(mask_path))
 
     raw = pair.image
     if raw.ndim == 2 and raw.shape != mask.shape:

@@ -31,6 +31,7 @@ import numpy as np
 from unetdist.data.imageio import PrepareError, is_ome_tiff, match_by_stem, ome_planes
 from unetdist.data.inputs import NgffPairs, Pair, PairSource, ngff_stem
 from unetdist.data.layout import IMAGE_DTYPES
+from unetdist.data.pair_masks import check_labels
 from unetdist.data.remote import display
 
 __all__ = ["VOLUME_SUFFIXES", "NgffVolumePairs", "VolumePairs", "check_volume", "read_volume", "voxel_spacing"]
@@ -203,7 +204,7 @@ def check_volume(pair: Pair, mask_kind: str, tile: tuple[int, int, int]) -> tupl
     if mask.ndim != 3:
         raise PrepareError(f"{mask_where}: mask shape {mask.shape}; a volume (--spatial-dims 3) needs a "
                            "single-channel (z, y, x) label volume")  # fmt: skip
-    _check_labels(mask, mask_kind, mask_where)
+    check_labels(mask, mask_kind, mask_where)
     image = _to_czyx(pair.image, pair.image_axes or "", mask.shape, pair)
     if image.dtype not in IMAGE_DTYPES:
         raise PrepareError(f"{pair.image_where}: image dtype {image.dtype} not supported; convert to one "
@@ -215,21 +216,6 @@ def check_volume(pair: Pair, mask_kind: str, tile: tuple[int, int, int]) -> tupl
             f"{'x'.join(map(str, tile))} along {', '.join(small)}; use a smaller --tile-depth or --tile"
         )
     return image, mask
-
-
-def _check_labels(mask: np.ndarray, mask_kind: str, where: str) -> None:
-    """The label values, as :func:`~unetdist.data.pair_masks.check_pair` holds a 2-D mask to them."""
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise PrepareError(f"{where}: mask must hold integer labels, got dtype {mask.dtype}")
-    if mask.size and mask.min() < 0:
-        raise PrepareError(f"{where}: negative label {mask.min()}; labels are 0 (background) and up")
-    if mask_kind == "classes" and mask.size and mask.max() > 255:
-        raise PrepareError(f"{where}: class id {mask.max()} does not fit the uint8 class mask")
-    if mask_kind == "classes" and mask.size and mask.max() == 255 and set(np.unique(mask).tolist()) <= {0, 255}:
-        raise PrepareError(
-            f"{where}: labels 0/255, a binary mask: as class ids they would make 256 classes; "
-            "binary masks are 0/1, and --mask-kind binary maps 255 -> 1"
-        )
 
 
 def _to_czyx(image: np.ndarray, axes: str, mask_shape: tuple[int, ...], pair: Pair) -> np.ndarray:
