@@ -134,6 +134,29 @@ def train_tiny_on(data_overrides: list[str], output_dir: Path, *more: str):
                           capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
 
 
+def global_batches(data, world_size: int, workers: int, steps: int, in_channels: int = 1, seed: int = 5) -> list[dict]:
+    """The first ``steps`` global batches (8 samples) of volumes from ``data`` (a DataConfig) at
+    ``world_size`` ranks of ``workers`` workers each, the ranks' micro-batches concatenated."""
+    import dataclasses
+
+    import torch
+
+    from unetdist.data import build_train_loader
+
+    loaders = [
+        iter(build_train_loader(dataclasses.replace(data, num_workers=workers), rank=rank, world_size=world_size,
+                                seed=seed, micro_batch_size=8 // world_size, global_batch_size=8,
+                                in_channels=in_channels, num_classes=2, use_weight_map="false", spatial_dims=3))
+        for rank in range(world_size)
+    ]  # fmt: skip
+    out = []
+    for _ in range(steps):
+        parts = [next(loader) for loader in loaders]
+        out.append({name: torch.cat([part[name] for part in parts]) for name in ("image", "mask")}
+                   | {"key": [key for part in parts for key in part["key"]]})  # fmt: skip
+    return out
+
+
 def recorded_keys(output_dir: Path) -> dict[int, list[str]]:
     """step -> the sorted sample keys of that global step, over all ranks (train.record_samples=true)."""
     import json

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import global_batches
 from ome_zarr.format import FormatV04, FormatV05
 from ome_zarr.writer import write_image, write_labels
 
 from unetdist.config import ConfigError, DataConfig, load_config
-from unetdist.data import build_train_loader, build_val_loader
+from unetdist.data import build_val_loader
 from unetdist.data.samples import SampleChecks
 from unetdist.data.sources import open_source
 from unetdist.data.sources.ome_zarr_volumes import OmeZarrVolumes
@@ -118,24 +119,6 @@ def ngff_config(images: list[str], **changes) -> DataConfig:
                                 augment=True, mask_kind="instances", **TILE), **changes})  # fmt: skip
 
 
-def global_batches(data: DataConfig, world_size: int, workers: int, steps: int) -> list[dict]:
-    """The first ``steps`` global batches (8 samples), the ranks' micro-batches concatenated."""
-    from dataclasses import replace
-
-    loaders = [
-        iter(build_train_loader(replace(data, num_workers=workers), rank=rank, world_size=world_size, seed=5,
-                                micro_batch_size=8 // world_size, global_batch_size=8, in_channels=2,
-                                num_classes=2, use_weight_map="false", spatial_dims=3))
-        for rank in range(world_size)
-    ]  # fmt: skip
-    out = []
-    for _ in range(steps):
-        parts = [next(loader) for loader in loaders]
-        out.append({name: torch.cat([part[name] for part in parts]) for name in ("image", "mask")}
-                   | {"key": [key for part in parts for key in part["key"]]})  # fmt: skip
-    return out
-
-
 def assert_same(a: list[dict], b: list[dict]) -> None:
     for one, other in zip(a, b, strict=True):
         assert one["key"] == other["key"]
@@ -154,12 +137,12 @@ def prepared(volumes, tmp_path_factory) -> tuple[Path, list[str]]:
 
 def test_training_windows_in_place_equal_the_prepared_store_at_any_ranks_and_workers(prepared):
     store, images = prepared
-    from_store = global_batches(store_config(store), 1, 0, 3)
-    in_place = global_batches(ngff_config(images, val_fraction=0.0), 1, 0, 3)
+    from_store = global_batches(store_config(store), 1, 0, 3, in_channels=2)
+    in_place = global_batches(ngff_config(images, val_fraction=0.0), 1, 0, 3, in_channels=2)
     assert from_store[0]["image"].shape == (8, 2, 8, 16, 16) and from_store[0]["mask"].shape == (8, 8, 16, 16)
     assert all("_z" in key for batch in in_place for key in batch["key"])
     assert_same(in_place, from_store)
-    assert_same(global_batches(ngff_config(images, val_fraction=0.0), 2, 2, 3), from_store)
+    assert_same(global_batches(ngff_config(images, val_fraction=0.0), 2, 2, 3, in_channels=2), from_store)
 
 
 def test_foreground_windows_come_from_a_coarse_level(prepared):
@@ -171,7 +154,7 @@ def test_foreground_windows_come_from_a_coarse_level(prepared):
     coarse = zarr.open_group(images[0], mode="r")["labels/cells/s2"][...]
     assert table.shape[1] == 3 and len(table)  # every point the centre of a foreground voxel of level s2
     assert (coarse[table[:, 0], table[:, 1] // 4, table[:, 2] // 4] > 0).all()
-    batch = global_batches(ngff_config(images, val_fraction=0.0, foreground_fraction=1.0), 1, 0, 1)[0]
+    batch = global_batches(ngff_config(images, val_fraction=0.0, foreground_fraction=1.0), 1, 0, 1, in_channels=2)[0]
     centres = batch["mask"][:, 4, 8, 8]  # each window centred on a foreground voxel (to a coarse voxel)
     assert (centres > 0).float().mean() >= 0.5
 

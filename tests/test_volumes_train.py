@@ -11,11 +11,11 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import recorded_keys
+from conftest import global_batches, recorded_keys
 from test_resume import assert_same_model, final_model, train
 
 from unetdist.config import DataConfig
-from unetdist.data import build_train_loader, build_val_loader
+from unetdist.data import build_val_loader
 from unetdist.data.writers import ZarrImageWriter
 
 SHAPE = (24, 40, 40)  # (z, y, x) of each volume
@@ -55,25 +55,9 @@ def data_config(store: Path, **changes) -> DataConfig:
     return DataConfig(**{**settings, **changes})
 
 
-def global_batches(store: Path, world_size: int, workers: int, steps: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``steps`` global batches (8 samples), the ranks' micro-batches concatenated."""
-    loaders = [
-        iter(build_train_loader(data_config(store, num_workers=workers), rank=rank, world_size=world_size, seed=5,
-                                micro_batch_size=8 // world_size, global_batch_size=8, in_channels=1,
-                                num_classes=2, use_weight_map="false", spatial_dims=3))
-        for rank in range(world_size)
-    ]  # fmt: skip
-    out = []
-    for _ in range(steps):
-        parts = [next(loader) for loader in loaders]
-        out.append({name: torch.cat([part[name] for part in parts]) for name in ("image", "mask")}
-                   | {"key": [key for part in parts for key in part["key"]]})  # fmt: skip
-    return out
-
-
 def test_volume_windows_are_the_same_global_sequence_at_any_ranks_and_workers(volume_store):
-    single = global_batches(volume_store, 1, 0, 4)
-    spread = global_batches(volume_store, 2, 2, 4)
+    single = global_batches(data_config(volume_store), 1, 0, 4)
+    spread = global_batches(data_config(volume_store), 2, 2, 4)
     assert single[0]["image"].shape == (8, 1, 8, 16, 16) and single[0]["mask"].shape == (8, 8, 16, 16)
     for one, many in zip(single, spread, strict=True):
         assert one["key"] == many["key"]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import global_batches
 
 from unetdist.config import ConfigError, DataConfig, load_config
 from unetdist.data import build_train_loader, build_val_loader
@@ -96,25 +97,9 @@ def data_config(root: Path, **changes) -> DataConfig:
     return DataConfig(**{**settings, **changes})
 
 
-def global_batches(root: Path, world_size: int, workers: int, steps: int) -> list[dict]:
-    """The first ``steps`` global batches (8 samples), the ranks' micro-batches concatenated."""
-    loaders = [
-        iter(build_train_loader(data_config(root, num_workers=workers), rank=rank, world_size=world_size, seed=3,
-                                micro_batch_size=8 // world_size, global_batch_size=8, in_channels=2,
-                                num_classes=2, use_weight_map="false", spatial_dims=3))
-        for rank in range(world_size)
-    ]  # fmt: skip
-    out = []
-    for _ in range(steps):
-        parts = [next(loader) for loader in loaders]
-        out.append({name: torch.cat([part[name] for part in parts]) for name in ("image", "mask")}
-                   | {"key": [key for part in parts for key in part["key"]]})  # fmt: skip
-    return out
-
-
 def test_the_shards_train_as_the_same_global_sequence_at_any_ranks_and_workers(shards: Path):
-    single = global_batches(shards, 1, 0, 3)
-    spread = global_batches(shards, 2, 2, 3)
+    single = global_batches(data_config(shards), 1, 0, 3, in_channels=2, seed=3)
+    spread = global_batches(data_config(shards), 2, 2, 3, in_channels=2, seed=3)
     assert single[0]["image"].shape == (8, 2, 8, 16, 16) and single[0]["mask"].shape == (8, 8, 16, 16)
     for one, many in zip(single, spread, strict=True):
         assert one["key"] == many["key"]

@@ -250,14 +250,14 @@ class OmeZarrImages(ImageWindows):
         stem = image.stem + f"_t{plane.t}" * (image.size_t > 1) + f"_z{plane.z}" * (image.size_z > 1)
         return self._where(plane), sample_key(stem, plane.row0 + top, left)
 
-    def _sample(self, unit: int, top: int, left: int, arrays: list[np.ndarray]) -> Sample:
+    def _sample(self, unit: int, *corner: int, arrays: list[np.ndarray]) -> Sample:
         pixels, labels = arrays
         image = self.images[self.planes[unit].image]
         if "c" not in image.axes:
             pixels = pixels[None]
         elif image.pick is not None:
             pixels = pixels[list(image.pick)]
-        where, key = self._describe(unit, top, left)
+        where, key = self._describe(unit, *corner)  # a plane's (top, left), a volume's (z, top, left)
         return check_sample(key, where, pixels, labels, None, self.checks)
 
 

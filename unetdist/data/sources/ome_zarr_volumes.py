@@ -25,7 +25,6 @@ import numpy as np
 
 from unetdist.data.layout import foreground_points, sample_key
 from unetdist.data.remote import display
-from unetdist.data.samples import Sample, check_sample
 from unetdist.data.sources.image_windows import TileRead
 from unetdist.data.sources.ome_zarr import OmeZarrImages
 from unetdist.data.splits import RegionTooSmall, holdout_box
@@ -120,16 +119,6 @@ class OmeZarrVolumes(OmeZarrImages):
         image = self.images[volume.image]
         stem = image.stem + f"_t{volume.t}" * (image.size_t > 1)
         return self._where(volume), sample_key(stem, *(start + at for start, at in zip(volume.corner, corner, strict=True)))
-
-    def _sample(self, unit: int, *corner: int, arrays: list[np.ndarray]) -> Sample:
-        pixels, labels = arrays
-        image = self.images[self.planes[unit].image]
-        if "c" not in image.axes:
-            pixels = pixels[None]
-        elif image.pick is not None:
-            pixels = pixels[list(image.pick)]
-        where, key = self._describe(unit, *corner)
-        return check_sample(key, where, pixels, labels, None, self.checks)
 
 
 def _selection(axes: tuple[str, ...], t: int, channel: int | slice, window: tuple[slice, ...] | None = None):
