@@ -4,6 +4,7 @@ resume across rank counts, a node cache that never exceeds its limit, retries an
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import threading
 from pathlib import Path
@@ -113,6 +114,23 @@ def test_a_block_of_consecutive_samples_is_one_ranged_get(bucket_root, data_root
     assert (start, end + 1) == (table[0].span[0], table[4].span[1])  # from the first member to the last
     for got, expected in zip(samples, local.read(1, [0, 1, 2, 3, 4]), strict=True):
         assert got.key == expected.key and np.array_equal(got.image, expected.image)
+
+
+def test_a_cache_that_holds_the_split_brings_each_span_once_per_node_in_one_get(bucket_root, data_root, s3, tmp_path):
+    """2 ranks x 2 workers share a node cache that holds the split: an epoch fetches each span of a
+    shard (data.fetch_span_mb) by one GET, once for the node, and the batches are the local ones."""
+    span = 40 * 1024  # 2-3 samples of 13 KB: 2 spans per shard
+    data = config(bucket_root, num_workers=2, cache_dir=str(tmp_path / "cache"), cache_limit_gb=0.5,
+                  fetch_span_mb=span / 2**20)
+    steps = -(-45 // GLOBAL)
+    assert_same(global_steps(data, 2, steps), global_steps(config(data_root), 1, steps))
+    spans = {(path.name, sample.span[0] // span) for path in data_root.glob("train-*.tar")
+             for sample in index_tar(str(path)).samples}
+    got = sorted((row[1].rsplit("/", 1)[1], *map(int, row[2].removeprefix("bytes=").split("-")))
+                 for row in s3.requests("GET") if row[1].split("?")[0].endswith(".tar"))
+    assert len(got) == len(spans) < 45, (len(got), len(spans))
+    assert {(name, start // span) for name, start, _ in got} == spans
+    assert all(a[0] != b[0] or a[2] < b[1] for a, b in itertools.pairwise(got)), "no byte is fetched twice"
 
 
 def test_injected_503s_are_retried_and_the_batches_are_unchanged(bucket_root, data_root, s3):

@@ -83,6 +83,7 @@ class DataConfig:
     cache_limit_gb: float = 20.0  # the cache never holds more
     readahead_mb: float = 256.0  # per worker: bytes of future micro-batches fetched ahead
     requests_in_flight: int = 16  # per worker: concurrent GETs
+    fetch_span_mb: float = 8.0  # a node cache that holds the split: a GET brings this much of a shard (fewer GETs)
     remote_attempts: int = 6  # per request, with exponential backoff and jitter; 403/404 are not retried
     remote_timeout_s: float = 60.0  # per request
 
@@ -91,6 +92,7 @@ class DataConfig:
             "data.cache_limit_gb": (self.cache_limit_gb > 0, "a positive number"),
             "data.readahead_mb": (self.readahead_mb >= 0, "zero or a positive number"),
             "data.requests_in_flight": (self.requests_in_flight >= 1, "a positive number"),
+            "data.fetch_span_mb": (self.fetch_span_mb >= 0, "zero or a positive number"),
             "data.remote_attempts": (self.remote_attempts >= 1, "a positive number"),
             "data.remote_timeout_s": (self.remote_timeout_s > 0, "a positive number"),
             "data.block_size": (self.block_size >= 0, "zero or a positive number"),
@@ -240,7 +242,6 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
-
 # Keys a resumed job may change without changing the math: resume does not refuse them
 # (train.py) and MLflow records their new value per attempt (a tag, not a conflicting param).
 RESUME_SAFE_KEYS: frozenset[str] = frozenset({
@@ -250,10 +251,9 @@ RESUME_SAFE_KEYS: frozenset[str] = frozenset({
     "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "data.num_workers", "data.pin_memory",
     "tracking.log_model", "tracking.log_checkpoints", "train.micro_batch_size", "train.device", "train.backend",
     "data.prefetch_factor", "data.worker_start_method", "data.augment_on", "data.cache_dir", "data.cache_limit_gb",
-    "data.readahead_mb", "data.requests_in_flight", "data.remote_attempts", "data.remote_timeout_s",
+    "data.readahead_mb", "data.requests_in_flight", "data.remote_attempts", "data.remote_timeout_s", "data.fetch_span_mb",
     *(f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)),
 })  # fmt: skip
-
 
 # ---------------------------------------------------------------- loading
 

@@ -79,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="s3://unetdist-bench/data", help="--source s3: the prefix to upload to")
     parser.add_argument("--latency-ms", default="20,50",
                         help="--source s3: latencies injected into GETs through S3_FAULTS_FILE (comma list)")
+    parser.add_argument("--fetch-span-mb", type=float, default=None,
+                        help="--source s3: data.fetch_span_mb of the remote loader (default: the config's)")
     volumes = parser.add_argument_group("volumes (--spatial-dims 3: unetdist/bench/volume_data.py)")
     volumes.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
                          help="3: 3-D windows of whole volumes in a Zarr store against the same windows in memory")

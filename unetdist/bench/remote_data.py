@@ -68,6 +68,8 @@ def run(args, write_tiles: WriteTiles) -> dict[str, float | int | str]:
     with tempfile.TemporaryDirectory() as scratch:
         bench = Bench.prepare(Path(args.dir or scratch), args.url, args.tiles, args.tile, args.workers, batch,
                               write_tiles)
+        if args.fetch_span_mb is not None:
+            bench.remote = dataclasses.replace(bench.remote, fetch_span_mb=args.fetch_span_mb)
         log = _RequestLog(requests_log, bench) if requests_log else None
         server_pid = _server_pid()
         _first_micro_batch(bench.remote, bench.options)
@@ -94,6 +96,7 @@ def run(args, write_tiles: WriteTiles) -> dict[str, float | int | str]:
         "source": "s3", "url": bench.url, "latency_ms": "/".join(str(latency) for latency in latencies),
         "workers": args.workers, "batch": batch, "tile": args.tile, "epoch_samples": rounds[0][0].epoch_samples,
         "data_mb": round(bench.data_bytes / 1e6, 1), "readahead_mb": round(bench.remote.readahead_mb, 1),
+        "fetch_span_mb": bench.remote.fetch_span_mb,
         "rounds": repeats,
         **figures,
         "gets_per_sample": round(fetched.gets / max(1, fetched.distinct_samples), 3),

@@ -15,6 +15,9 @@ readers are about to read) is never evicted; when nothing else can go, the new e
 cached (it is still used from memory). Entries of other folders (validation, other runs)
 have no known next use and go first, oldest first; then this folder's entries of no single
 sample (chunks of whole images, :mod:`unetdist.data.zarr_cache`), oldest first.
+
+:meth:`NodeCache.fetching` lets one process of the node fetch a span of an object while the
+others wanting it wait and then read it here, instead of fetching it again.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _ENTRY = re.compile(r"^u(\d+)-i(\d+)-")
+FETCH_LOCKS = 1024  # lock files of fetches in flight, shared by key hash: a few hundred fetches at once per node
 NextUse = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
@@ -73,6 +77,21 @@ class NodeCache:
         except FileNotFoundError:
             return None
 
+    def has(self, name: str) -> bool:
+        return (self.folder / name).exists()
+
+    @contextmanager
+    def fetching(self, key: str):
+        """Held while this process fetches what ``key`` names (an object's span): the node's other
+        processes wanting it wait here, then find it cached. One of ``FETCH_LOCKS`` lock files
+        under ``.locks`` (two keys may share one: they then only wait for each other)."""
+        slot = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % FETCH_LOCKS
+        folder = self.root / ".locks"
+        folder.mkdir(exist_ok=True)
+        with open(folder / str(slot), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     @contextmanager
     def _locked(self):
         with open(self.root / ".lock", "a") as lock:
@@ -97,7 +116,7 @@ class NodeCache:
         """(path, name, size, mtime) of every entry of every folder."""
         found = []
         for folder in self.root.iterdir():
-            if not folder.is_dir():
+            if not folder.is_dir() or folder.name.startswith("."):  # .locks
                 continue
             with os.scandir(folder) as items:
                 for item in items:

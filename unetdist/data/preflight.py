@@ -18,7 +18,7 @@ from unetdist.data.layout import DATASET_JSON, WHOLE_IMAGES
 from unetdist.data.remote import join, read_bytes
 from unetdist.data.samples import DataError, SampleChecks
 from unetdist.data.sequence import GlobalSequence, RankLayout
-from unetdist.data.sources import mask_kind_of
+from unetdist.data.sources import mask_kind_of, node_readahead_bytes
 from unetdist.data.sources.base import Source
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def check_cache_limit(data: DataConfig) -> None:
         return
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = max(1, data.num_workers)
-    window = data.readahead_mb * 2**20 * workers * local_ranks
+    window = node_readahead_bytes(data)
     if data.cache_limit_gb * 2**30 < window:
         raise ConfigError(
             f"data.cache_limit_gb={data.cache_limit_gb} is smaller than this node's readahead window: "

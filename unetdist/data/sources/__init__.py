@@ -165,7 +165,14 @@ def _fetcher(data: DataConfig, split: str, urls: list[str]) -> Fetcher | None:
     if data.cache_dir:
         identity = "\n".join([split, *urls])
         cache = _node_cache(data, identity)
-    return Fetcher(data.requests_in_flight, cache, options=remote_options(data))
+    return Fetcher(data.requests_in_flight, cache, options=remote_options(data),
+                   span_bytes=int(data.fetch_span_mb * 2**20),
+                   cache_room_bytes=data.cache_limit_gb * 2**30 - node_readahead_bytes(data))
+
+
+def node_readahead_bytes(data: DataConfig) -> float:
+    """What this node's readers hold ahead: its ranks (``LOCAL_WORLD_SIZE``) x workers x ``data.readahead_mb``."""
+    return data.readahead_mb * 2**20 * max(1, data.num_workers) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _node_cache(data: DataConfig, identity: str) -> NodeCache:

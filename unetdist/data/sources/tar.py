@@ -11,8 +11,11 @@ rewritten in place while a run reads them (replacing a file, e.g. by a rename, i
 
 Remote shards (``s3://``, ``gs://``, ``az://``, ``https://``): the table is the index file
 beside the shard, and a sample is one byte range of it, fetched by :class:`~unetdist.data.fetch.Fetcher`
-(samples that touch are one GET; the node cache first). Members are decoded with
-:func:`unetdist.data.samples.decode_field`, which keeps 16-bit PNGs 16-bit.
+(samples that touch are one GET; the node cache first). With a node cache that can hold the
+split (``data.cache_limit_gb`` less the node's readahead window, against the split's size
+estimated from its first shard), a missing sample's GET brings every sample of its span,
+the ``data.fetch_span_mb`` of the shard it starts in (:mod:`unetdist.data.fetch`). Members are
+decoded with :func:`unetdist.data.samples.decode_field`, which keeps 16-bit PNGs 16-bit.
 """
 
 from __future__ import annotations
@@ -157,6 +160,8 @@ class TarShards(StoredSamples):
         self.counts = list(counts) if counts is not None else count_samples(self.paths)
         self._indexes = LruCache(_CACHED_SHARD_INDEXES)
         self._maps = LruCache(_CACHED_SHARD_INDEXES)
+        self._span_bytes: int | None = None  # spans in use (0: sample by sample); decided on first read
+        self._span_starts = LruCache(_CACHED_SHARD_INDEXES)
 
     @property
     def names(self) -> list[str]:
@@ -194,13 +199,36 @@ class TarShards(StoredSamples):
                 return [DataError(f"shard {self.paths[unit]}: cannot read: {err}")] * len(wanted)
             return [(data, 0)] * len(wanted)
         assert self.fetcher is not None
-        pieces = [
-            Piece(entry_name(unit, i, "s"), self.paths[unit], *samples[i].span) for i in wanted
-        ]
+        span = self._span()
+        url = self.paths[unit]
+
+        def piece(i: int) -> Piece:
+            start, end = samples[i].span
+            return Piece(entry_name(unit, i, "s"), url, start, end, f"{url} @{start // span}" if span else "")
+
+        def span_of(one: Piece) -> list[Piece]:
+            starts = self._span_starts.get(unit, lambda: np.array([sample.span[0] for sample in samples]))
+            first, last = np.searchsorted(starts, [one.start // span * span, (one.start // span + 1) * span])
+            return [piece(i) for i in range(first, last)]
+
+        pieces = [piece(i) for i in wanted]
         return [
-            got if isinstance(got, DataError) else (memoryview(got), piece.start)
-            for piece, got in zip(pieces, self.fetcher.get(pieces), strict=True)
+            got if isinstance(got, DataError) else (memoryview(got), one.start)
+            for one, got in zip(pieces, self.fetcher.get(pieces, span_of if span else None), strict=True)
         ]
+
+    def _span(self) -> int:
+        """``data.fetch_span_mb`` in bytes when the node cache can hold the split, else 0; the split's
+        size is estimated from its first shard's bytes per sample (its index: one small GET)."""
+        if self._span_bytes is None:
+            fetcher, self._span_bytes = self.fetcher, 0
+            if fetcher is not None and fetcher.cache is not None and fetcher.span_bytes > 0:
+                first = next((unit for unit, count in enumerate(self.counts) if count), None)
+                index = self._index(first) if first is not None else None
+                if index is not None and index.samples and index.size > 0:
+                    estimate = index.size / len(index.samples) * sum(self.counts)
+                    self._span_bytes = fetcher.span_bytes if estimate <= fetcher.cache_room_bytes else 0
+        return self._span_bytes
 
     def read(self, unit: int, indices: list[int]) -> list[Sample | DataError]:
         """Samples ``indices`` of shard ``unit``, in that order."""
