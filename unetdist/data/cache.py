@@ -33,3 +33,18 @@ class LruCache:
             if len(self._items) > self.size:
                 self._items.popitem(last=False)
             return value
+
+    def peek(self, key: Hashable) -> Any:
+        """The value of ``key`` if held (now the most recent), else None; never makes one."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)

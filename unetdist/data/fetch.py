@@ -8,13 +8,10 @@ releases the GIL while it waits), so a micro-batch's GETs overlap instead of que
 Fetched pieces go into the node cache for the next reader on this node, written on the pool's
 threads (a 200 KB write costs ~1.5 ms on a disk here: not on the reader's thread).
 
-Spans: a source whose node cache can hold the whole split passes ``span_of`` to :meth:`Fetcher.get`;
-a missing piece then brings the other pieces of its span (a source-defined group, e.g. the
-samples in 8 MB of a shard) in the same GET, into the cache. An epoch reads every sample once,
-so they are all used, from the cache: the cold epoch makes a GET per span instead of one per
-sample (issue 16: moto spends ~8 ms of CPU per GET; S3 bills per GET). One process of the node
-fetches a span (:meth:`~unetdist.data.node_cache.NodeCache.fetching`); the others wait for it
-and read the cache, so a span crosses the network once per node.
+A piece with a ``group`` (a tar source's span: the samples in 8 MB of a shard, when the node
+cache can hold the split) is fetched by one process of the node
+(:meth:`~unetdist.data.node_cache.NodeCache.fetching`); the others wanting it wait, then read
+it from the cache, so it crosses the network once per node.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,7 +32,7 @@ class Piece:
     url: str
     start: int
     end: int  # -1: the whole object (a compressed Zarr chunk, size unknown)
-    group: str = ""  # a span's pieces share it: fetched by one process of the node, never merged across
+    group: str = ""  # fetched by one process of the node at a time; pieces of two groups are never merged
 
 
 @dataclass
@@ -88,15 +84,12 @@ class Fetcher:
             self._pid = os.getpid()
         return self._pool  # type: ignore[return-value]
 
-    def get(
-        self, pieces: list[Piece], span_of: Callable[[Piece], list[Piece]] | None = None
-    ) -> list[bytes | RemoteError]:
+    def get(self, pieces: list[Piece]) -> list[bytes | RemoteError]:
         """Each piece's bytes, or the :class:`RemoteError` of the request that should have brought it.
 
         A piece already on its way for another reader of this process (readahead threads whose
-        windows overlap, e.g. across an epoch's end) is waited for, not fetched again. With
-        ``span_of`` (and a node cache), a missing piece's GET also brings the pieces of its span
-        that are neither cached nor on their way (the module docstring)."""
+        windows overlap, e.g. across an epoch's end) is waited for, not fetched again; a piece of
+        a group another process of the node is fetching is waited for and read from the cache."""
         out: dict[str, bytes | RemoteError] = {}
         waiting: dict[str, Future] = {}
         by_name = {piece.name: piece for piece in pieces}
@@ -114,30 +107,20 @@ class Fetcher:
                     self.counters.cache_hits += 1
                 else:
                     missing[piece.name] = piece
-            if span_of is not None and self.cache is not None:
-                for piece in list(missing.values()):
-                    for other in span_of(piece):
-                        if other.name not in missing and other.name not in self._in_flight \
-                                and not self.cache.has(other.name):  # fmt: skip
-                            missing[other.name] = other
             for run in merge_runs(list(missing.values())):
-                if not any(piece.name in by_name for piece in run):
-                    continue  # a span's rest without a piece wanted now: read when one is
                 future = self._executor().submit(self._fetch_run, run)
                 for piece in run:
-                    self._in_flight[piece.name] = future
-                    if piece.name in by_name:
-                        waiting[piece.name] = future
+                    self._in_flight[piece.name] = waiting[piece.name] = future
         for name, future in waiting.items():
             try:
                 got = future.result().get(name)
             except RemoteError as err:
                 out[name] = err
                 continue
-            if got is None:  # another process of the node fetched its span: it is cached
+            if got is None:  # another process of the node fetched its group: it is cached
                 got = self._cached(by_name[name])
-            if got is None:  # evicted meanwhile (a cache smaller than the split): on its own
-                got = self._fetch_run([dataclasses.replace(by_name[name], group="")]).get(name)
+            if got is None:  # evicted meanwhile: on its own
+                got = self._fetch_run_now([dataclasses.replace(by_name[name], group="")])[name]
             out[name] = got
         return [out[piece.name] for piece in pieces]
 
@@ -149,7 +132,7 @@ class Fetcher:
 
     def _fetch_run(self, run: list[Piece]) -> dict[str, bytes]:
         """The pieces of one run, by one request; into the node cache here, off the reader's thread.
-        A span's run is fetched by one process of the node: after waiting for another's fetch,
+        A group's run is fetched by one process of the node: after waiting for another's fetch,
         a run found cached whole is not fetched again (its readers read the cache: ``{}``)."""
         if not run[0].group or self.cache is None:
             return self._fetch_run_now(run)

@@ -2,7 +2,8 @@
 
 ``data.cache_dir`` holds one folder per data split (:func:`split_folder`), each entry one
 sample's (or one chunk's) bytes, named ``u<unit>-i<index>-<part>`` so that any process can
-tell which sample it belongs to. Every process reads entries without a lock (an entry is
+tell which sample it belongs to, or the bytes of ``<n>`` consecutive samples of a unit (a tar
+source's span), named ``u<unit>-i<first>-n<n>``. Every process reads entries without a lock (an entry is
 whole: written under a temporary name and renamed); inserting takes the folder-wide lock
 (``fcntl.flock`` on ``.lock``), makes room first, writes, renames, and records the new total
 in ``.usage``. So the cache never holds more than ``data.cache_limit_gb``, temporary files
@@ -25,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import re
 from collections.abc import Callable
@@ -36,7 +38,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_ENTRY = re.compile(r"^u(\d+)-i(\d+)-")
+_ENTRY = re.compile(r"^u(\d+)-i(\d+)-(?:n(\d+)$)?")
 FETCH_LOCKS = 1024  # lock files of fetches in flight, shared by key hash: a few hundred fetches at once per node
 NextUse = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
@@ -74,6 +76,17 @@ class NodeCache:
         try:
             with open(self.folder / name, "rb") as file:
                 return file.read()
+        except FileNotFoundError:
+            return None
+
+    def mapped(self, name: str) -> memoryview | None:
+        """The entry memory-mapped (read from the page cache without a copy, as local shards are),
+        or None. An entry is never rewritten, so a mapping stays right while it is held."""
+        try:
+            with open(self.folder / name, "rb") as file:
+                if os.fstat(file.fileno()).st_size == 0:
+                    return memoryview(b"")
+                return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
         except FileNotFoundError:
             return None
 
@@ -198,9 +211,13 @@ class NodeCache:
         schedule = self.schedule
         if schedule is None:  # validation: oldest first
             return ranked + [(e[0], e[2]) for e, _ in sorted(ours, key=lambda pair: pair[0][3])]
-        units = np.array([int(m.group(1)) for _, m in ours], np.int64)
-        indices = np.array([int(m.group(2)) for _, m in ours], np.int64)
-        uses = schedule.next_use(units, indices, schedule.now)
+        # a span's next use is its first sample's to come: next uses of all its samples, least per entry
+        counts = np.array([int(m.group(3) or 1) for _, m in ours], np.int64)
+        owner = np.repeat(np.arange(len(ours)), counts)
+        units = np.array([int(m.group(1)) for _, m in ours], np.int64)[owner]
+        firsts = np.array([int(m.group(2)) for _, m in ours], np.int64)
+        indices = firsts[owner] + np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+        uses = np.minimum.reduceat(schedule.next_use(units, indices, schedule.now), np.cumsum(counts) - counts)
         order = np.argsort(-uses, kind="stable")
         horizon = schedule.now + schedule.protect
         return ranked + [(ours[i][0][0], ours[i][0][2]) for i in order if uses[i] >= horizon]

@@ -6,7 +6,9 @@ reads of the worker's next micro-batches running on background threads, as many 
 ``data.readahead_mb`` (measured from the batches read so far, at most ``MAX_DEPTH``; the depth
 doubles from 1 per batch, so the first batches' requests are not queued behind a window's), and
 hands each one over when the worker builds that micro-batch. The requests themselves run on
-the source's fetch pool (``data.requests_in_flight``), which caps what is in flight.
+the source's fetch pool (``data.requests_in_flight``), which caps what is in flight. A read
+ahead may also only bring the bytes to the node cache and say how many
+(:meth:`~unetdist.data.sources.base.Source.prefetch`): the worker then decodes on its own thread.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 MAX_DEPTH = 32
 
 
-def held_bytes(samples: list[Any]) -> int:
-    """Bytes of the arrays of read samples (errors count nothing)."""
+def held_bytes(samples: list[Any] | int) -> int:
+    """Bytes of the arrays of read samples (errors count nothing), or the bytes a prefetch brought."""
+    if isinstance(samples, int):
+        return samples
     total = 0
     for sample in samples:
         for name in ("image", "mask", "weight"):
@@ -32,13 +36,13 @@ def held_bytes(samples: list[Any]) -> int:
 class Readahead:
     """``read(q)`` of the micro-batches ``upcoming`` yields, started ahead within a byte window."""
 
-    def __init__(self, read: Callable[[int], list[Any]], upcoming: Iterator[int], window_bytes: float) -> None:
+    def __init__(self, read: Callable[[int], list[Any] | int], upcoming: Iterator[int], window_bytes: float) -> None:
         self.read, self.upcoming, self.window_bytes = read, upcoming, window_bytes
         self.depth = 1  # until a batch's size is known
         self.pending: deque[tuple[int, Future]] = deque()
         self.pool = ThreadPoolExecutor(MAX_DEPTH, thread_name_prefix="unetdist-readahead")
 
-    def take(self, micro_index: int) -> list[Any]:
+    def take(self, micro_index: int) -> list[Any] | int:
         """The samples of ``micro_index`` (the next one ``upcoming`` gave), reading the ones after it."""
         self._fill()
         index, future = self.pending.popleft()

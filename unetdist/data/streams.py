@@ -122,7 +122,7 @@ class TrainStream(IterableDataset):
                 item += workers
 
         if self.readahead_bytes > 0:
-            self._readahead = Readahead(self._read, mine(), self.readahead_bytes)
+            self._readahead = Readahead(self._read_ahead, mine(), self.readahead_bytes)
         # the node's readers are at most this far ahead (each worker: its hand-over and its readahead)
         steps_ahead = -(-workers * (group + MAX_DEPTH) // self.layout.accumulation_steps) + 2
         self._schedule = Schedule(self.sequence.next_use, protect=steps_ahead * self.layout.global_batch_size)
@@ -135,6 +135,15 @@ class TrainStream(IterableDataset):
         words = sample_words(self.sequence.seed, positions)
         return self.source.read_windows(units, indices, words)  # whole images: the window is read
 
+    def _read_ahead(self, micro_index: int) -> list | int:
+        """Ahead of training: the bytes of micro-batch ``micro_index`` brought to the node cache
+        (their count), where the source can (reads from it then cost what local reads do, and
+        decoding on the readahead's threads would contend for this process's GIL), else its samples."""
+        positions = self.layout.micro_batch_positions(micro_index)
+        _, units, indices = self.sequence.locate(positions)
+        brought = self.source.prefetch(units, indices)
+        return self._read(micro_index) if brought is None else brought
+
     def micro_batch(self, micro_index: int) -> dict[str, Any]:
         """This rank's micro-batch ``micro_index``: a pure function of the arguments and the data."""
         positions = self.layout.micro_batch_positions(micro_index)
@@ -144,6 +153,8 @@ class TrainStream(IterableDataset):
             step_start = int(positions[0]) // self.layout.global_batch_size * self.layout.global_batch_size
             self._schedule.now = max(0, step_start - self.layout.global_batch_size)
         read = self._readahead.take(micro_index) if self._readahead is not None else self._read(micro_index)
+        if isinstance(read, int):  # prefetched into the node cache
+            read = self._read(micro_index)
         samples, skipped = replace_bad(read, self.options.on_error, f"micro-batch {micro_index}")
         spec, options = self.options.spec, self.options
         tile = options.tile_shape if options.tile_depth else options.tile_size  # 2-D: the square's side, as ever

@@ -60,6 +60,12 @@ class Source(Protocol):
         """Training's position and future (a remote source's node cache evicts by it); local: nothing."""
         ...
 
+    def prefetch(self, units: np.ndarray, indices: np.ndarray) -> int | None:
+        """Bring the bytes of these samples to where a read finds them at local speed (the node
+        cache), without decoding; their byte count. None: this source cannot, the training stream
+        reads ahead whole samples instead (a read then decodes on the readahead's threads)."""
+        ...
+
 
 def read_by_unit(source: Source, units: np.ndarray, indices: np.ndarray) -> list[Sample | DataError]:
     """Samples at (unit, index) pairs, reading each unit's indices together in ascending order."""
@@ -94,6 +100,9 @@ class StoredSamples:
 
     def read(self, unit: int, indices: list[int]) -> list[Sample | DataError]:
         raise NotImplementedError
+
+    def prefetch(self, units: np.ndarray, indices: np.ndarray) -> int | None:
+        return None
 
     def read_windows(
         self, units: np.ndarray, indices: np.ndarray, words: np.ndarray

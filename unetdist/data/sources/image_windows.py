@@ -105,6 +105,9 @@ class ImageWindows:
     def follow(self, schedule: Schedule) -> None:
         pass
 
+    def prefetch(self, units: np.ndarray, indices: np.ndarray) -> int | None:
+        return None
+
     def foreground(self, unit: int) -> np.ndarray:
         """int32 [K, 2] (y, x) (a volume's [K, 3] (z, y, x)): foreground pixels of unit ``unit`` in its
         window area's coordinates."""
