@@ -117,12 +117,13 @@ def test_a_block_of_consecutive_samples_is_one_ranged_get(bucket_root, data_root
 
 
 def test_a_cache_that_holds_the_split_brings_each_span_once_per_node_in_one_get(bucket_root, data_root, s3, tmp_path):
-    """2 ranks x 2 workers share a node cache that holds the split: an epoch fetches each span of a
-    shard (data.fetch_span_mb) by one GET, once for the node, and the batches are the local ones."""
+    """2 ranks x 2 workers share a node cache that holds the split: the first epoch fetches each span
+    of a shard (data.fetch_span_mb) by one GET, once for the node; the second (its readers stop
+    prefetching once the cache is warm) fetches nothing; the batches are the local ones."""
     span = 40 * 1024  # 2-3 samples of 13 KB: 2 spans per shard
     data = config(bucket_root, num_workers=2, cache_dir=str(tmp_path / "cache"), cache_limit_gb=0.5,
                   fetch_span_mb=span / 2**20)
-    steps = -(-45 // GLOBAL)
+    steps = -(-45 // GLOBAL) * 2
     assert_same(global_steps(data, 2, steps), global_steps(config(data_root), 1, steps))
     spans = {(path.name, sample.span[0] // span) for path in data_root.glob("train-*.tar")
              for sample in index_tar(str(path)).samples}
@@ -131,6 +132,16 @@ def test_a_cache_that_holds_the_split_brings_each_span_once_per_node_in_one_get(
     assert len(got) == len(spans) < 45, (len(got), len(spans))
     assert {(name, start // span) for name, start, _ in got} == spans
     assert all(a[0] != b[0] or a[2] < b[1] for a, b in itertools.pairwise(got)), "no byte is fetched twice"
+
+
+def test_readahead_stops_once_its_prefetches_find_everything_in_place():
+    from unetdist.data.readahead import QUIET_TO_STOP, Readahead
+
+    brought = {0: 100, 1: 0, 2: 100}  # micro-batch -> bytes its prefetch brought; later ones: 0
+    readahead = Readahead(lambda q: brought.get(q, 0), iter(range(1000)), window_bytes=1000)
+    taken = [readahead.take(q) for q in range(3 + QUIET_TO_STOP + 2)]
+    assert taken[: 3 + QUIET_TO_STOP] == [100, 0, 100] + [0] * QUIET_TO_STOP  # a quiet run restarts at 100
+    assert taken[3 + QUIET_TO_STOP :] == [None, None], "stopped: the stream reads itself"
 
 
 def test_injected_503s_are_retried_and_the_batches_are_unchanged(bucket_root, data_root, s3):
@@ -293,6 +304,20 @@ def test_node_cache_evicts_the_entry_needed_furthest_ahead_and_never_a_protected
     uses.update({0: 20, 3: 35})  # now all are within the protected window: nothing can go
     assert cache.put({entry_name(0, 2, "s"): bytes(100)}) == 0
     assert sorted(os.listdir(cache.folder)) == [entry_name(0, i, "s") for i in (0, 1, 3)]
+
+
+def test_a_span_entry_is_needed_when_its_first_sample_to_come_is(tmp_path):
+    """A span of samples 0-2 is next used at 20 (sample 2), so it stays and the lone sample 3 (60) goes."""
+    uses = {0: 70, 1: 80, 2: 20, 3: 60, 4: 5}
+
+    def next_use(units, indices, now):
+        return np.array([uses[int(i)] for i in indices])
+
+    cache = NodeCache(str(tmp_path), "split", limit_bytes=300)
+    cache.schedule = Schedule(next_use, now=0, protect=10)
+    assert cache.put({entry_name(0, 0, "n3"): bytes(200), entry_name(0, 3, "s"): bytes(100)}) == 2
+    assert cache.put({entry_name(0, 4, "s"): bytes(100)}) == 1
+    assert sorted(os.listdir(cache.folder)) == [entry_name(0, 0, "n3"), entry_name(0, 4, "s")]
 
 
 SECRET = "unetdist-test-secret-4f2b9c"  # moto accepts any secret: it must appear nowhere we write

@@ -137,7 +137,7 @@ class TrainStream(IterableDataset):
 
     def _read_ahead(self, micro_index: int) -> list | int:
         """Ahead of training: the bytes of micro-batch ``micro_index`` brought to the node cache
-        (their count), where the source can (reads from it then cost what local reads do, and
+        (the count of those not there before), where the source can (reads from it then cost what local reads do, and
         decoding on the readahead's threads would contend for this process's GIL), else its samples."""
         positions = self.layout.micro_batch_positions(micro_index)
         _, units, indices = self.sequence.locate(positions)
@@ -153,7 +153,7 @@ class TrainStream(IterableDataset):
             step_start = int(positions[0]) // self.layout.global_batch_size * self.layout.global_batch_size
             self._schedule.now = max(0, step_start - self.layout.global_batch_size)
         read = self._readahead.take(micro_index) if self._readahead is not None else self._read(micro_index)
-        if isinstance(read, int):  # prefetched into the node cache
+        if read is None or isinstance(read, int):  # prefetched into the node cache, or no longer read ahead
             read = self._read(micro_index)
         samples, skipped = replace_bad(read, self.options.on_error, f"micro-batch {micro_index}")
         spec, options = self.options.spec, self.options

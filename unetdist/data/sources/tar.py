@@ -208,7 +208,7 @@ class TarShards(StoredSamples):
             return [(data, 0)] * len(wanted)
         assert self.fetcher is not None
         if self._span():
-            return self._span_bytes_of(unit, samples, wanted)
+            return self._span_views(unit, samples, wanted)[0]
         pieces = [Piece(entry_name(unit, i, "s"), self.paths[unit], *samples[i].span) for i in wanted]
         return [
             got if isinstance(got, DataError) else (memoryview(got), piece.start)
@@ -217,7 +217,8 @@ class TarShards(StoredSamples):
 
     def prefetch(self, units: np.ndarray, indices: np.ndarray) -> int | None:
         """Span mode: the spans of these samples fetched into the node cache and mapped (a fetch that
-        fails is left to the read, which names it); else None (see the Source protocol)."""
+        fails is left to the read, which names it), and the bytes of those this process had not
+        mapped yet; else None (see the Source protocol)."""
         if not self.remote or not self._span():
             return None
         total = 0
@@ -227,18 +228,21 @@ class TarShards(StoredSamples):
             except (OSError, DataError):
                 continue
             wanted = sorted({i for i in indices[units == unit].tolist() if i < len(samples)})
-            self._span_bytes_of(unit, list(samples), wanted)
-            total += sum(samples[i].span[1] - samples[i].span[0] for i in wanted)
+            total += self._span_views(unit, list(samples), wanted)[1]
         return total
 
-    def _span_bytes_of(self, unit: int, samples: list[TarSample], wanted: list[int]) -> list[tuple[memoryview, int] | DataError]:
+    def _span_views(
+        self, unit: int, samples: list[TarSample], wanted: list[int]
+    ) -> tuple[list[tuple[memoryview, int] | DataError], int]:
         """Span mode: each wanted sample's span, mapped from the node cache (kept mapped: reads then
-        cost what a local shard's do), or fetched whole by one GET (one process of the node)."""
+        cost what a local shard's do), or fetched whole by one GET (one process of the node); and
+        the bytes of the spans this process had not mapped before."""
         span, url, cache = self._span(), self.paths[unit], self.fetcher.cache
         keys = [(unit, x) for x in (np.array([samples[i].span[0] for i in wanted]) // span).tolist()]
         held = {key: self._spans_mapped.peek(key) for key in dict.fromkeys(keys)}  # (view, first byte)
         missing: dict[tuple[int, int], Piece] = {}
-        for key in [key for key, got in held.items() if got is None]:
+        missing_before = {key for key, got in held.items() if got is None}
+        for key in missing_before:
             starts = self._span_starts.get(unit, lambda: np.array([sample.span[0] for sample in samples]))
             first, last = np.searchsorted(starts, [key[1] * span, (key[1] + 1) * span]).tolist()
             piece = Piece(entry_name(unit, first, f"n{last - first}"), url, samples[first].span[0],
@@ -247,12 +251,19 @@ class TarShards(StoredSamples):
             held[key] = (mapped, piece.start) if mapped is not None else None
             if mapped is None:
                 missing[key] = piece
+        unmapped = set()  # fetched but not cached (a full or unwritable cache): held for this read only
         for (key, piece), got in zip(missing.items(), self.fetcher.get(list(missing.values())), strict=True):
-            held[key] = got if isinstance(got, DataError) else (cache.mapped(piece.name) or memoryview(got), piece.start)
+            mapped = None if isinstance(got, DataError) else cache.mapped(piece.name)
+            if mapped is None and not isinstance(got, DataError):
+                unmapped.add(key)
+            held[key] = got if isinstance(got, DataError) else (mapped or memoryview(got), piece.start)
+        brought = 0
         for key, got in held.items():
-            if not isinstance(got, DataError):
-                self._spans_mapped.put(key, got)
-        return [held[key] for key in keys]
+            if not isinstance(got, DataError) and key in missing_before:
+                if key not in unmapped:
+                    self._spans_mapped.put(key, got)
+                brought += len(got[0])
+        return [held[key] for key in keys], brought
 
     def _span(self) -> int:
         """``data.fetch_span_mb`` in bytes when the node cache can hold the split, else 0; the split's
