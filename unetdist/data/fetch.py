@@ -114,13 +114,12 @@ class Fetcher:
         for name, future in waiting.items():
             try:
                 got = future.result().get(name)
+                if got is None:  # another process of the node fetched its group: it is cached
+                    got = self._cached(by_name[name])
+                if got is None:  # evicted meanwhile: on its own
+                    got = self._fetch_run_now([dataclasses.replace(by_name[name], group="")])[name]
             except RemoteError as err:
-                out[name] = err
-                continue
-            if got is None:  # another process of the node fetched its group: it is cached
-                got = self._cached(by_name[name])
-            if got is None:  # evicted meanwhile: on its own
-                got = self._fetch_run_now([dataclasses.replace(by_name[name], group="")])[name]
+                got = err
             out[name] = got
         return [out[piece.name] for piece in pieces]
 

@@ -137,8 +137,9 @@ class TrainStream(IterableDataset):
 
     def _read_ahead(self, micro_index: int) -> list | int:
         """Ahead of training: the bytes of micro-batch ``micro_index`` brought to the node cache
-        (the count of those not there before), where the source can (reads from it then cost what local reads do, and
-        decoding on the readahead's threads would contend for this process's GIL), else its samples."""
+        (the count of those not there before) where the source can (reads from it then cost what
+        local reads do, and decoding on the readahead's threads would contend for this process's
+        GIL); else its samples."""
         positions = self.layout.micro_batch_positions(micro_index)
         _, units, indices = self.sequence.locate(positions)
         brought = self.source.prefetch(units, indices)
