@@ -79,11 +79,12 @@ def join(root: str, *names: str) -> str:
 
 
 def display(url: str) -> str:
-    """The URL for messages: without query string or user info (they may hold credentials)."""
+    """The URL for messages: without query string or user info (they may hold credentials); the port kept."""
     if not is_remote(url):
         return url
     parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _store_and_key(url: str):
@@ -112,7 +113,7 @@ class _Stores:
             except ImportError:
                 raise RemoteError(f"{display(base)}: remote data needs obstore: pip install 'unetdist[remote]'") from None
             try:
-                cls._stores[base] = from_url(base, client_options=_client_options(), retry_config={"max_retries": 0})
+                cls._stores[base] = from_url(base, client_options=_client_options(base), retry_config={"max_retries": 0})
             except Exception as err:  # noqa: BLE001 - obstore's configuration errors: a bad URL, no account
                 raise RemoteError(f"{display(base)}: cannot open the store: {str(err).splitlines()[0]}") from None
         return cls._stores[base]
@@ -141,12 +142,13 @@ def _check_credentials(base: str) -> None:
         )
 
 
-def _client_options() -> dict:
+def _client_options(base: str) -> dict:
     timeout_s = _Stores.options.timeout_s
     client = {"timeout": timedelta(seconds=timeout_s), "connect_timeout": timedelta(seconds=min(10.0, timeout_s))}
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
-    if endpoint.startswith("http://") or os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true":
-        client["allow_http"] = True  # a local S3-compatible server
+    if (endpoint.startswith("http://") or os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true"
+            or urlsplit(base).scheme.lower() == "http"):  # a local S3-compatible server; a URL written http://
+        client["allow_http"] = True
     return client
 
 
@@ -356,7 +358,7 @@ def zarr_store(location: str, writable: bool = False):
 
     _check_credentials(location)
     # obstore's own retries here (the default policy): zarr's reads do not pass through _with_retries
-    return ObjectStore(from_url(location.rstrip("/"), client_options=_client_options()), read_only=not writable)
+    return ObjectStore(from_url(location.rstrip("/"), client_options=_client_options(location)), read_only=not writable)
 
 
 def read_metadata(location: str):
