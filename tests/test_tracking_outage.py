@@ -207,10 +207,12 @@ def test_training_run_survives_an_outage(mlflow_server_process, cell_shards, tmp
     step_times = {m.step: m.value for m in client.get_metric_history(run_id, "train/step_time_s")}
     before = [t for s, t in step_times.items() if s <= stopped_at_step]
     during = [t for s, t in step_times.items() if stopped_at_step + 5 < s <= back_at_step]
-    print(f"downtime {downtime_s:.1f} s (steps {stopped_at_step}..{back_at_step}); mean step time "
-          f"before {statistics.mean(before):.4f} s, during the outage {statistics.mean(during):.4f} s")
+    print(f"downtime {downtime_s:.1f} s (steps {stopped_at_step}..{back_at_step}); median step time "
+          f"before {statistics.median(before):.4f} s, during the outage {statistics.median(during):.4f} s")
     assert downtime_s > 30 and len(during) >= 5
-    assert statistics.mean(during) < 1.5 * statistics.mean(before) + 0.01
+    # medians: a logging call that waited on the dead server (request_timeout_s=2) would slow every
+    # logged step, while the other test process beside this one (xdist) slows a few by ~1 s at random
+    assert statistics.median(during) < 1.5 * statistics.median(before) + 0.01
 
 
 def test_unsent_file_and_warnings_hold_no_credentials(tmp_path, caplog, capsys):

@@ -238,7 +238,10 @@ class TarShards(StoredSamples):
         cost what a local shard's do), or fetched whole by one GET (one process of the node); and
         the bytes of the spans this process had not mapped before."""
         span, url, cache = self._span(), self.paths[unit], self.fetcher.cache
-        keys = [(unit, x) for x in (np.array([samples[i].span[0] for i in wanted]) // span).tolist()]
+        keys = [(unit, samples[i].span[0] // span) for i in wanted]
+        views = [self._spans_mapped.peek(key) for key in keys]
+        if None not in views:  # a warm cache: as cheap as a local shard's read
+            return views, 0
         held = {key: self._spans_mapped.peek(key) for key in dict.fromkeys(keys)}  # (view, first byte)
         missing: dict[tuple[int, int], Piece] = {}
         missing_before = {key for key, got in held.items() if got is None}
