@@ -62,8 +62,9 @@ class Source(Protocol):
 
     def prefetch(self, units: np.ndarray, indices: np.ndarray) -> int | None:
         """Bring the bytes of these samples to where a read finds them at local speed (the node
-        cache), without decoding; their byte count. None: this source cannot, the training stream
-        reads ahead whole samples instead (a read then decodes on the readahead's threads)."""
+        cache), without decoding; the count of bytes that were not there yet (0: all were). None:
+        this source cannot, the training stream reads ahead whole samples instead (a read then
+        decodes on the readahead's threads)."""
         ...
 
 

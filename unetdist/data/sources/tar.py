@@ -217,8 +217,8 @@ class TarShards(StoredSamples):
 
     def prefetch(self, units: np.ndarray, indices: np.ndarray) -> int | None:
         """Span mode: the spans of these samples fetched into the node cache and mapped (a fetch that
-        fails is left to the read, which names it), and the bytes of those this process had not
-        mapped yet; else None (see the Source protocol)."""
+        fails is left to the read, which names it), and the bytes of those that were not in the
+        node cache; else None (see the Source protocol)."""
         if not self.remote or not self._span():
             return None
         total = 0
@@ -236,7 +236,7 @@ class TarShards(StoredSamples):
     ) -> tuple[list[tuple[memoryview, int] | DataError], int]:
         """Span mode: each wanted sample's span, mapped from the node cache (kept mapped: reads then
         cost what a local shard's do), or fetched whole by one GET (one process of the node); and
-        the bytes of the spans this process had not mapped before."""
+        the bytes of the spans that were not in the node cache (fetched, or waited for)."""
         span, url, cache = self._span(), self.paths[unit], self.fetcher.cache
         keys = [(unit, samples[i].span[0] // span) for i in wanted]
         views = [self._spans_mapped.peek(key) for key in keys]
@@ -260,12 +260,10 @@ class TarShards(StoredSamples):
             if mapped is None and not isinstance(got, DataError):
                 unmapped.add(key)
             held[key] = got if isinstance(got, DataError) else (mapped or memoryview(got), piece.start)
-        brought = 0
         for key, got in held.items():
-            if not isinstance(got, DataError) and key in missing_before:
-                if key not in unmapped:
-                    self._spans_mapped.put(key, got)
-                brought += len(got[0])
+            if not isinstance(got, DataError) and key in missing_before and key not in unmapped:
+                self._spans_mapped.put(key, got)
+        brought = sum(len(held[key][0]) for key in missing if not isinstance(held[key], DataError))
         return [held[key] for key in keys], brought
 
     def _span(self) -> int:
