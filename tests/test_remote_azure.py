@@ -1,12 +1,13 @@
 """Training data in Azure Blob Storage (az://), from a real server: Azurite, Microsoft's emulator,
 on 127.0.0.1. ``prepare --out az://...`` writes the data set there; the loader's batches from it
-equal the local ones sample by sample and span by span through the node cache; a missing blob is
-named and not retried. (The S3 server tests, tests/test_remote_data.py, cover the rest of the
+equal the local ones sample by sample and span by span through the node cache, in workers whose
+forkserver is older than the emulator's environment; a missing blob is named and not retried. (The S3 server tests, tests/test_remote_data.py, cover the rest of the
 reader, which is the same code for every store.)"""
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing.forkserver
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,9 @@ ARGS = dict(rank=0, world_size=1, seed=3, global_batch_size=4, micro_batch_size=
 def azure(tmp_path_factory) -> Azurite:
     if azurite_command() is None:
         pytest.skip("Azurite (npm) is not installed: launch/install.sh installs it where npm exists")
+    # the workers' forkserver started before the emulator's environment was set (as when another
+    # test module of this process started it first): the workers must see the loader's environment
+    multiprocessing.forkserver.ensure_running()
     with Azurite(tmp_path_factory.mktemp("azurite")) as server, pytest.MonkeyPatch.context() as env:
         for key, value in server.env.items():
             env.setenv(key, value)

@@ -42,7 +42,9 @@ this module builds them from the config and controls the worker processes.
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
+import os
 import signal
 import weakref
 from collections.abc import Iterator
@@ -150,7 +152,13 @@ class ValLoader:
 # ---------------------------------------------------------------- workers
 
 
-def _init_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int, environment: dict[str, str] | None = None) -> None:
+    # A forkserver's workers inherit the environment the server started in, which may be older
+    # than the loader (credentials or an endpoint set since): they take the loader's, as a forked
+    # or spawned worker would (it travels through the server's pipe, never a file).
+    if environment is not None:
+        os.environ.clear()
+        os.environ.update(environment)
     # Several workers share each rank's cores with the training process: one thread each.
     torch.set_num_threads(1)
     # Slurm and torchrun signal every process of a job, and a terminal's Ctrl-C every process of
@@ -210,12 +218,16 @@ def _loader_kwargs(
     )
     if source.remote and workers > 0:
         context = _remote_start_method(context, source)
+    init = _init_worker
+    start = context if isinstance(context, str | None) else context.get_start_method()
+    if workers > 0 and start == "forkserver":
+        init = functools.partial(_init_worker, environment=dict(os.environ))
     return dict(
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=data.prefetch_factor if workers > 0 else None,
         pin_memory=pin_memory and torch.cuda.is_available(),  # pinned pages only help CUDA copies
-        worker_init_fn=_init_worker if workers > 0 else None,
+        worker_init_fn=init if workers > 0 else None,
         multiprocessing_context=context if workers > 0 else None,
     )
 
