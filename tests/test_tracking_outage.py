@@ -204,15 +204,21 @@ def test_training_run_survives_an_outage(mlflow_server_process, cell_shards, tmp
     assert len(runs) == 1
     run_id = runs[0].info.run_id
     assert steps_on_server(client, run_id, "train/loss") == list(range(5, last_step + 1, 5))
-    step_times = {m.step: m.value for m in client.get_metric_history(run_id, "train/step_time_s")}
-    before = [t for s, t in step_times.items() if s <= stopped_at_step]
-    during = [t for s, t in step_times.items() if stopped_at_step + 5 < s <= back_at_step]
+    def during_and_before(key: str) -> tuple[list[float], list[float]]:
+        values = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        return ([v for s, v in values.items() if stopped_at_step + 5 < s <= back_at_step],
+                [v for s, v in values.items() if s <= stopped_at_step])  # fmt: skip
+
+    steps_during, steps_before = during_and_before("train/step_time_s")
+    calls_during, calls_before = during_and_before("train/log_call_s")
     print(f"downtime {downtime_s:.1f} s (steps {stopped_at_step}..{back_at_step}); median step time "
-          f"before {statistics.median(before):.4f} s, during the outage {statistics.median(during):.4f} s")
-    assert downtime_s > 30 and len(during) >= 5
-    # medians: a logging call that waited on the dead server (request_timeout_s=2) would slow every
-    # logged step, while the other test process beside this one (xdist) slows a few by ~1 s at random
-    assert statistics.median(during) < 1.5 * statistics.median(before) + 0.01
+          f"before {statistics.median(steps_before):.4f} s, during {statistics.median(steps_during):.4f} s; "
+          f"longest log call before {max(calls_before):.4f} s, during {max(calls_during):.4f} s")
+    assert downtime_s > 30 and len(calls_during) >= 5
+    # The loop's pace during the outage is what its logging calls cost it: not one waited on the dead
+    # server (each request times out after 2 s). Step times are printed, not compared: the other
+    # test process beside this one (xdist) slowed steps 6x in one run, with or without an outage.
+    assert max(calls_during) < 1.0
 
 
 def test_unsent_file_and_warnings_hold_no_credentials(tmp_path, caplog, capsys):

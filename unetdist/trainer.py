@@ -105,6 +105,7 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer
         self.outputs = outputs
+        self._log_call_s = 0.0  # how long the last train-metrics call to the tracker took
         self.checkpointer = checkpointer
         self.stop_signal = stop_signal
         self.loss_fn = SegmentationLoss(config.loss.kind, config.model.num_classes, config.loss.dice_weight,
@@ -288,10 +289,15 @@ class Trainer:
             # waiting for the next micro-batches: a worker behind, and the DataLoader's hand-over of each item
             "train/data_wait_pct": 100.0 * window.data_wait_s / elapsed,
             "data/skipped_samples": totals[1].item(),
+            # the previous log's call to the tracker: what logging costs the loop (it queues, the
+            # server is reached by a sender thread: an outage must not make this grow)
+            "train/log_call_s": self._log_call_s,
         }
         if self.ctx.device.type == "cuda":
             metrics["train/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        call_start = time.perf_counter()
         self.outputs.tracker.log_metrics(metrics, step=self.step)
+        self._log_call_s = time.perf_counter() - call_start
         self.outputs.progress.update(self.step, loss=mean_loss, samples_per_s=metrics["train/samples_per_s"])
         log.info("step %d loss %.4f %.1f samples/s", self.step, mean_loss, metrics["train/samples_per_s"])
 
