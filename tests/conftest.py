@@ -134,6 +134,22 @@ def train_tiny_on(data_overrides: list[str], output_dir: Path, *more: str):
                           capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
 
 
+def balls_on_noise(seed: int, shape: tuple[int, int, int], cells: int, radii: tuple[float, float], dtype):
+    """A volume of bright balls (touching where they meet) on noise, of ``dtype``, and its instance
+    ids (uint16): ``cells`` balls of radius drawn from ``radii``, centred anywhere in ``shape``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.indices(shape)
+    ids = np.zeros(shape, np.uint16)
+    for cell in range(1, cells + 1):
+        centre = rng.uniform((0, 0, 0), shape)
+        radius = rng.uniform(*radii)
+        ids[(zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 < radius**2] = cell
+    image = np.clip(40 + 110 * (ids > 0) + rng.normal(0, 25, shape), 0, 255).astype(dtype)
+    return image, ids
+
+
 def global_batches(data, world_size: int, workers: int, steps: int, in_channels: int = 1, seed: int = 5) -> list[dict]:
     """The first ``steps`` global batches (8 samples) of volumes from ``data`` (a DataConfig) at
     ``world_size`` ranks of ``workers`` workers each, the ranks' micro-batches concatenated."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import global_batches
+from conftest import balls_on_noise, global_batches
 from ome_zarr.format import FormatV04, FormatV05
 from ome_zarr.writer import write_image, write_labels
 
@@ -30,13 +30,7 @@ TILE = dict(tile_depth=8, tile_size=16)
 
 def blob_volume(seed: int, shape: tuple[int, int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
     """uint16 [2, Z, Y, X] pixels of bright balls on noise, and their instance ids (uint16)."""
-    rng = np.random.default_rng(seed)
-    zz, yy, xx = np.indices(shape)
-    ids = np.zeros(shape, np.uint16)
-    for cell in range(1, 9):
-        centre = rng.uniform((0, 0, 0), shape)
-        ids[(zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 < rng.uniform(3, 6) ** 2] = cell
-    image = np.clip(40 + 110 * (ids > 0) + rng.normal(0, 25, shape), 0, 255).astype(np.uint16)
+    image, ids = balls_on_noise(seed, shape, cells=8, radii=(3, 6), dtype=np.uint16)
     return np.stack([image, image * 2]), ids
 
 

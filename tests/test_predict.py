@@ -81,13 +81,14 @@ def test_overlap_tile_equals_single_whole_image_pass(preset: str, depth: int) ->
 
 
 class Pointwise(nn.Module):
-    """A 'padded' model whose output at a pixel depends on that pixel only."""
+    """A 'padded' model whose output at a pixel (a voxel: ``spatial_dims=3``) depends on that pixel only."""
 
     padded, depth, in_channels, num_classes = True, 2, 1, 3
 
-    def __init__(self) -> None:
+    def __init__(self, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.mix = nn.Conv2d(1, 3, kernel_size=1)
+        self.spatial_dims = spatial_dims
+        self.mix = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(1, 3, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(torch.sin(3 * x))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from test_predict import Pointwise
 from torch import nn
 
 from unetdist.inference import (
@@ -136,23 +137,10 @@ def test_padded_3d_tiles_equal_one_whole_volume_pass() -> None:
     assert labels.dtype == np.uint8 and (labels == whole.argmax(0)).mean() > 0.999
 
 
-class Pointwise3d(nn.Module):
-    """A padded 3-D model whose output at a voxel depends on that voxel only."""
-
-    padded, depth, in_channels, num_classes, spatial_dims = True, 2, 1, 3, 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mix = nn.Conv3d(1, 3, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mix(torch.sin(3 * x))
-
-
 def test_gaussian_window_3d_blends_without_seams() -> None:
     """Overlapping 3-D windows, Gaussian-weighted: a pointwise model's blend equals its one pass
     (every voxel averages equal values), flips included, and a constant volume stays constant."""
-    model = Pointwise3d()
+    model = Pointwise(spatial_dims=3)
     volume = _volume((20, 30, 24), seed=1)
     predictor = TilePredictor(model, *volume.shape, tile=16, overlap=0.5)
     assert predictor.plan.blend and predictor.plan.num_tiles == 2 * 3 * 2

@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import global_batches, recorded_keys
+from conftest import balls_on_noise, global_batches, recorded_keys
 from test_resume import assert_same_model, final_model, train
 
 from unetdist.config import DataConfig
@@ -24,14 +24,7 @@ TILE = ("data.tile_depth=8", "data.tile_size=16")
 
 def blob_volume(seed: int, shape: tuple[int, int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
     """A uint8 volume of touching bright balls on noise, and its instance ids (uint16)."""
-    rng = np.random.default_rng(seed)
-    zz, yy, xx = np.indices(shape)
-    ids = np.zeros(shape, np.uint16)
-    for cell in range(1, 11):
-        centre = rng.uniform((0, 0, 0), shape)
-        radius = rng.uniform(3.5, 6.5)
-        ids[(zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 < radius**2] = cell
-    image = np.clip(40 + 110 * (ids > 0) + rng.normal(0, 25, shape), 0, 255).astype(np.uint8)
+    image, ids = balls_on_noise(seed, shape, cells=10, radii=(3.5, 6.5), dtype=np.uint8)
     return image[None], ids
 
 

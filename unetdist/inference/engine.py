@@ -110,15 +110,21 @@ def _channel_advice(channels: int, in_channels: int) -> str:
     return f"train with model.in_channels={channels}"
 
 
+def _real_array(array: np.ndarray, name: str) -> np.ndarray:
+    """``array`` as numbers: booleans as uint8; any other non-numeric dtype is an input error."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(f"{name}: dtype {array.dtype} is not a real number type")
+    return array
+
+
 def as_chw(image: np.ndarray, in_channels: int | None, name: str = "image") -> np.ndarray:
     """``[H, W]`` -> ``[1, H, W]``; ``[C, H, W]`` checked against the model's channel count;
     a channels-last picture ``[H, W, 3|4]`` (an RGB PNG) is transposed when the model takes
     its channels, and named as a colour image when it does not."""
-    image = np.asarray(image)
-    if image.dtype == bool:
-        image = image.astype(np.uint8)
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise InputError(f"{name}: dtype {image.dtype} is not a real number type")
+    image = _real_array(image, name)
     if image.ndim == 2:
         image = image[None]
     if image.ndim != 3:
@@ -144,11 +150,7 @@ def as_chw(image: np.ndarray, in_channels: int | None, name: str = "image") -> n
 def as_czyx(volume: np.ndarray, in_channels: int | None, name: str = "volume") -> np.ndarray:
     """``[Z, Y, X]`` -> ``[1, Z, Y, X]``; ``[C, Z, Y, X]`` checked against the model's channel count
     (a 3-D model's input; :func:`as_chw` is a 2-D model's)."""
-    volume = np.asarray(volume)
-    if volume.dtype == bool:
-        volume = volume.astype(np.uint8)
-    if not (np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)):
-        raise InputError(f"{name}: dtype {volume.dtype} is not a real number type")
+    volume = _real_array(volume, name)
     if volume.ndim == 3:
         volume = volume[None]
     if volume.ndim != 4:

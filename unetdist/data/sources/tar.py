@@ -242,7 +242,7 @@ class TarShards(StoredSamples):
         views = [self._spans_mapped.peek(key) for key in keys]
         if None not in views:  # a warm cache: as cheap as a local shard's read
             return views, 0
-        held = {key: self._spans_mapped.peek(key) for key in dict.fromkeys(keys)}  # (view, first byte)
+        held = dict(zip(keys, views, strict=True))  # (view, first byte) per span; None: not mapped here
         missing: dict[tuple[int, int], Piece] = {}
         missing_before = {key for key, got in held.items() if got is None}
         for key in missing_before:
